@@ -1,0 +1,57 @@
+"""Every store key, built in one place.
+
+All keys of one account share one hash tag, ``{account}``, so every multi-key script runs
+unchanged on Redis Cluster (one account lives on one shard; Cluster spreads accounts).
+``prefix`` sits outside the tag so tests can isolate themselves without FLUSHALL.
+
+    <prefix>:{<account>}:leases:<limit>   sorted set: lease/reservation -> expiry (ms, store time)
+    <prefix>:{<account>}:wait:<limit>     sorted set: ticket -> (99 - priority) * 10^12 + arrival seq
+    <prefix>:{<account>}:dead:<limit>     sorted set: ticket -> deadline (ms, store time)
+    <prefix>:{<account>}:seq              arrival counter
+    <prefix>:{<account>}:tomb:<ticket>    tombstone of an aborted ticket (short TTL)
+    <prefix>:{<account>}:wake             pub/sub channel: "limit names" whose capacity may have appeared
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+def _check_part(what: str, value: str) -> str:
+    if not value or any(c in value for c in "{}\r\n "):
+        raise ValueError(f"{what} {value!r} must be non-empty and contain no braces, spaces or newlines")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    prefix: str = "aai"
+    account: str = "default"
+
+    def __post_init__(self) -> None:
+        _check_part("key prefix", self.prefix)
+        _check_part("account", self.account)
+
+    @property
+    def base(self) -> str:
+        return f"{self.prefix}:{{{self.account}}}"
+
+    def leases(self, limit: str) -> str:
+        return f"{self.base}:leases:{limit}"
+
+    def wait(self, limit: str) -> str:
+        return f"{self.base}:wait:{limit}"
+
+    def dead(self, limit: str) -> str:
+        return f"{self.base}:dead:{limit}"
+
+    @property
+    def seq(self) -> str:
+        return f"{self.base}:seq"
+
+    def tomb(self, ticket: str) -> str:
+        return f"{self.base}:tomb:{ticket}"
+
+    @property
+    def channel(self) -> str:
+        return f"{self.base}:wake"

@@ -1,0 +1,185 @@
+-- acquire: check and charge every limit a request needs, all or nothing, in one step.
+--
+-- KEYS[1]            arrival counter (string)
+-- KEYS[2]            tombstone of this ticket
+-- KEYS[3]            wake channel (declared so Cluster routes the publish with the account)
+-- KEYS[3i+1..3i+3]   for limit i = 1..n, in the engine's total order: leases, wait, dead
+-- ARGV[1]            ticket id
+-- ARGV[2]            priority, 0..99 (higher goes first)
+-- ARGV[3]            arrival sequence, or 0 on the first acquire
+-- ARGV[4]            ticket ttl (ms): deadline of a waiting ticket and its reservations
+-- ARGV[5]            max depth: refuse (FULL) when this many tickets wait ahead on the blocking limit
+-- ARGV[6]            publish command: PUBLISH or SPUBLISH
+-- ARGV[7]            n, the number of limits
+-- ARGV[3i+5..3i+7]   for limit i: name, capacity, lease ms (window + guard, or concurrency ttl)
+--
+-- Returns an array of integers (never false: it would arrive as None):
+--   ADMITTED {1, seq, score, 0, 0, 0, remaining_1, reset_ms_1, ..., remaining_n, reset_ms_n}
+--   BLOCKED  {2, seq, score, blocked index (1-based), tickets ahead, wait hint ms}
+--   FULL     {3, seq, score, blocked index, tickets ahead, 0}
+--   ABORTED  {4, seq, 0, 0, 0, 0}
+-- Times are Redis's clock (TIME), in ms. Members of leases:L are the ticket itself (a lease)
+-- and ticket..':r' (a reservation), so a reservation refresh can never touch a lease.
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+local ticket = ARGV[1]
+local prio = tonumber(ARGV[2])
+if prio < 0 then prio = 0 elseif prio > 99 then prio = 99 end
+local seq = tonumber(ARGV[3])
+local ttl = tonumber(ARGV[4])
+local max_depth = tonumber(ARGV[5])
+local pubcmd = ARGV[6]
+local n = tonumber(ARGV[7])
+local resv = ticket .. ':r'
+local SPAN = 1000000000000
+
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  return {4, seq, 0, 0, 0, 0}
+end
+
+-- The arrival sequence: taken once, kept for life. A rolled-back counter (Redis restart) is
+-- pushed past every sequence still in use, so new arrivals never jump old waiters.
+if seq == 0 then
+  seq = redis.call('INCR', KEYS[1])
+else
+  local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+  if cur < seq then redis.call('SET', KEYS[1], seq) end
+end
+local score = (99 - prio) * SPAN + seq
+
+local function lk(i) return KEYS[3 * i + 1] end
+local function wk(i) return KEYS[3 * i + 2] end
+local function dk(i) return KEYS[3 * i + 3] end
+local function name(i) return ARGV[3 * i + 5] end
+local function cap(i) return tonumber(ARGV[3 * i + 6]) end
+local function lease_ms(i) return tonumber(ARGV[3 * i + 7]) end
+local function fmt(x) return string.format('%.0f', x) end
+
+local publish = {}
+
+-- 1. Drop what has lapsed: expired leases and reservations, and dead tickets (their owners
+--    stopped refreshing). A queue that lost a ticket may owe capacity to those behind it.
+for i = 1, n do
+  redis.call('ZREMRANGEBYSCORE', lk(i), '-inf', now)
+  local dead = redis.call('ZRANGEBYSCORE', dk(i), '-inf', now)
+  if #dead > 0 then
+    for _, d in ipairs(dead) do redis.call('ZREM', wk(i), d) end
+    redis.call('ZREMRANGEBYSCORE', dk(i), '-inf', now)
+    publish[i] = true
+  end
+end
+
+-- 2. Where the ticket waits now, and its effective score (an inherited priority is kept).
+local cur_q = 0
+for i = 1, n do
+  local s = redis.call('ZSCORE', wk(i), ticket)
+  if s then
+    cur_q = i
+    s = tonumber(s)
+    if s < score then score = s end
+  end
+end
+
+-- 3. Reads and checks, in order; stop at the first limit that blocks.
+local holds = {}
+local blocked, ahead_b, free_b = 0, 0, 0
+for i = 1, n do
+  if redis.call('ZSCORE', lk(i), ticket) then
+    holds[i] = 'l'
+  elseif redis.call('ZSCORE', lk(i), resv) then
+    holds[i] = 'r'
+  else
+    local free = cap(i) - redis.call('ZCARD', lk(i))
+    local ahead = redis.call('ZCOUNT', wk(i), '-inf', '(' .. fmt(score))
+    if ahead >= free then
+      blocked, ahead_b, free_b = i, ahead, free
+      break
+    end
+  end
+end
+
+local function do_publish()
+  for i = 1, n do
+    if publish[i] then redis.call(pubcmd, KEYS[3], name(i)) end
+  end
+end
+
+local function leave_queue(i)
+  redis.call('ZREM', wk(i), ticket)
+  redis.call('ZREM', dk(i), ticket)
+end
+
+-- 4. Writes last; nothing below can fail on well-typed keys.
+if blocked == 0 then
+  local out = {1, seq, score, 0, 0, 0}
+  for i = 1, n do
+    if holds[i] ~= 'l' then
+      redis.call('ZREM', lk(i), resv)
+      redis.call('ZADD', lk(i), now + lease_ms(i), ticket)
+      redis.call('PEXPIRE', lk(i), math.max(lease_ms(i), ttl) + 1000)
+    end
+    if cur_q == i then leave_queue(i) end
+    local first = redis.call('ZRANGE', lk(i), 0, 0, 'WITHSCORES')
+    local reset = 0
+    if #first > 0 then reset = tonumber(first[2]) - now end
+    out[#out + 1] = cap(i) - redis.call('ZCARD', lk(i))
+    out[#out + 1] = reset
+  end
+  do_publish()
+  return out
+end
+
+if cur_q ~= blocked and ahead_b >= max_depth then
+  -- Refused outright: keep nothing, and tell those this ticket was holding up.
+  for i = 1, n do
+    if holds[i] == 'r' then
+      redis.call('ZREM', lk(i), resv)
+      publish[i] = true
+    end
+  end
+  if cur_q > 0 then
+    leave_queue(cur_q)
+    publish[cur_q] = true
+  end
+  do_publish()
+  return {3, seq, score, blocked, ahead_b, 0}
+end
+
+local deadline = now + ttl
+for i = 1, n do
+  if i < blocked then
+    if holds[i] ~= 'l' then
+      redis.call('ZADD', lk(i), deadline, resv)
+      redis.call('PEXPIRE', lk(i), math.max(lease_ms(i), ttl) + 1000)
+    end
+  elseif holds[i] == 'r' then
+    -- A reservation beyond the blocking limit (an earlier pass) is given back at once.
+    redis.call('ZREM', lk(i), resv)
+    publish[i] = true
+  end
+end
+if cur_q ~= blocked and cur_q > 0 then
+  leave_queue(cur_q)
+  -- Leaving a later queue without consuming its limit: those behind it move up.
+  if cur_q > blocked then publish[cur_q] = true end
+end
+redis.call('ZADD', wk(blocked), score, ticket)
+redis.call('ZADD', dk(blocked), deadline, ticket)
+redis.call('PEXPIRE', wk(blocked), ttl + 1000)
+redis.call('PEXPIRE', dk(blocked), ttl + 1000)
+
+-- Wait hint: until the lease that frees this ticket's turn ends (0-based index ahead - free
+-- in expiry order), or until the earliest deadline in the queue, whichever comes first.
+local hint = ttl
+local k = ahead_b - free_b
+if k >= 0 then
+  local e = redis.call('ZRANGE', lk(blocked), k, k, 'WITHSCORES')
+  if #e > 0 then hint = math.min(hint, tonumber(e[2]) - now) end
+end
+local d = redis.call('ZRANGE', dk(blocked), 0, 0, 'WITHSCORES')
+if #d > 0 and d[1] ~= ticket then hint = math.min(hint, tonumber(d[2]) - now) end
+if hint < 1 then hint = 1 end
+do_publish()
+return {2, seq, score, blocked, ahead_b, hint}

@@ -1,0 +1,52 @@
+-- refresh: push back the deadlines of waiting tickets and of their reservations.
+--
+-- KEYS[1]            wake channel
+-- KEYS[3i-1..3i+1]   for limit i = 1..n: leases, wait, dead
+-- ARGV[1]            ticket ttl (ms): the new deadline is now + ttl
+-- ARGV[2]            publish command: PUBLISH or SPUBLISH
+-- ARGV[3]            n, the number of limits
+-- ARGV[3+i]          name of limit i
+-- ARGV[3+n+j]        ticket j
+--
+-- Returns, per ticket, the 1-based index of the limit whose queue it waits in, or 0 when it
+-- waits nowhere (its deadline lapsed and it was purged: the owner must acquire afresh).
+-- Lapsed entries are purged first, so a refresh never revives one (ZADD XX only updates).
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[1])
+local pubcmd = ARGV[2]
+local n = tonumber(ARGV[3])
+local deadline = now + ttl
+
+for i = 1, n do
+  local lk, wk, dk = KEYS[3 * i - 1], KEYS[3 * i], KEYS[3 * i + 1]
+  redis.call('ZREMRANGEBYSCORE', lk, '-inf', now)
+  local dead = redis.call('ZRANGEBYSCORE', dk, '-inf', now)
+  if #dead > 0 then
+    for _, d in ipairs(dead) do redis.call('ZREM', wk, d) end
+    redis.call('ZREMRANGEBYSCORE', dk, '-inf', now)
+    redis.call(pubcmd, KEYS[1], ARGV[3 + i])
+  end
+end
+
+local out = {}
+for j = 4 + n, #ARGV do
+  local ticket = ARGV[j]
+  local where = 0
+  for i = 1, n do
+    if redis.call('ZSCORE', KEYS[3 * i + 1], ticket) then where = i end
+  end
+  if where > 0 then
+    redis.call('ZADD', KEYS[3 * where + 1], 'XX', deadline, ticket)
+    redis.call('PEXPIRE', KEYS[3 * where], ttl + 1000)
+    redis.call('PEXPIRE', KEYS[3 * where + 1], ttl + 1000)
+    for i = 1, where - 1 do
+      local lk = KEYS[3 * i - 1]
+      redis.call('ZADD', lk, 'XX', deadline, ticket .. ':r')
+      if redis.call('PTTL', lk) < ttl + 1000 then redis.call('PEXPIRE', lk, ttl + 1000) end
+    end
+  end
+  out[#out + 1] = where
+end
+return out

@@ -1,0 +1,34 @@
+-- release: give back what a ticket holds on some limits (leases, reservations, its place in
+-- their queues), and optionally leave a tombstone so a late acquire of it does nothing.
+--
+-- KEYS[1]            tombstone of this ticket
+-- KEYS[2]            wake channel
+-- KEYS[3i..3i+2]     for limit i = 1..n: leases, wait, dead
+-- ARGV[1]            ticket id
+-- ARGV[2]            tombstone ttl (ms), 0 for none
+-- ARGV[3]            publish command: PUBLISH or SPUBLISH
+-- ARGV[4]            n, the number of limits
+-- ARGV[4+i]          name of limit i
+--
+-- Returns the number of entries removed (integer). Publishes the name of every limit on
+-- which something was removed: capacity, or a place in a queue, may now be owed to a waiter.
+
+local ticket = ARGV[1]
+local tomb_ms = tonumber(ARGV[2])
+local pubcmd = ARGV[3]
+local n = tonumber(ARGV[4])
+
+local removed = 0
+for i = 1, n do
+  local got = redis.call('ZREM', KEYS[3 * i], ticket, ticket .. ':r')
+    + redis.call('ZREM', KEYS[3 * i + 1], ticket)
+  redis.call('ZREM', KEYS[3 * i + 2], ticket)
+  if got > 0 then
+    removed = removed + got
+    redis.call(pubcmd, KEYS[2], ARGV[4 + i])
+  end
+end
+if tomb_ms > 0 then
+  redis.call('SET', KEYS[1], '1', 'PX', tomb_ms)
+end
+return removed

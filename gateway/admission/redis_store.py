@@ -1,0 +1,215 @@
+"""The Redis store: the engine's verbs as Lua scripts, one round trip each, Redis's clock.
+
+Scripts live in ``lua/*.lua`` (each opens with its KEYS/ARGV/return contract) and are
+registered once with ``register_script`` (EVALSHA, reloaded on NOSCRIPT). Every key a script
+touches is passed in KEYS and carries the account's hash tag (keys.py), so the scripts run
+unchanged on Redis Cluster. Redis errors and timeouts become ``StoreUnavailable`` here, in
+one place (``_translate``).
+
+Wake-ups come over pub/sub: one subscription per instance on the account's channel. Pub/sub
+is at-most-once, so after every (re)subscribe the callback gets ``RESYNC`` and the engine
+re-checks all its waiters; the engine also re-checks its head waiters about once a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+from importlib import resources
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis import exceptions as redis_errors
+
+from ..errors import StoreUnavailable
+from .keys import Keys
+from .limits import Limit
+from .store import RESYNC, AcquireRequest, AcquireResult, LimitState, Status, WakeCallback
+
+log = logging.getLogger(__name__)
+
+TOMBSTONE_MS = 60_000
+
+
+def make_client(url: str, *, timeout_ms: int = 250, connect_timeout_ms: int = 500, pool_size: int = 64) -> aioredis.Redis:
+    """A Redis client whose calls never hang: tight socket timeouts, a bounded pool.
+
+    A blocking pool makes a burst of admissions queue briefly for a connection instead of
+    opening hundreds of them; its wait is bounded by the same timeout.
+    """
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=pool_size,
+        timeout=timeout_ms / 1000,
+        socket_timeout=timeout_ms / 1000,
+        socket_connect_timeout=connect_timeout_ms / 1000,
+        health_check_interval=10,
+    )
+    return aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
+
+
+def load_script(name: str) -> str:
+    return resources.files("gateway.admission").joinpath("lua", f"{name}.lua").read_text()
+
+
+@contextlib.asynccontextmanager
+async def _translate(op: str) -> AsyncIterator[None]:
+    """Redis failures (connection, timeout, script errors) -> StoreUnavailable."""
+    try:
+        yield
+    except (redis_errors.ConnectionError, redis_errors.TimeoutError, asyncio.TimeoutError, OSError) as exc:
+        raise StoreUnavailable(f"redis unavailable during {op}: {type(exc).__name__}") from exc
+    except redis_errors.RedisError as exc:
+        raise StoreUnavailable(f"redis error during {op}: {exc}") from exc
+
+
+class RedisStore:
+    kind = "redis"
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        keys: Keys,
+        *,
+        sharded_pubsub: bool = False,
+        shebang: bool = True,
+        on_call: Any = None,
+    ) -> None:
+        """``client`` is shared and owned by the caller's lifecycle unless ``close`` is called.
+
+        ``sharded_pubsub`` publishes with SPUBLISH (Redis Cluster); ``shebang`` prefixes the
+        scripts with ``#!lua`` (Redis 7 checks their keys; fakeredis cannot parse it).
+        ``on_call(verb)`` is called once per round trip (metrics, benchmark counts).
+        """
+        self._client = client
+        self._keys = keys
+        self._pubcmd = "SPUBLISH" if sharded_pubsub else "PUBLISH"
+        self._on_call = on_call
+        head = "#!lua\n" if shebang else ""
+        self._acquire = client.register_script(head + load_script("acquire"))
+        self._release = client.register_script(head + load_script("release"))
+        self._refresh = client.register_script(head + load_script("refresh"))
+        self._usage = client.register_script(("#!lua flags=no-writes\n" if shebang else "") + load_script("usage"))
+        self._sub_task: asyncio.Task[None] | None = None
+        self._sharded = sharded_pubsub
+
+    def _count(self, verb: str) -> None:
+        if self._on_call is not None:
+            self._on_call(verb)
+
+    def _limit_keys(self, limits: Sequence[Limit]) -> list[str]:
+        keys: list[str] = []
+        for limit in limits:
+            keys += [self._keys.leases(limit.name), self._keys.wait(limit.name), self._keys.dead(limit.name)]
+        return keys
+
+    async def acquire(self, request: AcquireRequest) -> AcquireResult:
+        k = self._keys
+        keys = [k.seq, k.tomb(request.ticket), k.channel, *self._limit_keys(request.limits)]
+        args: list[Any] = [
+            request.ticket,
+            request.priority,
+            request.seq,
+            request.ttl_ms,
+            request.max_depth,
+            self._pubcmd,
+            len(request.limits),
+        ]
+        for limit in request.limits:
+            args += [limit.name, limit.capacity, limit.lease_ms]
+        self._count("acquire")
+        async with _translate("acquire"):
+            raw = await self._acquire(keys=keys, args=args)
+        return parse_acquire(raw)
+
+    async def release(self, ticket: str, limits: Sequence[Limit], *, tombstone: bool = False) -> int:
+        k = self._keys
+        keys = [k.tomb(ticket), k.channel, *self._limit_keys(limits)]
+        args: list[Any] = [ticket, TOMBSTONE_MS if tombstone else 0, self._pubcmd, len(limits)]
+        args += [limit.name for limit in limits]
+        self._count("release")
+        async with _translate("release"):
+            return int(await self._release(keys=keys, args=args))
+
+    async def refresh(self, limits: Sequence[Limit], tickets: Sequence[str], ttl_ms: int) -> list[int]:
+        if not tickets:
+            return []
+        keys = [self._keys.channel, *self._limit_keys(limits)]
+        args: list[Any] = [ttl_ms, self._pubcmd, len(limits), *[limit.name for limit in limits], *tickets]
+        self._count("refresh")
+        async with _translate("refresh"):
+            raw = await self._refresh(keys=keys, args=args)
+        return [int(x) for x in raw]
+
+    async def usage(self, limit: Limit) -> tuple[int, int]:
+        keys = self._limit_keys([limit])
+        async with _translate("usage"):
+            out, waiting = await self._usage(keys=keys, args=[])
+        return int(out), int(waiting)
+
+    async def ping(self) -> None:
+        async with _translate("ping"):
+            await self._client.ping()
+
+    async def subscribe(self, callback: WakeCallback, *, ready_timeout_s: float = 2.0) -> None:
+        """Start the subscription; wait (bounded) until it is live, so no early wake is lost."""
+        if self._sub_task is None:
+            ready = asyncio.Event()
+            self._sub_task = asyncio.create_task(self._listen(callback, ready), name="aai-gateway-wake")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(ready.wait(), ready_timeout_s)
+
+    async def _listen(self, callback: WakeCallback, ready: asyncio.Event) -> None:
+        """Hold one subscription; on any failure resubscribe with backoff, then RESYNC."""
+        channel = self._keys.channel
+        backoff = 0.1
+        while True:
+            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+            try:
+                if self._sharded:
+                    await pubsub.ssubscribe(channel)
+                else:
+                    await pubsub.subscribe(channel)
+                backoff = 0.1
+                ready.set()
+                callback(RESYNC)
+                while True:
+                    msg = await pubsub.get_message(timeout=1.0)
+                    if msg is None:
+                        continue
+                    data = msg.get("data")
+                    if isinstance(data, bytes):
+                        callback(data.decode())
+                    elif isinstance(data, str):
+                        callback(data)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # any failure: resubscribe
+                log.warning("wake-up subscription lost (%s); resubscribing", type(exc).__name__)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+
+    async def close(self) -> None:
+        if self._sub_task is not None:
+            self._sub_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sub_task
+            self._sub_task = None
+
+    def __repr__(self) -> str:
+        return f"RedisStore({self._keys.base}, publish={self._pubcmd})"
+
+
+def parse_acquire(raw: Sequence[Any]) -> AcquireResult:
+    status = Status(int(raw[0]))
+    seq, score = int(raw[1]), int(raw[2])
+    if status is Status.ADMITTED:
+        values = [int(x) for x in raw[6:]]
+        states = tuple(LimitState(values[i], max(0, values[i + 1])) for i in range(0, len(values), 2))
+        return AcquireResult(status, seq, score, states=states)
+    return AcquireResult(status, seq, score, blocked=int(raw[3]), ahead=int(raw[4]), wait_ms=int(raw[5]))

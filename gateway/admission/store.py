@@ -1,0 +1,114 @@
+"""The Store protocol: the few atomic verbs the admission engine needs, and their answers.
+
+Two implementations keep the same semantics: ``RedisStore`` (one Lua script per verb, Redis's
+clock) shares limits across any number of instances; ``MemoryStore`` (the embedded store)
+does the same inside one process with an injected clock. The contract suite
+(tests/contract/) runs one set of tests against both, and against fakeredis.
+
+Verbs
+-----
+acquire(request)
+    All or nothing, in one atomic step: check every limit in order and either lease a token
+    on each (ADMITTED), or hold reservations on the limits passed so far and queue the
+    ticket on the first limit that blocks it (BLOCKED, with a wait hint), or refuse because
+    ``max_depth`` tickets already wait ahead of it (FULL, nothing kept), or refuse because
+    the ticket was aborted (ABORTED, nothing written). Idempotent per ticket.
+release(ticket, limits, tombstone=...)
+    Remove the ticket's leases, reservations and queue entries on ``limits``; with
+    ``tombstone`` also leave a short-lived marker that makes a late acquire of the ticket
+    return ABORTED. Used to abort a waiter (tombstone), to end a concurrency lease, and to
+    refund a window lease for a request that provably never left.
+refresh(limits, tickets)
+    Push back the deadlines of waiting tickets and of their reservations. Returns, per
+    ticket, the 1-based index in ``limits`` of the queue it waits in, or 0 when it is gone.
+subscribe(callback)
+    Deliver wake-up messages: a limit name whose capacity may have appeared, or RESYNC
+    after the subscription was (re)established and messages may have been missed.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from .limits import Limit
+
+# Ticket ordering score: (99 - priority) * SEQ_SPAN + arrival sequence. Below 10^14, so exact
+# in Lua's doubles and in its '%.0f' formatting.
+SEQ_SPAN = 10**12
+MAX_PRIORITY = 99
+
+# Wake-up message meaning "you may have missed messages: re-check every head".
+RESYNC = "*"
+
+
+class Status(enum.IntEnum):
+    ADMITTED = 1
+    BLOCKED = 2
+    FULL = 3
+    ABORTED = 4
+
+
+def score_of(priority: int, seq: int) -> int:
+    priority = min(max(priority, 0), MAX_PRIORITY)
+    return (MAX_PRIORITY - priority) * SEQ_SPAN + seq
+
+
+@dataclass(frozen=True, slots=True)
+class AcquireRequest:
+    ticket: str
+    limits: tuple[Limit, ...]  # in the engine's total order (limits.ordered)
+    priority: int = 0
+    seq: int = 0  # 0 on the first acquire; the store assigns one and it is kept for life
+    ttl_ms: int = 4000  # how long a waiting ticket and its reservations live without refresh
+    max_depth: int = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class LimitState:
+    """One limit as an admitted request saw it: tokens left, and ms until one comes back."""
+
+    remaining: int
+    reset_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class AcquireResult:
+    status: Status
+    seq: int
+    score: int = 0  # the ticket's effective ordering score
+    blocked: int = 0  # 1-based index into the request's limits (BLOCKED / FULL)
+    ahead: int = 0  # tickets ahead of this one on the blocking limit
+    wait_ms: int = 0  # when it is worth asking again (BLOCKED)
+    states: tuple[LimitState, ...] = ()  # per limit, in order (ADMITTED)
+
+    @property
+    def admitted(self) -> bool:
+        return self.status is Status.ADMITTED
+
+
+WakeCallback = Callable[[str], None]
+
+
+class Store(Protocol):
+    """See the module docstring for what each verb promises."""
+
+    kind: str  # "memory" or "redis": shown by /readyz and the start-up log
+
+    async def acquire(self, request: AcquireRequest) -> AcquireResult: ...
+
+    async def release(self, ticket: str, limits: Sequence[Limit], *, tombstone: bool = False) -> int: ...
+
+    async def refresh(self, limits: Sequence[Limit], tickets: Sequence[str], ttl_ms: int) -> list[int]: ...
+
+    async def subscribe(self, callback: WakeCallback) -> None: ...
+
+    async def usage(self, limit: Limit) -> tuple[int, int]:
+        """(tokens out, tickets waiting) on ``limit`` now: for metrics and /readyz."""
+        ...
+
+    async def ping(self) -> None: ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,236 @@
+"""One contract, every store: the embedded store, fakeredis and real Redis answer alike.
+
+Windows are short (a few hundred ms) so the real-Redis runs stay quick; on the embedded
+store and fakeredis the clock is moved, never slept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+from gateway.admission.limits import RANK_CONCURRENCY, RANK_MODEL, RANK_WINDOW, concurrency_limit, window_limit
+from gateway.admission.store import SEQ_SPAN, AcquireRequest, Status, score_of
+from tests.conftest import StoreEnv
+
+W = 0.2  # window seconds
+G = 50  # guard ms
+REQ = window_limit("requests", 3, W, G, rank=RANK_WINDOW)
+MODEL = window_limit("llm:m", 2, W, G, rank=RANK_MODEL)
+JOBS = concurrency_limit("async", 2, 30.0, rank=RANK_CONCURRENCY)
+
+
+def req(ticket: str, *limits, priority: int = 0, seq: int = 0, ttl_ms: int = 4000, max_depth: int = 10_000):
+    return AcquireRequest(ticket, tuple(limits), priority=priority, seq=seq, ttl_ms=ttl_ms, max_depth=max_depth)
+
+
+def tid() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+async def test_burst_of_n_then_queue(store_env: StoreEnv) -> None:
+    store = store_env.store()
+    got = [await store.acquire(req(f"a{i}", REQ)) for i in range(4)]
+    assert [r.status for r in got] == [Status.ADMITTED] * 3 + [Status.BLOCKED]
+    assert [r.states[0].remaining for r in got[:3]] == [2, 1, 0]
+    assert got[3].blocked == 1 and got[3].ahead == 0
+    # The wait hint points at the first lease's end: window + guard after it was taken.
+    assert 0 < got[3].wait_ms <= REQ.lease_ms
+    assert [r.seq for r in got] == sorted(r.seq for r in got)
+    assert await store.usage(REQ) == (3, 1)
+
+
+async def test_token_returns_exactly_after_window_plus_guard(store_env: StoreEnv) -> None:
+    store = store_env.store()
+    for i in range(3):
+        assert (await store.acquire(req(f"a{i}", REQ))).admitted
+    if store_env.moved:
+        await store_env.advance(REQ.lease_ms / 1000 - 0.002)
+        assert (await store.acquire(req("b", REQ))).status is Status.BLOCKED
+        await store_env.advance(0.003)
+    else:
+        await store_env.advance(REQ.lease_ms / 1000 + 0.02)
+    r = await store.acquire(req("b", REQ))
+    assert r.admitted
+    assert r.states[0].remaining == 2
+
+
+async def test_all_or_nothing(store_env: StoreEnv) -> None:
+    store = store_env.store()
+    for i in range(2):
+        assert (await store.acquire(req(f"m{i}", MODEL, REQ))).admitted
+    blocked = await store.acquire(req("x", MODEL, REQ))
+    assert blocked.status is Status.BLOCKED and blocked.blocked == 1
+    # Blocked on the model, it holds nothing on the account window.
+    assert await store.usage(REQ) == (2, 0)
+    assert (await store.acquire(req("y", REQ))).admitted
+
+
+async def test_waiter_blocked_late_holds_reservations_on_earlier_limits(store_env: StoreEnv) -> None:
+    store = store_env.store()
+    for i in range(3):
+        assert (await store.acquire(req(f"r{i}", REQ))).admitted
+    r = await store.acquire(req("t", MODEL, REQ))
+    assert r.status is Status.BLOCKED and r.blocked == 2
+    assert await store.usage(MODEL) == (1, 0)  # its reservation
+    # A newcomer for the model alone still finds one model token.
+    assert (await store.acquire(req("v", MODEL))).admitted
+    # ...but not two.
+    assert (await store.acquire(req("w", MODEL))).status is Status.BLOCKED
+
+
+async def test_order_newcomer_never_jumps_a_waiter(store_env: StoreEnv) -> None:
+    store = store_env.store()
+    for i in range(3):
+        assert (await store.acquire(req(f"a{i}", REQ))).admitted
+    old = await store.acquire(req("old", REQ))
+    assert old.status is Status.BLOCKED
+    await store_env.advance(REQ.lease_ms / 1000 + 0.02)
+    # Three tokens came back. A newcomer finds 1 ahead, 3 free: admitted; order holds as
+    # long as fewer than `free` are ahead of it.
+    new = await store.acquire(req("new", REQ))
+    assert new.admitted
+    again = await store.acquire(req("old", REQ, seq=old.seq))
+    assert again.admitted and again.seq == old.seq
+
+
+async def test_order_when_capacity_is_short(store_env: StoreEnv) -> None:
+    store = store_env.store()
+    for i in range(3):
+        assert (await store.acquire(req(f"a{i}", REQ))).admitted
+    w1 = await store.acquire(req("w1", REQ))
+    w2 = await store.acquire(req("w2", REQ))
+    w3 = await store.acquire(req("w3", REQ))
+    assert [w.ahead for w in (w1, w2, w3)] == [0, 1, 2]
+    late = await store.acquire(req("late", REQ))
+    assert late.status is Status.BLOCKED and late.ahead == 3
+
+
+async def test_priority_goes_first_and_backlog_never_refuses_it(store_env: StoreEnv) -> None:
+    store = store_env.store()
+    for i in range(3):
+        assert (await store.acquire(req(f"a{i}", REQ))).admitted
+    for i in range(3):
+        r = await store.acquire(req(f"low{i}", REQ, priority=0, max_depth=3))
+        assert r.status is Status.BLOCKED
+    # Depth 3 reached for priority 0: a fourth low one is refused at once, keeping nothing.
+    full = await store.acquire(req("low3", REQ, priority=0, max_depth=3))
+    assert full.status is Status.FULL and full.ahead == 3
+    assert await store.usage(REQ) == (3, 3)
+    high = await store.acquire(req("high", REQ, priority=50, max_depth=3))
+    assert high.status is Status.BLOCKED and high.ahead == 0
+    assert high.score == score_of(50, high.seq) < score_of(0, 1)
+
+
+async def test_edge_scores(store_env: StoreEnv) -> None:
+    store = store_env.store()
+    for i in range(3):
+        assert (await store.acquire(req(f"a{i}", REQ))).admitted
+    big = SEQ_SPAN - 1
+    p0 = await store.acquire(req("p0", REQ, priority=0, seq=big))
+    p99 = await store.acquire(req("p99", REQ, priority=99, seq=big - 1))
+    clamp = await store.acquire(req("clamped", REQ, priority=500, seq=big - 2))
+    assert p0.score == 99 * SEQ_SPAN + big
+    assert p99.score == big - 1 and clamp.score == big - 2
+    assert (p0.ahead, p99.ahead, clamp.ahead) == (0, 0, 0)
+    again = await store.acquire(req("p0", REQ, priority=0, seq=big))
+    assert again.ahead == 2
+    # The arrival counter was pushed past every sequence seen.
+    fresh = await store.acquire(req("fresh", REQ))
+    assert fresh.seq > big
+
+
+async def test_abort_removes_everything_and_tombstone_stops_a_late_acquire(store_env: StoreEnv) -> None:
+    store = store_env.store()
+    for i in range(3):
+        assert (await store.acquire(req(f"r{i}", REQ))).admitted
+    t = await store.acquire(req("t", MODEL, REQ))
+    assert t.status is Status.BLOCKED
+    removed = await store.release("t", [MODEL, REQ], tombstone=True)
+    assert removed == 2  # its reservation on the model, its place in the window queue
+    assert await store.usage(MODEL) == (0, 0)
+    assert await store.usage(REQ) == (3, 0)
+    late = await store.acquire(req("t", MODEL, REQ, seq=t.seq))
+    assert late.status is Status.ABORTED
+    assert await store.usage(MODEL) == (0, 0)
+
+
+async def test_abort_after_admission_gives_leases_back(store_env: StoreEnv) -> None:
+    store = store_env.store()
+    r = await store.acquire(req("t", MODEL, REQ))
+    assert r.admitted
+    assert await store.release("t", [MODEL, REQ], tombstone=True) == 2
+    assert await store.usage(REQ) == (0, 0)
+
+
+async def test_acquire_is_idempotent(store_env: StoreEnv) -> None:
+    store = store_env.store()
+    first = await store.acquire(req("t", MODEL, REQ))
+    second = await store.acquire(req("t", MODEL, REQ, seq=first.seq))
+    assert first.admitted and second.admitted
+    assert await store.usage(REQ) == (1, 0)
+    assert await store.usage(MODEL) == (1, 0)
+
+
+async def test_concurrency_lease_released_at_once(store_env: StoreEnv) -> None:
+    store = store_env.store()
+    assert (await store.acquire(req("j1", JOBS))).admitted
+    assert (await store.acquire(req("j2", JOBS))).admitted
+    assert (await store.acquire(req("j3", JOBS))).status is Status.BLOCKED
+    assert await store.release("j1", [JOBS]) == 1
+    assert await store.release("j1", [JOBS]) == 0  # a second release changes nothing
+    assert (await store.acquire(req("j3", JOBS))).admitted
+
+
+async def test_unrefreshed_ticket_is_purged_and_refresh_keeps_one_alive(store_env: StoreEnv) -> None:
+    store = store_env.store()
+    for i in range(3):
+        assert (await store.acquire(req(f"r{i}", REQ))).admitted
+    ttl = 300
+    kept = await store.acquire(req("kept", MODEL, REQ, ttl_ms=ttl))
+    lost = await store.acquire(req("lost", MODEL, REQ, ttl_ms=ttl))
+    assert kept.status is lost.status is Status.BLOCKED
+    assert await store.usage(MODEL) == (2, 0)
+    await store_env.advance(0.2)
+    assert await store.refresh([MODEL, REQ], ["kept"], ttl) == [2]
+    await store_env.advance(0.15)
+    # "lost" lapsed: its reservation and queue place are gone; "kept" still holds both.
+    assert await store.refresh([MODEL, REQ], ["kept", "lost"], ttl) == [2, 0]
+    assert await store.usage(MODEL) == (1, 0)
+    assert (await store.usage(REQ))[1] == 1
+
+
+async def test_wake_published_on_release(store_env: StoreEnv) -> None:
+    a, b = store_env.store(), store_env.store()
+    heard: list[str] = []
+    await b.subscribe(heard.append)
+    await asyncio.sleep(0.05)
+    assert (await a.acquire(req("j1", JOBS))).admitted
+    await a.release("j1", [JOBS])
+    for _ in range(100):
+        if "async" in heard:
+            break
+        await asyncio.sleep(0.01)
+    assert "async" in heard
+
+
+async def test_instances_share_one_limit(store_env: StoreEnv) -> None:
+    a, b = store_env.store(), store_env.store()
+    results = [await (a if i % 2 else b).acquire(req(f"i{i}", REQ)) for i in range(5)]
+    assert sum(r.admitted for r in results) == 3
+    assert [r.ahead for r in results if not r.admitted] == [0, 1]
+
+
+async def test_unused_buckets_expire(store_env: StoreEnv) -> None:
+    store = store_env.store()
+    model = window_limit("llm:rare-model", 5, W, G, rank=RANK_MODEL)
+    assert (await store.acquire(req("t", model))).admitted
+    if store_env.kind == "memory":
+        await store_env.advance(15.0)
+        assert (await store.acquire(req("u", REQ))).admitted  # any later call sweeps
+        assert "llm:rare-model" not in store.limit_names()  # type: ignore[attr-defined]
+        return
+    client = store._client  # type: ignore[attr-defined]
+    key = store._keys.leases("llm:rare-model")  # type: ignore[attr-defined]
+    ttl = await client.pttl(key)
+    assert 0 < ttl <= max(model.lease_ms, 4000) + 1000
