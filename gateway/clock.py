@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import time
 from typing import Protocol
 
 
@@ -28,20 +29,20 @@ class Clock(Protocol):
         """Wait ``seconds`` of this clock's time."""
 
 
-class LoopClock:
-    """The event loop's monotonic clock: production time."""
+class SystemClock:
+    """The system's monotonic clock: production time."""
 
     def now(self) -> float:
-        return asyncio.get_running_loop().time()
+        return time.monotonic()
 
     def now_ms(self) -> int:
-        return int(asyncio.get_running_loop().time() * 1000)
+        return int(time.monotonic() * 1000)
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(max(0.0, seconds))
 
     def __repr__(self) -> str:
-        return "LoopClock()"
+        return "SystemClock()"
 
 
 class ManualClock:

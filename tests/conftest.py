@@ -26,7 +26,7 @@ from gateway.admission.limits import Limit
 from gateway.admission.memory import MemoryStore
 from gateway.admission.redis_store import RedisStore, make_client
 from gateway.admission.store import AcquireRequest, AcquireResult, Store, WakeCallback
-from gateway.clock import Clock, LoopClock, ManualClock, settle
+from gateway.clock import Clock, SystemClock, ManualClock, settle
 
 REDIS_URL = os.environ.get("AAI_GATEWAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
@@ -151,7 +151,7 @@ async def store_env(request: pytest.FixtureRequest, keys: Keys) -> AsyncIterator
             return RedisStore(client, keys)
 
         probe = await redis_client()
-        env = StoreEnv(kind, LoopClock(), make_real, moved=False)
+        env = StoreEnv(kind, SystemClock(), make_real, moved=False)
         yield env
         for s in env.stores:
             await s.close()

@@ -1,0 +1,188 @@
+"""The composition root: ``build_app(config, *, store, clock, registry)``.
+
+One listener serves:
+
+    /v2/*       -> upstream.api_url        (REST: transcripts, uploads)
+    /v1/*       -> upstream.llm_url        (LLM Gateway)
+    /v3/token   -> the streaming host over https;  /v3/ws -> 501 until the streaming relay
+    /metrics    Prometheus text;  /healthz  alive;  /readyz  store reachable, config loaded
+
+Every error a client sees is rendered here, in one middleware, as ``{"error": "..."}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from .admission.engine import AdmissionEngine
+from .admission.keys import Keys
+from .admission.memory import MemoryStore
+from .admission.redis_store import RedisStore, make_client
+from .admission.store import Store
+from .clock import Clock, SystemClock
+from .config import Config
+from .errors import GatewayError, NotFound, StoreUnavailable
+from .metrics import Metrics
+from .products import llm, rest, streaming
+from .products.catalog import Catalog
+from .proxy.forward import Upstream
+from .proxy.handler import ClientGone, ProxyHandler
+
+log = logging.getLogger("gateway")
+
+CONFIG: web.AppKey[Config] = web.AppKey("config", Config)
+ENGINE: web.AppKey[AdmissionEngine] = web.AppKey("engine", AdmissionEngine)
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
+STORE: web.AppKey[Store] = web.AppKey("store", object)  # type: ignore[arg-type]
+
+SAMPLE_EVERY_S = 5.0
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=headers)
+
+
+def _outcome(exc: BaseException) -> str:
+    if isinstance(exc, GatewayError):
+        name = type(exc).__name__
+        return "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")
+    return "internal_error"
+
+
+def errors_middleware(metrics: Metrics) -> Callable[..., Awaitable[web.StreamResponse]]:
+    @web.middleware
+    async def middleware(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        outcome = "ok"
+        try:
+            return await handler(request)
+        except GatewayError as exc:
+            outcome = _outcome(exc)
+            if isinstance(exc, StoreUnavailable):
+                metrics.store_errors.labels("admission").inc()
+                log.warning("store unavailable: %s", exc.detail)
+            return error_response(exc.status, exc.message, exc.headers)
+        except web.HTTPException as exc:
+            outcome = "http_" + str(exc.status)
+            if exc.status < 400:
+                raise
+            return error_response(exc.status, exc.reason)
+        except (ClientGone, asyncio.CancelledError, ConnectionResetError):
+            outcome = "client_gone"
+            raise
+        except Exception:
+            outcome = "internal_error"
+            log.exception("unhandled error on %s %s", request.method, request.path)
+            return error_response(500, "Internal gateway error")
+        finally:
+            if request.path.startswith(("/v1", "/v2", "/v3")):
+                metrics.requests.labels(request.get("group", "other"), outcome).inc()
+
+    return middleware
+
+
+def make_store(config: Config, clock: Clock) -> Store:
+    if config.redis.url is None:
+        return MemoryStore(clock)
+    client = make_client(
+        config.redis.url,
+        timeout_ms=config.redis.timeout_ms,
+        connect_timeout_ms=config.redis.connect_timeout_ms,
+        pool_size=config.redis.pool_size,
+    )
+    keys = Keys(prefix=config.redis.key_prefix, account=config.account)
+    return RedisStore(client, keys, sharded_pubsub=config.redis.sharded_pubsub)
+
+
+def build_app(
+    config: Config,
+    *,
+    store: Store | None = None,
+    clock: Clock | None = None,
+    registry: CollectorRegistry | None = None,
+) -> web.Application:
+    clock = clock or SystemClock()
+    registry = registry if registry is not None else CollectorRegistry()
+    metrics = Metrics(registry)
+    store = store or make_store(config, clock)
+    catalog = Catalog(config.limits)
+    engine = AdmissionEngine(
+        store, clock, ticket_ttl_ms=config.queue.ticket_ttl_ms, observer=metrics
+    )
+    upstream = Upstream(config.upstream, metrics)
+    handler = ProxyHandler(config, catalog=catalog, engine=engine, upstream=upstream, metrics=metrics, clock=clock)
+
+    app = web.Application(middlewares=[errors_middleware(metrics)], handler_args={"max_field_size": 16384})
+    app[CONFIG] = config
+    app[ENGINE] = engine
+    app[METRICS] = metrics
+    app[STORE] = store
+    metrics.store_info.labels(store.kind).set(1)
+    for limit in catalog.fixed_limits():
+        metrics.tokens_capacity.labels(limit.metric_label).set(limit.capacity)
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        await upstream.start()
+        await engine.start()
+        sampler = asyncio.create_task(_sample(store, catalog, metrics))
+        yield
+        sampler.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sampler
+        await engine.close()
+        await store.close()
+        await upstream.close()
+        closer = getattr(getattr(store, "_client", None), "aclose", None)
+        if closer is not None:
+            with contextlib.suppress(Exception):
+                await closer()
+
+    app.cleanup_ctx.append(lifecycle)
+
+    async def metrics_view(request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(request: web.Request) -> web.Response:
+        detail = {"store": store.kind, "instance": engine.instance, "config": "loaded"}
+        if store.kind == "memory":
+            detail["note"] = "embedded store: limits hold for this ONE instance only"
+        try:
+            await store.ping()
+        except StoreUnavailable as exc:
+            return web.json_response({"error": "store unreachable", **detail, "reason": exc.detail}, status=503)
+        return web.json_response({"status": "ready", **detail})
+
+    async def not_found(request: web.Request) -> web.Response:
+        raise NotFound()
+
+    app.router.add_get("/metrics", metrics_view)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_route("*", "/v2/{tail:.*}", handler.route(rest.plan))
+    app.router.add_route("*", "/v1/{tail:.*}", handler.route(llm.plan, public=llm.PUBLIC))
+    app.router.add_route("*", "/v3/{tail:.*}", handler.route(streaming.plan))
+    app.router.add_route("*", "/{tail:.*}", not_found)
+    return app
+
+
+async def _sample(store: Store, catalog: Catalog, metrics: Metrics) -> None:
+    """Keep the tokens-in-use gauges true while no traffic updates them."""
+    while True:
+        await asyncio.sleep(SAMPLE_EVERY_S)
+        for limit in catalog.fixed_limits():
+            try:
+                out, _ = await store.usage(limit)
+            except StoreUnavailable:
+                metrics.store_errors.labels("usage").inc()
+                break
+            metrics.tokens_in_use.labels(limit.metric_label).set(out)

@@ -1,0 +1,287 @@
+"""Configuration: a typed, frozen model, plan presets, environment overrides, exact errors.
+
+``load_config(path)`` reads YAML (or uses the built-in defaults, identical to the shipped
+config.yaml), applies environment overrides, fills limits left unset from the plan's preset
+(the account page: free 5 / paid 200 transcripts at once, 5 / 100 new streaming sessions a
+minute, LLM Gateway 30 a minute per model on paid only, 20,000 requests per 5 minutes), and
+validates everything. A bad file stops the gateway with the key's path and the reason::
+
+    config.yaml: limits.llm_requests.limit: must be > 0
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ROUTE_GROUPS = ("rest", "llm", "token", "streaming")
+
+# Environment variables that override deployment values, and the key each one sets.
+ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
+    "AAI_GATEWAY_HOST": ("listen", "host"),
+    "AAI_GATEWAY_PORT": ("listen", "port"),
+    "AAI_GATEWAY_REDIS_URL": ("redis", "url"),
+    "AAI_GATEWAY_PUBLIC_URL": ("public_url",),
+    "AAI_GATEWAY_PLAN": ("limits", "plan"),
+    "AAI_GATEWAY_ACCOUNT": ("account",),
+    "AAI_GATEWAY_API_URL": ("upstream", "api_url"),
+    "AAI_GATEWAY_LLM_URL": ("upstream", "llm_url"),
+    "AAI_GATEWAY_STREAMING_URL": ("upstream", "streaming_url"),
+    "AAI_GATEWAY_LOG_LEVEL": ("log", "level"),
+}
+
+# What each plan allows (../shared/account-management.txt). A value written in the file wins.
+PRESETS: dict[str, dict[str, Any]] = {
+    "free": {
+        "async_concurrency": 5,
+        "streaming_sessions": {"limit": 5, "window_s": 60},
+        "llm_requests": {"limit": 30, "window_s": 60},  # unused: no LLM Gateway on free
+        "requests": {"limit": 20_000, "window_s": 300},
+    },
+    "paid": {
+        "async_concurrency": 200,
+        "streaming_sessions": {"limit": 100, "window_s": 60},
+        "llm_requests": {"limit": 30, "window_s": 60},
+        "requests": {"limit": 20_000, "window_s": 300},
+    },
+}
+
+
+class ConfigError(ValueError):
+    """The config cannot be used; the message names the file, the key path and the reason."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Listen(_Model):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+
+
+class Upstream(_Model):
+    api_url: str = "https://api.assemblyai.com"
+    streaming_url: str = "wss://streaming.assemblyai.com"
+    llm_url: str = "https://llm-gateway.assemblyai.com"
+    connect_timeout_s: float = Field(10.0, gt=0)
+    # Longest silence while reading a response (LLM generations, large downloads).
+    read_timeout_s: float = Field(300.0, gt=0)
+
+    @field_validator("api_url", "llm_url")
+    @classmethod
+    def _http(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return v.rstrip("/")
+
+    @field_validator("streaming_url")
+    @classmethod
+    def _ws(cls, v: str) -> str:
+        if not v.startswith(("ws://", "wss://")):
+            raise ValueError("must start with ws:// or wss://")
+        return v.rstrip("/")
+
+
+class RedisSettings(_Model):
+    url: str | None = None
+    timeout_ms: int = Field(250, gt=0)
+    connect_timeout_ms: int = Field(500, gt=0)
+    pool_size: int = Field(64, gt=0)
+    # Redis Cluster: publish wake-ups with SPUBLISH (sharded pub/sub, Redis 7+).
+    sharded_pubsub: bool = False
+    key_prefix: str = "aai"
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return v
+
+
+class Window(_Model):
+    limit: int = Field(gt=0)
+    window_s: float = Field(gt=0)
+    guard_ms: int | None = Field(None, ge=0)  # per-limit override of limits.guard_ms
+
+
+class ModelWindow(_Model):
+    limit: int = Field(gt=0)
+    window_s: float | None = Field(None, gt=0)
+
+
+class LlmRequests(Window):
+    models: dict[str, ModelWindow] = Field(default_factory=dict)
+    # /v1/understanding has no model in its body: it counts against its own bucket.
+    understanding: Window = Window(limit=30, window_s=60)
+
+
+class Requests(Window):
+    # Which route groups take a token from the account window (default: all that reach upstream).
+    route_groups: tuple[str, ...] = ("rest", "llm", "token")
+    # Whether GET/HEAD count: upstream's docs disagree, so counting is the safe default.
+    count_reads: bool = True
+
+    @field_validator("route_groups")
+    @classmethod
+    def _groups(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for g in v:
+            if g not in ROUTE_GROUPS:
+                raise ValueError(f"unknown route group {g!r} (known: {', '.join(ROUTE_GROUPS)})")
+        return v
+
+
+class Limits(_Model):
+    plan: Literal["free", "paid"] = "paid"
+    guard_ms: int = Field(100, ge=0)
+    async_concurrency: int = Field(gt=0)
+    streaming_sessions: Window
+    llm_requests: LlmRequests
+    requests: Requests
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping):
+            return data
+        plan = data.get("plan", "paid")
+        preset = PRESETS.get(plan) if isinstance(plan, str) else None
+        if preset is None:
+            return data
+        return _merge(preset, {k: v for k, v in data.items() if v is not None})
+
+    @property
+    def llm_available(self) -> bool:
+        return self.plan == "paid"
+
+
+class Queue(_Model):
+    max_wait_s: float = Field(25.0, gt=0)
+    # LLM chat waits less: the SDK's 30 s timeout covers the wait AND the generation.
+    llm_max_wait_s: float = Field(10.0, gt=0)
+    max_depth: int = Field(10_000, gt=0)
+    # How long a waiting ticket lives without being refreshed by its instance.
+    ticket_ttl_ms: int = Field(4000, ge=500)
+
+
+class Proxy(_Model):
+    # Cap on JSON bodies the gateway must read (the chat body, to learn the model).
+    max_json_body_bytes: int = Field(10 * 1024 * 1024, gt=0)
+    # Honour X-Forwarded-Proto/Host when rewriting URLs (only behind a trusted proxy).
+    trust_forwarded_headers: bool = False
+    # Retry an upstream 429 after its Retry-After, within the request's max wait.
+    retry_upstream_429: bool = True
+    max_upstream_retries: int = Field(3, ge=0)
+
+
+class Log(_Model):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    access_log: bool = True
+
+
+class Config(_Model):
+    listen: Listen = Listen()
+    upstream: Upstream = Upstream()
+    redis: RedisSettings = RedisSettings()
+    limits: Limits = Field(default_factory=lambda: Limits.model_validate({}))
+    queue: Queue = Queue()
+    proxy: Proxy = Proxy()
+    log: Log = Log()
+    # The gateway's own address as clients reach it, e.g. https://aai-gw.example.com.
+    public_url: str | None = None
+    # One deployment serves one AssemblyAI account; its name tags every store key.
+    account: str = "default"
+
+    @field_validator("public_url")
+    @classmethod
+    def _public(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return v.rstrip("/") if v else v
+
+    @field_validator("account")
+    @classmethod
+    def _account(cls, v: str) -> str:
+        if not v or any(c in v for c in "{}: \n"):
+            raise ValueError("must be non-empty, without braces, colons or spaces")
+        return v
+
+
+def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _describe(err: Mapping[str, Any]) -> str:
+    kind, ctx = err["type"], err.get("ctx") or {}
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required"
+    for bound, op in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
+        if bound in ctx and kind.endswith(("greater_than", "greater_than_equal", "less_than", "less_than_equal")):
+            return f"must be {op} {ctx[bound]}"
+    if kind == "value_error":
+        return str(ctx.get("error", err["msg"]))
+    if kind == "literal_error":
+        return f"must be one of {ctx.get('expected')}"
+    return str(err["msg"]).lower() if kind.endswith("_type") or kind.endswith("_parsing") else str(err["msg"])
+
+
+def _format(source: str, exc: ValidationError, environ: Mapping[str, str]) -> str:
+    from_env = {".".join(path): var for var, path in ENV_OVERRIDES.items() if environ.get(var)}
+    lines = []
+    for err in exc.errors():
+        path = ".".join(str(p) for p in err["loc"] if p != "function-after")
+        origin = f" (from ${from_env[path]})" if path in from_env else ""
+        lines.append(f"{source}: {path}: {_describe(err)}{origin}")
+    return "\n".join(lines)
+
+
+def apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    out = _merge({}, raw)
+    for var, path in ENV_OVERRIDES.items():
+        value = environ.get(var)
+        if value is None or value == "":
+            continue
+        node = out
+        for part in path[:-1]:
+            child = node.get(part)
+            node[part] = dict(child) if isinstance(child, Mapping) else {}
+            node = node[part]
+        node[path[-1]] = value
+    return out
+
+
+def load_config(path: str | os.PathLike[str] | None = None, *, environ: Mapping[str, str] | None = None) -> Config:
+    """Read, override from the environment, and validate. Raises ``ConfigError``."""
+    environ = os.environ if environ is None else environ
+    source = str(path) if path is not None else "<defaults>"
+    raw: Any = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"{source}: cannot read: {exc.strerror}") from exc
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: the top level must be a mapping of keys")
+    raw = apply_env(raw, environ)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format(source, exc, environ)) from None

@@ -1,0 +1,168 @@
+"""The request path, top to bottom:
+
+    route -> identify (a key is present) -> classify (the product's plan: upstream, limits,
+    body) -> admit (the engine; may wait) -> forward (stream to upstream and back)
+    -> observe (status, retries) -> release (refund a lease for work that never left)
+
+An upstream 429 that still gets through (another user of the account, a limit set above the
+real one) is retried after upstream's Retry-After (X-RateLimit-Reset on the LLM Gateway),
+within the request's max wait and with NEW leases, when the gateway still holds the body.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+
+from aiohttp import hdrs, web
+
+from ..admission.engine import AdmissionEngine, Grant
+from ..clock import Clock
+from ..config import Config
+from ..errors import RateLimited, Unauthorized
+from ..metrics import Metrics
+from ..products.catalog import Catalog
+from ..products.plan import Plan
+from .forward import NeverLeft, Upstream, relay, request_headers
+from .headers import admitted_headers, refused_headers
+from .urls import gateway_base, rewrite_page_details
+
+log = logging.getLogger(__name__)
+
+Planner = Callable[[web.Request, Config, Catalog], Awaitable[Plan]]
+
+
+class ClientGone(Exception):
+    """The client left while its request waited; nothing was forwarded or charged."""
+
+
+def client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+def upstream_retry_delay(headers: Mapping[str, str], default: float = 1.0) -> float:
+    """Seconds upstream asks us to wait: Retry-After (seconds or a date), else X-RateLimit-Reset."""
+    value = headers.get(hdrs.RETRY_AFTER)
+    if value:
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            when = email.utils.parsedate_to_datetime(value) if value else None
+            if when is not None:
+                return max(0.0, when.timestamp() - time.time())
+    reset = headers.get("X-RateLimit-Reset")
+    if reset:
+        try:
+            return max(0.0, float(reset))
+        except ValueError:
+            pass
+    return default
+
+
+class ProxyHandler:
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        catalog: Catalog,
+        engine: AdmissionEngine,
+        upstream: Upstream,
+        metrics: Metrics,
+        clock: Clock,
+    ) -> None:
+        self._cfg = cfg
+        self._catalog = catalog
+        self._engine = engine
+        self._upstream = upstream
+        self._metrics = metrics
+        self._clock = clock
+
+    def route(self, planner: Planner, *, public: frozenset[tuple[str, str]] = frozenset()) -> Callable[
+        [web.Request], Awaitable[web.StreamResponse]
+    ]:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            if hdrs.AUTHORIZATION not in request.headers and (request.method, request.path.rstrip("/")) not in public:
+                raise Unauthorized()
+            plan = await planner(request, self._cfg, self._catalog)
+            request["group"] = plan.group
+            return await self.forward(request, plan)
+
+        return handle
+
+    async def forward(self, request: web.Request, plan: Plan) -> web.StreamResponse:
+        deadline = self._clock.now() + plan.max_wait_s
+        retries = 0
+        while True:
+            grant = await self._admit(plan, deadline)
+            if client_gone(request):
+                await self._refund(grant)
+                raise ClientGone()
+            delay = None
+            try:
+                async with self._upstream.request(
+                    request.method,
+                    plan.base_url + request.raw_path,
+                    headers=request_headers(request.headers, keep_length=plan.body is None),
+                    data=self._data(request, plan),
+                    group=plan.group,
+                    admitted_at=time.perf_counter(),
+                ) as resp:
+                    if resp.status == 429 and self._may_retry(plan, retries):
+                        wait = upstream_retry_delay(resp.headers)
+                        if self._clock.now() + wait < deadline:
+                            delay = wait
+                    if delay is None:
+                        extra = admitted_headers(grant.limits, grant.states) if grant else {}
+                        return await relay(request, resp, extra_headers=extra, rewrite=self._rewriter(request, plan))
+            except NeverLeft:
+                await self._refund(grant)
+                raise
+            retries += 1
+            self._metrics.upstream_retries.labels(plan.group).inc()
+            log.info("upstream answered 429 on %s %s; retrying in %.2fs", request.method, request.path, delay)
+            await self._clock.sleep(delay)
+
+    async def _admit(self, plan: Plan, deadline: float) -> Grant | None:
+        if not plan.limits:
+            return None
+        try:
+            return await self._engine.admit(
+                plan.limits,
+                max_wait_s=max(0.0, deadline - self._clock.now()),
+                max_depth=self._cfg.queue.max_depth,
+                group=plan.group,
+            )
+        except RateLimited as exc:
+            limit = next(limit for limit in plan.limits if limit.name == exc.limit)
+            exc.headers.update(refused_headers(limit, exc.retry_after_s))
+            raise
+
+    async def _refund(self, grant: Grant | None) -> None:
+        """Give back leases for a request that provably never left the gateway."""
+        if grant is not None:
+            await self._engine.release(grant)
+
+    def _may_retry(self, plan: Plan, retries: int) -> bool:
+        return plan.retryable and self._cfg.proxy.retry_upstream_429 and retries < self._cfg.proxy.max_upstream_retries
+
+    @staticmethod
+    def _data(request: web.Request, plan: Plan) -> object:
+        if plan.body is None:
+            return request.content  # streamed: never held in memory
+        return plan.body or None
+
+    def _rewriter(self, request: web.Request, plan: Plan) -> Callable[[bytes], bytes] | None:
+        if not plan.rewrite_urls:
+            return None
+        base = gateway_base(
+            request, public_url=self._cfg.public_url, trust_forwarded=self._cfg.proxy.trust_forwarded_headers
+        )
+        api_url = plan.base_url
+
+        def rewrite(body: bytes) -> bytes:
+            return rewrite_page_details(body, api_url=api_url, base=base)
+
+        return rewrite
