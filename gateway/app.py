@@ -32,7 +32,7 @@ from .metrics import Metrics
 from .products import llm, rest, streaming
 from .products.catalog import Catalog
 from .proxy.forward import Upstream
-from .proxy.handler import ClientGone, ProxyHandler
+from .proxy.handler import GROUP, ClientGone, ProxyHandler
 
 log = logging.getLogger("gateway")
 
@@ -83,7 +83,7 @@ def errors_middleware(metrics: Metrics) -> Callable[..., Awaitable[web.StreamRes
             return error_response(500, "Internal gateway error")
         finally:
             if request.path.startswith(("/v1", "/v2", "/v3")):
-                metrics.requests.labels(request.get("group", "other"), outcome).inc()
+                metrics.requests.labels(request.get(GROUP, "other"), outcome).inc()
 
     return middleware
 

@@ -132,7 +132,7 @@ async def store_env(request: pytest.FixtureRequest, keys: Keys) -> AsyncIterator
             clients: list[Any] = []
 
             def make() -> Store:
-                client = fakeredis.FakeAsyncRedis(server=server)
+                client = fakeredis.FakeAsyncRedis(server=server, max_connections=4096)
                 clients.append(client)
                 return RedisStore(client, keys, shebang=False)
 

@@ -142,6 +142,7 @@ class AdmissionEngine:
         self.instance = instance or os.urandom(4).hex()
         self._ids = itertools.count(1)
         self._pending: set[_Waiter] = set()
+        self._by_ticket: dict[str, _Waiter] = {}
         self._queues: dict[str, list[_Waiter]] = {}
         self._timers: dict[str, asyncio.Task[None]] = {}
         self._drains: dict[str, asyncio.Task[None]] = {}
@@ -156,6 +157,11 @@ class AdmissionEngine:
         self._maintenance = asyncio.create_task(self._maintain(), name="aai-gateway-engine")
 
     async def close(self) -> None:
+        """Stop waking; every request still waiting here is refused (503) and aborted."""
+        for q in list(self._queues.values()):
+            for w in list(q):
+                if w.future is not None and not w.future.done():
+                    w.future.set_exception(StoreUnavailable("the gateway is shutting down"))
         tasks = [t for t in (self._maintenance, *self._timers.values(), *self._drains.values(), *self._tasks) if t]
         for task in tasks:
             task.cancel()
@@ -186,6 +192,7 @@ class AdmissionEngine:
         # Registered before its first acquire: a wake-up that lands while that acquire is in
         # flight sets ``rerun``, so no capacity freed in between is missed.
         self._pending.add(w)
+        self._by_ticket[w.ticket] = w
         try:
             result = await self._attempt(w)
             while result.status is Status.BLOCKED and w.rerun:
@@ -291,6 +298,7 @@ class AdmissionEngine:
     def _forget(self, w: _Waiter) -> None:
         w.done = True
         self._pending.discard(w)
+        self._by_ticket.pop(w.ticket, None)
         self._unqueue(w)
         if w.future is not None and not w.future.done():
             w.future.cancel()
@@ -304,7 +312,7 @@ class AdmissionEngine:
         finally:
             sleeper.cancel()
         if w.future.done() and not w.future.cancelled():
-            return w.future.result()
+            return w.future.result()  # raises what close() set
         return None
 
     def _deliver(self, w: _Waiter, result: AcquireResult) -> None:
@@ -314,6 +322,9 @@ class AdmissionEngine:
 
     # -- waking ----------------------------------------------------------------------------
     def _on_wake(self, name: str) -> None:
+        if "\t" in name:
+            self._inherit(*name.split("\t"))
+            return
         if name == RESYNC:
             for w in self._pending:
                 w.rerun = True
@@ -325,6 +336,21 @@ class AdmissionEngine:
                 w.rerun = True
         if name in self._queues:
             self._kick(name)
+
+    def _inherit(self, name: str, ticket: str = "", score: str = "0") -> None:
+        """One of our waiters on ``name`` took a better priority: re-order it, then retry."""
+        w = self._by_ticket.get(ticket)
+        if w is None or w.done or w.queue != name or int(score) >= w.score:
+            return
+        self._unqueue(w)
+        w.score = int(score)
+        q = self._queues.setdefault(name, [])
+        bisect.insort(q, w, key=_order)
+        w.queue, w.placed_score = name, w.score
+        for limit in w.limits:
+            if limit.name == name:
+                self._obs.waiting(limit, +1)
+        self._kick(name)
 
     def _arm(self, name: str, delay: float) -> None:
         old = self._timers.pop(name, None)

@@ -7,9 +7,10 @@ unchanged on Redis Cluster (one account lives on one shard; Cluster spreads acco
     <prefix>:{<account>}:leases:<limit>   sorted set: lease/reservation -> expiry (ms, store time)
     <prefix>:{<account>}:wait:<limit>     sorted set: ticket -> (99 - priority) * 10^12 + arrival seq
     <prefix>:{<account>}:dead:<limit>     sorted set: ticket -> deadline (ms, store time)
+    <prefix>:{<account>}:resv:<limit>     sorted set: reservation holder -> its ordering score
     <prefix>:{<account>}:seq              arrival counter
     <prefix>:{<account>}:tomb:<ticket>    tombstone of an aborted ticket (short TTL)
-    <prefix>:{<account>}:wake             pub/sub channel: "limit names" whose capacity may have appeared
+    <prefix>:{<account>}:wake             pub/sub channel: wake-up messages (store.py)
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ class Keys:
 
     def dead(self, limit: str) -> str:
         return f"{self.base}:dead:{limit}"
+
+    def resv(self, limit: str) -> str:
+        return f"{self.base}:resv:{limit}"
 
     @property
     def seq(self) -> str:

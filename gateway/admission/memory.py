@@ -98,6 +98,7 @@ class MemoryStore:
         self._leases: dict[str, ZSet] = {}
         self._wait: dict[str, ZSet] = {}
         self._dead: dict[str, ZSet] = {}
+        self._resv: dict[str, ZSet] = {}
         self._seq = 0
         self._tombs: dict[str, int] = {}
         self._subscribers: list[WakeCallback] = []
@@ -111,6 +112,7 @@ class MemoryStore:
         return z
 
     def _publish(self, names: Sequence[str]) -> None:
+        """Deliver wake-up messages to subscribers, after this call returns (like Redis)."""
         if not names or not self._subscribers:
             return
         loop = asyncio.get_running_loop()
@@ -118,18 +120,20 @@ class MemoryStore:
             for callback in self._subscribers:
                 loop.call_soon(callback, name)
 
-    def _purge(self, limit: str, now: int) -> bool:
+    def _purge(self, limit: str, now: int, earlier: Sequence[Limit] = ()) -> bool:
         """Drop lapsed leases/reservations and dead tickets; True if a queue lost a ticket."""
         self._z(self._leases, limit).pop_upto(now)
         dead = self._z(self._dead, limit).pop_upto(now)
         wait = self._z(self._wait, limit)
         for ticket in dead:
             wait.remove(ticket)
+            for other in earlier:
+                self._z(self._resv, other.name).remove(ticket)
         return bool(dead)
 
     def _gc(self, limits: Sequence[Limit]) -> None:
         for limit in limits:
-            for table in (self._leases, self._wait, self._dead):
+            for table in (self._leases, self._wait, self._dead, self._resv):
                 z = table.get(limit.name)
                 if z is not None and not len(z):
                     del table[limit.name]
@@ -137,9 +141,13 @@ class MemoryStore:
         if now - self._swept >= SWEEP_MS:
             # What key expiry does in Redis: buckets nobody uses (a model tried once) go away.
             self._swept = now
-            for name in list(self._leases.keys() | self._dead.keys()):
+            for name in list(self._leases.keys() | self._dead.keys() | self._resv.keys()):
                 self._purge(name, now)
-                for table in (self._leases, self._wait, self._dead):
+                resv, leases = self._resv.get(name), self._leases.get(name)
+                for _, holder in list(resv or ()):
+                    if leases is None or holder + ":r" not in leases:
+                        resv.remove(holder)  # type: ignore[union-attr]
+                for table in (self._leases, self._wait, self._dead, self._resv):
                     z = table.get(name)
                     if z is not None and not len(z):
                         del table[name]
@@ -174,8 +182,9 @@ class MemoryStore:
         score = (99 - prio) * SEQ_SPAN + seq
 
         publish = [False] * n
+        inherited: list[str] = []
         for i, limit in enumerate(limits):
-            publish[i] = self._purge(limit.name, now)
+            publish[i] = self._purge(limit.name, now, limits[:i])
 
         cur_q = -1
         for i, limit in enumerate(limits):
@@ -204,7 +213,7 @@ class MemoryStore:
             self._z(self._dead, limits[i].name).remove(ticket)
 
         def done(result: AcquireResult) -> AcquireResult:
-            self._publish([limits[i].name for i in range(n) if publish[i]])
+            self._publish([limits[i].name for i in range(n) if publish[i]] + inherited)
             self._gc(limits)
             return result
 
@@ -214,6 +223,7 @@ class MemoryStore:
                 leases = self._z(self._leases, limit.name)
                 if holds[i] != "l":
                     leases.remove(resv)
+                    self._z(self._resv, limit.name).remove(ticket)
                     leases.add(ticket, now + limit.lease_ms)
                 if cur_q == i:
                     leave_queue(i)
@@ -226,6 +236,7 @@ class MemoryStore:
             for i, limit in enumerate(limits):
                 if holds[i] == "r":
                     self._z(self._leases, limit.name).remove(resv)
+                    self._z(self._resv, limit.name).remove(ticket)
                     publish[i] = True
             if cur_q >= 0:
                 leave_queue(cur_q)
@@ -238,8 +249,10 @@ class MemoryStore:
             if i < blocked:
                 if holds[i] != "l":
                     leases.add(resv, deadline)
+                    self._z(self._resv, limit.name).add(ticket, score)
             elif holds[i] == "r":
                 leases.remove(resv)
+                self._z(self._resv, limit.name).remove(ticket)
                 publish[i] = True
         if cur_q != blocked and cur_q >= 0:
             leave_queue(cur_q)
@@ -248,6 +261,25 @@ class MemoryStore:
         blocking = limits[blocked].name
         self._z(self._wait, blocking).add(ticket, score)
         self._z(self._dead, blocking).add(ticket, deadline)
+
+        # Priority inheritance (see acquire.lua).
+        band = score // SEQ_SPAN
+        resv_b = self._z(self._resv, blocking)
+        for hscore, holder in list(resv_b):
+            if hscore < (band + 1) * SEQ_SPAN:
+                continue
+            if holder + ":r" not in self._z(self._leases, blocking):
+                resv_b.remove(holder)
+                continue
+            lifted = band * SEQ_SPAN + int(hscore) % SEQ_SPAN
+            for limit in limits:
+                self._z(self._resv, limit.name).update(holder, lifted)
+            for j in range(blocked + 1, n):
+                wait_j = self._z(self._wait, limits[j].name)
+                if holder in wait_j:
+                    wait_j.add(holder, lifted)
+                    inherited.append(f"{limits[j].name}\t{holder}\t{lifted}")
+                    break
 
         hint = request.ttl_ms
         k = ahead_b - free_b
@@ -269,6 +301,7 @@ class MemoryStore:
             got = int(leases.remove(ticket)) + int(leases.remove(ticket + ":r"))
             got += int(self._z(self._wait, limit.name).remove(ticket))
             self._z(self._dead, limit.name).remove(ticket)
+            self._z(self._resv, limit.name).remove(ticket)
             if got:
                 removed += got
                 names.append(limit.name)
@@ -286,7 +319,7 @@ class MemoryStore:
             return []
         now = self._clock.now_ms()
         deadline = now + ttl_ms
-        self._publish([limit.name for limit in limits if self._purge(limit.name, now)])
+        self._publish([limit.name for i, limit in enumerate(limits) if self._purge(limit.name, now, limits[:i])])
         out = []
         for ticket in tickets:
             where = 0

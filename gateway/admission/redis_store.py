@@ -102,7 +102,8 @@ class RedisStore:
     def _limit_keys(self, limits: Sequence[Limit]) -> list[str]:
         keys: list[str] = []
         for limit in limits:
-            keys += [self._keys.leases(limit.name), self._keys.wait(limit.name), self._keys.dead(limit.name)]
+            n = limit.name
+            keys += [self._keys.leases(n), self._keys.wait(n), self._keys.dead(n), self._keys.resv(n)]
         return keys
 
     async def acquire(self, request: AcquireRequest) -> AcquireResult:
@@ -197,8 +198,8 @@ class RedisStore:
     async def close(self) -> None:
         if self._sub_task is not None:
             self._sub_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sub_task
+            # Bounded: a subscription stuck in a dead connection must not hold up shutdown.
+            await asyncio.wait({self._sub_task}, timeout=1.0)
             self._sub_task = None
 
     def __repr__(self) -> str:

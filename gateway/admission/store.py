@@ -22,8 +22,10 @@ refresh(limits, tickets)
     Push back the deadlines of waiting tickets and of their reservations. Returns, per
     ticket, the 1-based index in ``limits`` of the queue it waits in, or 0 when it is gone.
 subscribe(callback)
-    Deliver wake-up messages: a limit name whose capacity may have appeared, or RESYNC
-    after the subscription was (re)established and messages may have been missed.
+    Deliver wake-up messages: a limit name whose capacity may have appeared;
+    ``"<limit>\t<ticket>\t<score>"`` when a ticket waiting on that limit inherited a better
+    priority (its owner re-orders it, then retries); or RESYNC after the subscription was
+    (re)established and messages may have been missed.
 """
 
 from __future__ import annotations

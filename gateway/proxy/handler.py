@@ -31,6 +31,8 @@ from .urls import gateway_base, rewrite_page_details
 
 log = logging.getLogger(__name__)
 
+GROUP: web.RequestKey[str] = web.RequestKey("group", str)
+
 Planner = Callable[[web.Request, Config, Catalog], Awaitable[Plan]]
 
 
@@ -87,7 +89,7 @@ class ProxyHandler:
             if hdrs.AUTHORIZATION not in request.headers and (request.method, request.path.rstrip("/")) not in public:
                 raise Unauthorized()
             plan = await planner(request, self._cfg, self._catalog)
-            request["group"] = plan.group
+            request[GROUP] = plan.group
             return await self.forward(request, plan)
 
         return handle

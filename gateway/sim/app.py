@@ -102,6 +102,7 @@ class Sim:
 
 
 SIM: web.AppKey[Sim] = web.AppKey("sim", Sim)
+KEY: web.RequestKey[str] = web.RequestKey("key", str)
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -129,7 +130,7 @@ def build_sim_app(sim: Sim | None = None) -> web.Application:
             sim.recorder.violate("requests", "requests", now, f"{request.method} {path}")
             retry = max(1, int(sim.requests.reset_in(now) + 0.999))
             return _record(sim, request, _error(429, "Too Many Requests", {hdrs.RETRY_AFTER: str(retry)}))
-        request["key"] = key
+        request[KEY] = key
         return _record(sim, request, await handler(request))
 
     app = web.Application(middlewares=[account], client_max_size=3 * 1024**3)
@@ -202,13 +203,13 @@ async def _create(request: web.Request) -> web.Response:
         return _error(400, NEGATIVE_BALANCE)
     if not isinstance(body.get("audio_url"), str) or not body["audio_url"]:
         return _error(400, "audio_url is required")
-    job = sim.transcripts.create(request["key"], body)
+    job = sim.transcripts.create(request[KEY], body)
     return web.json_response(job.view())
 
 
 def _job(request: web.Request) -> Job | web.Response:
     job = request.app[SIM].transcripts.jobs.get(request.match_info["id"])
-    if job is None or job.key != request["key"] and request.app[SIM].config.keys is not None:
+    if job is None or job.key != request[KEY] and request.app[SIM].config.keys is not None:
         return _error(404, "Transcript not found")
     return job
 
@@ -265,7 +266,7 @@ async def _list(request: web.Request) -> web.Response:
     limit = max(1, min(200, int(q.get("limit", "10"))))
     jobs = [sim.transcripts.jobs[i] for i in reversed(sim.transcripts.order)]
     if sim.config.keys is not None:
-        jobs = [j for j in jobs if j.key == request["key"]]
+        jobs = [j for j in jobs if j.key == request[KEY]]
     if "status" in q:
         jobs = [j for j in jobs if j.status == q["status"]]
     if "before_id" in q:
@@ -386,7 +387,7 @@ async def _ws(request: web.Request) -> web.StreamResponse:
     token = request.query.get("token")
     if token is not None and not sim.streaming.take_token(token):
         return _error(401, AUTH_ERROR)
-    return await sim.streaming.handle(request, request.get("key", "") or f"token:{token}")
+    return await sim.streaming.handle(request, request.get(KEY, "") or f"token:{token}")
 
 
 # -- admin ------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 -- KEYS[1]            arrival counter (string)
 -- KEYS[2]            tombstone of this ticket
 -- KEYS[3]            wake channel (declared so Cluster routes the publish with the account)
--- KEYS[3i+1..3i+3]   for limit i = 1..n, in the engine's total order: leases, wait, dead
+-- KEYS[4i..4i+3]     for limit i = 1..n, in the engine's total order: leases, wait, dead, resv
 -- ARGV[1]            ticket id
 -- ARGV[2]            priority, 0..99 (higher goes first)
 -- ARGV[3]            arrival sequence, or 0 on the first acquire
@@ -20,6 +20,9 @@
 --   ABORTED  {4, seq, 0, 0, 0, 0}
 -- Times are Redis's clock (TIME), in ms. Members of leases:L are the ticket itself (a lease)
 -- and ticket..':r' (a reservation), so a reservation refresh can never touch a lease.
+-- resv:L maps each reservation holder to its ordering score (for priority inheritance).
+-- Publishes "<limit>" when capacity on it may be owed to a waiter, and
+-- "<limit>\t<ticket>\t<score>" when a waiter in that limit's queue inherited a priority.
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -49,9 +52,10 @@ else
 end
 local score = (99 - prio) * SPAN + seq
 
-local function lk(i) return KEYS[3 * i + 1] end
-local function wk(i) return KEYS[3 * i + 2] end
-local function dk(i) return KEYS[3 * i + 3] end
+local function lk(i) return KEYS[4 * i] end
+local function wk(i) return KEYS[4 * i + 1] end
+local function dk(i) return KEYS[4 * i + 2] end
+local function rk(i) return KEYS[4 * i + 3] end
 local function name(i) return ARGV[3 * i + 5] end
 local function cap(i) return tonumber(ARGV[3 * i + 6]) end
 local function lease_ms(i) return tonumber(ARGV[3 * i + 7]) end
@@ -65,7 +69,10 @@ for i = 1, n do
   redis.call('ZREMRANGEBYSCORE', lk(i), '-inf', now)
   local dead = redis.call('ZRANGEBYSCORE', dk(i), '-inf', now)
   if #dead > 0 then
-    for _, d in ipairs(dead) do redis.call('ZREM', wk(i), d) end
+    for _, d in ipairs(dead) do
+      redis.call('ZREM', wk(i), d)
+      for j = 1, i - 1 do redis.call('ZREM', rk(j), d) end
+    end
     redis.call('ZREMRANGEBYSCORE', dk(i), '-inf', now)
     publish[i] = true
   end
@@ -100,10 +107,12 @@ for i = 1, n do
   end
 end
 
+local inherited = {}
 local function do_publish()
   for i = 1, n do
     if publish[i] then redis.call(pubcmd, KEYS[3], name(i)) end
   end
+  for _, msg in ipairs(inherited) do redis.call(pubcmd, KEYS[3], msg) end
 end
 
 local function leave_queue(i)
@@ -117,6 +126,7 @@ if blocked == 0 then
   for i = 1, n do
     if holds[i] ~= 'l' then
       redis.call('ZREM', lk(i), resv)
+      redis.call('ZREM', rk(i), ticket)
       redis.call('ZADD', lk(i), now + lease_ms(i), ticket)
       redis.call('PEXPIRE', lk(i), math.max(lease_ms(i), ttl) + 1000)
     end
@@ -136,6 +146,7 @@ if cur_q ~= blocked and ahead_b >= max_depth then
   for i = 1, n do
     if holds[i] == 'r' then
       redis.call('ZREM', lk(i), resv)
+      redis.call('ZREM', rk(i), ticket)
       publish[i] = true
     end
   end
@@ -152,11 +163,14 @@ for i = 1, n do
   if i < blocked then
     if holds[i] ~= 'l' then
       redis.call('ZADD', lk(i), deadline, resv)
+      redis.call('ZADD', rk(i), score, ticket)
       redis.call('PEXPIRE', lk(i), math.max(lease_ms(i), ttl) + 1000)
+      redis.call('PEXPIRE', rk(i), math.max(lease_ms(i), ttl) + 1000)
     end
   elseif holds[i] == 'r' then
     -- A reservation beyond the blocking limit (an earlier pass) is given back at once.
     redis.call('ZREM', lk(i), resv)
+    redis.call('ZREM', rk(i), ticket)
     publish[i] = true
   end
 end
@@ -169,6 +183,31 @@ redis.call('ZADD', wk(blocked), score, ticket)
 redis.call('ZADD', dk(blocked), deadline, ticket)
 redis.call('PEXPIRE', wk(blocked), ttl + 1000)
 redis.call('PEXPIRE', dk(blocked), ttl + 1000)
+
+-- Priority inheritance: a reservation is never taken away, but a holder that blocks this
+-- ticket on B while ranking below it takes this ticket's priority (keeping its own arrival
+-- sequence) in the queue it waits in, so the inversion lasts no longer than its own wait at
+-- that priority. Classes that share B share every limit after it, so its queue is among ours.
+local band = math.floor(score / SPAN)
+local holders = redis.call('ZRANGEBYSCORE', rk(blocked), fmt((band + 1) * SPAN), '+inf', 'WITHSCORES')
+for h = 1, #holders, 2 do
+  local holder, hscore = holders[h], tonumber(holders[h + 1])
+  if redis.call('ZSCORE', lk(blocked), holder .. ':r') then
+    local lifted = band * SPAN + (hscore % SPAN)
+    for j = 1, n do
+      if redis.call('ZSCORE', rk(j), holder) then redis.call('ZADD', rk(j), lifted, holder) end
+    end
+    for j = blocked + 1, n do
+      if redis.call('ZSCORE', wk(j), holder) then
+        redis.call('ZADD', wk(j), lifted, holder)
+        inherited[#inherited + 1] = name(j) .. '\t' .. holder .. '\t' .. fmt(lifted)
+        break
+      end
+    end
+  else
+    redis.call('ZREM', rk(blocked), holder)
+  end
+end
 
 -- Wait hint: until the lease that frees this ticket's turn ends (0-based index ahead - free
 -- in expiry order), or until the earliest deadline in the queue, whichever comes first.

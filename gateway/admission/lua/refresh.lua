@@ -1,7 +1,7 @@
 -- refresh: push back the deadlines of waiting tickets and of their reservations.
 --
 -- KEYS[1]            wake channel
--- KEYS[3i-1..3i+1]   for limit i = 1..n: leases, wait, dead
+-- KEYS[4i-2..4i+1]   for limit i = 1..n: leases, wait, dead, resv
 -- ARGV[1]            ticket ttl (ms): the new deadline is now + ttl
 -- ARGV[2]            publish command: PUBLISH or SPUBLISH
 -- ARGV[3]            n, the number of limits
@@ -20,11 +20,14 @@ local n = tonumber(ARGV[3])
 local deadline = now + ttl
 
 for i = 1, n do
-  local lk, wk, dk = KEYS[3 * i - 1], KEYS[3 * i], KEYS[3 * i + 1]
+  local lk, wk, dk = KEYS[4 * i - 2], KEYS[4 * i - 1], KEYS[4 * i]
   redis.call('ZREMRANGEBYSCORE', lk, '-inf', now)
   local dead = redis.call('ZRANGEBYSCORE', dk, '-inf', now)
   if #dead > 0 then
-    for _, d in ipairs(dead) do redis.call('ZREM', wk, d) end
+    for _, d in ipairs(dead) do
+      redis.call('ZREM', wk, d)
+      for j = 1, i - 1 do redis.call('ZREM', KEYS[4 * j + 1], d) end
+    end
     redis.call('ZREMRANGEBYSCORE', dk, '-inf', now)
     redis.call(pubcmd, KEYS[1], ARGV[3 + i])
   end
@@ -35,14 +38,14 @@ for j = 4 + n, #ARGV do
   local ticket = ARGV[j]
   local where = 0
   for i = 1, n do
-    if redis.call('ZSCORE', KEYS[3 * i + 1], ticket) then where = i end
+    if redis.call('ZSCORE', KEYS[4 * i], ticket) then where = i end
   end
   if where > 0 then
-    redis.call('ZADD', KEYS[3 * where + 1], 'XX', deadline, ticket)
-    redis.call('PEXPIRE', KEYS[3 * where], ttl + 1000)
-    redis.call('PEXPIRE', KEYS[3 * where + 1], ttl + 1000)
+    redis.call('ZADD', KEYS[4 * where], 'XX', deadline, ticket)
+    redis.call('PEXPIRE', KEYS[4 * where - 1], ttl + 1000)
+    redis.call('PEXPIRE', KEYS[4 * where], ttl + 1000)
     for i = 1, where - 1 do
-      local lk = KEYS[3 * i - 1]
+      local lk = KEYS[4 * i - 2]
       redis.call('ZADD', lk, 'XX', deadline, ticket .. ':r')
       if redis.call('PTTL', lk) < ttl + 1000 then redis.call('PEXPIRE', lk, ttl + 1000) end
     end

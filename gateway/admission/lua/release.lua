@@ -3,7 +3,7 @@
 --
 -- KEYS[1]            tombstone of this ticket
 -- KEYS[2]            wake channel
--- KEYS[3i..3i+2]     for limit i = 1..n: leases, wait, dead
+-- KEYS[4i-1..4i+2]   for limit i = 1..n: leases, wait, dead, resv
 -- ARGV[1]            ticket id
 -- ARGV[2]            tombstone ttl (ms), 0 for none
 -- ARGV[3]            publish command: PUBLISH or SPUBLISH
@@ -20,9 +20,10 @@ local n = tonumber(ARGV[4])
 
 local removed = 0
 for i = 1, n do
-  local got = redis.call('ZREM', KEYS[3 * i], ticket, ticket .. ':r')
-    + redis.call('ZREM', KEYS[3 * i + 1], ticket)
-  redis.call('ZREM', KEYS[3 * i + 2], ticket)
+  local got = redis.call('ZREM', KEYS[4 * i - 1], ticket, ticket .. ':r')
+    + redis.call('ZREM', KEYS[4 * i], ticket)
+  redis.call('ZREM', KEYS[4 * i + 1], ticket)
+  redis.call('ZREM', KEYS[4 * i + 2], ticket)
   if got > 0 then
     removed = removed + got
     redis.call(pubcmd, KEYS[2], ARGV[4 + i])

@@ -1,0 +1,154 @@
+"""Running the simulator and gateways for tests: in this process, or as separate processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import yaml
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from prometheus_client import CollectorRegistry
+
+from gateway.admission.store import Store
+from gateway.app import build_app
+from gateway.config import Config
+from gateway.sim.app import Sim, SimConfig, build_sim_app
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def gateway_config(sim_url: str, **overrides: Any) -> Config:
+    """A config pointing every upstream at the simulator; ``overrides`` merge into it."""
+    raw: dict[str, Any] = {
+        "upstream": {"api_url": sim_url, "llm_url": sim_url, "streaming_url": "ws" + sim_url[len("http"):]},
+        "listen": {"host": "127.0.0.1", "port": 0},
+        "log": {"access_log": False},
+    }
+    return Config.model_validate(_merge(raw, overrides))
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+@dataclass
+class Running:
+    sim: Sim
+    sim_url: str
+    url: str
+    app: web.Application
+    registry: CollectorRegistry
+
+
+@asynccontextmanager
+async def running_sim(config: SimConfig | None = None) -> AsyncIterator[tuple[Sim, str]]:
+    sim = Sim(config or SimConfig())
+    server = TestServer(build_sim_app(sim), host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield sim, str(server.make_url("")).rstrip("/")
+    finally:
+        await server.close()
+
+
+@asynccontextmanager
+async def running_gateway(config: Config, *, store: Store | None = None) -> AsyncIterator[tuple[str, web.Application, CollectorRegistry]]:
+    registry = CollectorRegistry()
+    app = build_app(config, store=store, registry=registry)
+    server = TestServer(app, host="127.0.0.1", handler_cancellation=True)
+    await server.start_server()
+    try:
+        yield str(server.make_url("")).rstrip("/"), app, registry
+    finally:
+        await server.close()
+
+
+@asynccontextmanager
+async def stack(sim_config: SimConfig | None = None, **gateway_overrides: Any) -> AsyncIterator[Running]:
+    """The simulator and one gateway in front of it, both in this process."""
+    async with running_sim(sim_config) as (sim, sim_url):
+        config = gateway_config(sim_url, **gateway_overrides)
+        async with running_gateway(config) as (url, app, registry):
+            yield Running(sim, sim_url, url, app, registry)
+
+
+def metric(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    value = registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+# -- separate processes ----------------------------------------------------------------------
+class Process:
+    def __init__(self, args: list[str], env: dict[str, str], port: int) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = tempfile.NamedTemporaryFile(prefix="aai-gw-", suffix=".log", delete=False)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", *args], env=env, stdout=self.log, stderr=subprocess.STDOUT
+        )
+
+    async def ready(self, path: str = "/healthz", timeout: float = 20.0) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        async with aiohttp.ClientSession() as session:
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"process exited: {self.output()}")
+                try:
+                    async with session.get(self.url + path) as resp:
+                        if resp.status < 500:
+                            return
+                except aiohttp.ClientError:
+                    pass
+                if asyncio.get_running_loop().time() > deadline:
+                    raise TimeoutError(f"not ready: {self.output()}")
+                await asyncio.sleep(0.1)
+
+    def output(self) -> str:
+        with open(self.log.name) as f:
+            return f.read()[-4000:]
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        os.unlink(self.log.name)
+
+
+def start_sim_process(config: SimConfig) -> Process:
+    port = free_port()
+    from dataclasses import asdict
+
+    return Process(["sim", "--port", str(port), "--sim-config", json.dumps(asdict(config))], dict(os.environ), port)
+
+
+def start_gateway_process(raw_config: dict[str, Any]) -> Process:
+    port = free_port()
+    raw = _merge(raw_config, {"listen": {"host": "127.0.0.1", "port": port}})
+    f = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)
+    yaml.safe_dump(raw, f)
+    f.close()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AAI_GATEWAY_")}
+    return Process(["serve", "--config", f.name], env, port)

@@ -1,0 +1,278 @@
+"""The admission engine over every store: order, waking, cancellation, the known traps.
+
+Each test runs on the embedded store and fakeredis with a moved clock, and on real Redis in
+short real-time runs (ADMISSION.md "Tests that catch the likely bugs").
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+import pytest
+
+from gateway.admission.engine import AdmissionEngine, Grant
+from gateway.admission.limits import RANK_MODEL, RANK_WINDOW, Limit, window_limit
+from gateway.admission.store import AcquireRequest, AcquireResult, Status, Store
+from gateway.clock import settle
+from gateway.errors import StoreUnavailable, WaitTimeout
+from tests.conftest import CountingStore, StoreEnv
+
+W = 0.3
+REQ = window_limit("requests", 2, W, 20, rank=RANK_WINDOW)
+M = window_limit("llm:m", 1, W, 20, rank=RANK_MODEL)
+
+
+@asynccontextmanager
+async def engines(env: StoreEnv, n: int = 1, **kw: object) -> AsyncIterator[list[AdmissionEngine]]:
+    made = []
+    for _ in range(n):
+        engine = AdmissionEngine(CountingStore(env.store()), env.clock, **kw)  # type: ignore[arg-type]
+        await engine.start()
+        made.append(engine)
+    try:
+        yield made
+    finally:
+        for engine in made:
+            await engine.close()
+
+
+async def until(env: StoreEnv, check, *, within: float, step: float = 0.01) -> None:  # type: ignore[no-untyped-def]
+    """Move (or wait) time in small steps until ``check()`` holds; fail after ``within``."""
+    spent = 0.0
+    while not check():
+        if spent > within:
+            raise AssertionError(f"not within {within}s")
+        await env.advance(step)
+        spent += step
+
+
+def before(log: list[str], first: str, second: str) -> bool:
+    return first in log and (second not in log or log.index(first) < log.index(second))
+
+
+async def launch(env: StoreEnv, engine: AdmissionEngine, limits: Sequence[Limit], log: list[str], name: str,
+                 **kw: object) -> asyncio.Task[Grant]:
+    """Start an admission and let its first acquire land, so arrival order is definite."""
+
+    async def run() -> Grant:
+        grant = await engine.admit(limits, max_wait_s=kw.pop("max_wait_s", 30.0), **kw)  # type: ignore[arg-type]
+        log.append(name)
+        return grant
+
+    task = asyncio.ensure_future(run())
+    await settle()
+    if not env.moved:
+        await asyncio.sleep(0.02)
+    return task
+
+
+async def test_order_across_instances(store_env: StoreEnv) -> None:
+    log: list[str] = []
+    async with engines(store_env, 2) as (a, b):
+        tasks = [await launch(store_env, (a, b)[i % 2], [REQ], log, f"r{i}") for i in range(8)]
+        await until(store_env, lambda: len(log) == 8, within=5 * W)
+        assert log == [f"r{i}" for i in range(8)]
+        for t in tasks:
+            await t
+
+
+async def test_max_wait_then_refused_holding_nothing(store_env: StoreEnv) -> None:
+    log: list[str] = []
+    async with engines(store_env) as (e,):
+        for i in range(2):
+            await launch(store_env, e, [REQ], log, f"r{i}")
+        late = await launch(store_env, e, [M, REQ], log, "late", max_wait_s=0.1)
+        await store_env.advance(0.15)
+        await until(store_env, late.done, within=0.5)
+        with pytest.raises(WaitTimeout) as info:
+            late.result()
+        assert info.value.limit == "requests" and info.value.retry_after_s >= 1
+        assert await e.store.usage(M) == (0, 0)
+        assert (await e.store.usage(REQ))[1] == 0
+
+
+async def test_cancelled_waiter_frees_its_reservation_at_once(store_env: StoreEnv) -> None:
+    log: list[str] = []
+    async with engines(store_env, 2) as (a, b):
+        for i in range(2):
+            await launch(store_env, a, [REQ], log, f"r{i}")
+        holder = await launch(store_env, a, [M, REQ], log, "holder")  # holds M, waits on the window
+        model_only = await launch(store_env, b, [M], log, "m-only")  # waits on M behind it
+        assert await a.store.usage(M) == (1, 1)
+        holder.cancel()
+        await until(store_env, lambda: "m-only" in log, within=0.05 if store_env.moved else 0.2, step=0.005)
+        await model_only
+        assert "holder" not in log
+
+
+class SlowReply:
+    """Runs the real acquire, then holds the reply until released (a reply in flight)."""
+
+    def __init__(self, inner: Store, *, drop: bool = False) -> None:
+        self.inner, self.kind, self.drop = inner, inner.kind, drop
+        self.sent = asyncio.Event()
+        self.release_reply = asyncio.Event()
+
+    async def acquire(self, request: AcquireRequest) -> AcquireResult:
+        result = await self.inner.acquire(request)
+        self.sent.set()
+        if self.drop:
+            raise StoreUnavailable("reply lost")
+        await self.release_reply.wait()
+        return result
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+
+async def test_cancel_with_reply_in_flight_leaves_nothing(store_env: StoreEnv) -> None:
+    slow = SlowReply(store_env.store())
+    engine = AdmissionEngine(slow, store_env.clock)  # type: ignore[arg-type]
+    await engine.start()
+    try:
+        task = asyncio.ensure_future(engine.admit([M, REQ], max_wait_s=5))
+        await slow.sent.wait()  # admitted in the store, the reply not yet back
+        task.cancel()
+        await settle()
+        slow.release_reply.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await settle()
+        if not store_env.moved:
+            await asyncio.sleep(0.05)
+        assert await slow.inner.usage(M) == (0, 0)
+        assert await slow.inner.usage(REQ) == (0, 0)
+        # The next request is admitted at once: nothing was left behind.
+        other = AdmissionEngine(store_env.store(), store_env.clock)
+        grant = await other.admit([M, REQ], max_wait_s=0.01)
+        assert grant.states[0].remaining == 0
+    finally:
+        await engine.close()
+
+
+async def test_dropped_reply_is_aborted(store_env: StoreEnv) -> None:
+    slow = SlowReply(store_env.store(), drop=True)
+    engine = AdmissionEngine(slow, store_env.clock)  # type: ignore[arg-type]
+    with pytest.raises(StoreUnavailable):
+        await engine.admit([M, REQ], max_wait_s=5)
+    assert await slow.inner.usage(M) == (0, 0)
+    assert await slow.inner.usage(REQ) == (0, 0)
+
+
+async def test_two_acquires_of_one_ticket_get_the_same_leases(store_env: StoreEnv) -> None:
+    store = store_env.store()
+    first = await store.acquire(AcquireRequest("t", (M, REQ)))
+    both = await asyncio.gather(*(store.acquire(AcquireRequest("t", (M, REQ), seq=first.seq)) for _ in range(2)))
+    assert all(r.admitted for r in both)
+    assert await store.usage(M) == (1, 0) and await store.usage(REQ) == (1, 0)
+
+
+async def test_passed_limit_is_not_stolen(store_env: StoreEnv) -> None:
+    """An older T waiting on the window, past the model, keeps its turn against a fresh V."""
+    store = store_env.store()
+    m2 = window_limit("llm:m2", 2, W, 20, rank=RANK_MODEL)
+    assert (await store.acquire(AcquireRequest("a", (REQ,)))).admitted
+    assert (await store.acquire(AcquireRequest("b", (REQ,)))).admitted  # both window leases end together
+    t = await store.acquire(AcquireRequest("T", (m2, REQ)))
+    assert t.status is Status.BLOCKED and t.blocked == 2
+    assert await store.release("a", [REQ]) == 1  # one token back
+    v = await store.acquire(AcquireRequest("V", (m2, REQ)))
+    assert v.status is Status.BLOCKED and v.blocked == 2 and v.ahead == 1  # T is ahead
+    assert (await store.acquire(AcquireRequest("T", (m2, REQ), seq=t.seq))).admitted
+
+
+async def test_refresh_racing_admission_keeps_the_full_window(store_env: StoreEnv) -> None:
+    store = store_env.store()
+    t = await store.acquire(AcquireRequest("T", (M, REQ)))
+    assert t.admitted
+    assert await store.refresh([M, REQ], ["T"], 60_000) == [0]  # a refresh arriving late
+    if store_env.moved:
+        await store_env.advance(M.lease_ms / 1000 - 0.005)
+        assert await store.usage(M) == (1, 0)  # still out: the lease kept its own expiry
+        await store_env.advance(0.01)
+        assert await store.usage(M) == (0, 0)
+
+
+async def test_lapsed_reservation_is_re_evaluated_never_forwarded_without_it(store_env: StoreEnv) -> None:
+    store = store_env.store()
+    for i in range(2):
+        assert (await store.acquire(AcquireRequest(f"r{i}", (REQ,)))).admitted
+    t = await store.acquire(AcquireRequest("T", (M, REQ), ttl_ms=100))
+    assert t.status is Status.BLOCKED and t.blocked == 2
+    await store_env.advance(0.12)  # its owner stalled: the reservation lapsed
+    assert (await store.acquire(AcquireRequest("V", (M,)))).admitted  # V takes the model token
+    await store_env.advance(0.22)  # the window tokens are back; V's model lease is not
+    again = await store.acquire(AcquireRequest("T", (M, REQ), seq=t.seq, ttl_ms=100))
+    if store_env.moved or again.status is Status.BLOCKED:
+        assert again.status is Status.BLOCKED and again.blocked == 1  # blocked on the model, not forwarded
+
+
+async def test_priority_inheritance_bounds_an_inversion(store_env: StoreEnv) -> None:
+    """Low-priority T holds M while waiting on the window under sustained mid-priority load;
+    a high-priority H waiting on M lifts T to its priority, so the inversion ends at the next
+    window turnover instead of when the backlog drains (without inheritance: never, under
+    sustained load)."""
+    log: list[str] = []
+    async with engines(store_env, 2) as (a, b):
+        for i in range(2):
+            await launch(store_env, a, [REQ], log, f"fill{i}", priority=50)
+        await launch(store_env, a, [M, REQ], log, "T", priority=0)
+        mids = [await launch(store_env, b, [REQ], log, f"mid{i}", priority=50) for i in range(6)]
+        assert (await a.store.usage(M))[0] == 1  # T's reservation
+        await launch(store_env, b, [M, REQ], log, "H", priority=99)
+        # T is admitted at the first window turnover, ahead of the mid-priority backlog; H
+        # needs T's model lease to end (one model window), then the next window token.
+        await until(store_env, lambda: "H" in log, within=4 * W)
+        assert before(log, "T", "mid1") and before(log, "H", "mid3")
+        for task in mids:
+            task.cancel()
+
+
+async def test_calls_per_admission_stay_small_with_many_waiters(store_env: StoreEnv) -> None:
+    n_waiters = 1000 if not store_env.moved else 300
+    cap = 100
+    limit = window_limit("requests", cap, 0.4, 20, rank=RANK_WINDOW)
+    log: list[str] = []
+    async with engines(store_env, 3) as instances:
+        tasks = []
+        for i in range(n_waiters):
+            e = instances[i % 3]
+            tasks.append(asyncio.ensure_future(e.admit([limit], max_wait_s=30)))
+        await until(store_env, lambda: all(t.done() for t in tasks), within=30, step=0.05)
+        for t in tasks:
+            t.result()
+            log.append("x")
+        calls = sum(e.store.total for e in instances)  # type: ignore[attr-defined]
+        per_admission = calls / n_waiters
+        assert per_admission <= 3 + len(instances), (per_admission, [e.store.calls for e in instances])  # type: ignore[attr-defined]
+
+
+async def test_head_cancelled_next_waiter_admitted_within_milliseconds(store_env: StoreEnv) -> None:
+    log: list[str] = []
+    async with engines(store_env, 2) as (a, b):
+        for i in range(2):
+            await launch(store_env, a, [REQ], log, f"r{i}")
+        head = await launch(store_env, a, [M, REQ], log, "head")
+        nxt = await launch(store_env, b, [M], log, "next")
+        head.cancel()
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        await until(store_env, lambda: "next" in log, within=0.05, step=0.002)
+        if not store_env.moved:
+            assert loop.time() - t0 < 0.05
+        await nxt
+
+
+async def test_dead_owner_stops_blocking_within_its_deadline(store_env: StoreEnv) -> None:
+    """A ticket whose instance died (no refresh, no abort) blocks others only until its deadline."""
+    store = store_env.store()
+    for i in range(2):
+        assert (await store.acquire(AcquireRequest(f"r{i}", (REQ,)))).admitted
+    orphan = await store.acquire(AcquireRequest("orphan", (M, REQ), ttl_ms=1000))
+    assert orphan.status is Status.BLOCKED  # holds M; its instance is gone
+    log: list[str] = []
+    async with engines(store_env) as (e,):
+        await launch(store_env, e, [M], log, "survivor")
+        await until(store_env, lambda: "survivor" in log, within=2.0, step=0.05)

@@ -1,0 +1,207 @@
+"""The gateway as a client sees it, in front of the simulator (both in this process)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+
+from gateway.app import CONFIG, ENGINE
+from gateway.products.catalog import Catalog
+from gateway.sim.app import SimConfig
+from tests.helpers import free_port, gateway_config, metric, running_gateway, running_sim, stack
+
+KEY = {"Authorization": "test-key"}
+
+
+async def test_routes_and_gateway_endpoints() -> None:
+    async with stack() as s, aiohttp.ClientSession() as http:
+        async with http.get(s.url + "/healthz") as r:
+            assert r.status == 200 and (await r.json())["status"] == "ok"
+        async with http.get(s.url + "/readyz") as r:
+            body = await r.json()
+            assert r.status == 200 and body["store"] == "memory" and "ONE instance" in body["note"]
+        async with http.post(s.url + "/v2/transcript", json={"audio_url": "https://x/a.mp3"}, headers=KEY) as r:
+            assert r.status == 200 and (await r.json())["status"] in ("queued", "processing")
+            assert r.headers["RateLimit-Policy"] == "requests;q=20000;w=300"
+            assert r.headers["RateLimit"].startswith("requests;r=19999;t=")
+        async with http.post(s.url + "/v1/chat/completions", json={"model": "gpt-5", "messages": []}, headers=KEY) as r:
+            assert r.status == 200
+            assert r.headers["RateLimit-Policy"] == "llm:gpt-5;q=30;w=60"
+        async with http.get(s.url + "/v3/token?expires_in_seconds=60", headers=KEY) as r:
+            assert r.status == 200 and "token" in await r.json()
+        async with http.get(s.url + "/metrics") as r:
+            text = await r.text()
+            assert 'aai_gateway_admissions_total{limit="requests"} 3.0' in text
+            assert 'aai_gateway_admissions_total{limit="llm:gpt-5"} 1.0' in text
+            assert "test-key" not in text
+        assert [(x["method"], x["path"]) for x in s.sim.seen] == [
+            ("POST", "/v2/transcript"), ("POST", "/v1/chat/completions"), ("GET", "/v3/token")
+        ]
+
+
+async def test_bad_input_gets_clear_json_errors_and_costs_nothing() -> None:
+    async with stack(proxy={"max_json_body_bytes": 1024}) as s, aiohttp.ClientSession() as http:
+        cases = [
+            ("POST", "/v1/chat/completions", b"{not json", 400, "not valid JSON"),
+            ("POST", "/v1/chat/completions", b"[1,2]", 400, "JSON object"),
+            ("POST", "/v1/chat/completions", b'{"messages": []}', 400, "`model` is required"),
+            ("POST", "/v1/chat/completions", b'{"model": ""}', 400, "`model` is required"),
+            ("POST", "/v1/chat/completions", b'{"model": "bad model\\n"}', 400, "not a valid model name"),
+            ("POST", "/v1/chat/completions", json.dumps({"model": "gpt-5", "x": "y" * 2000}).encode(), 413, "larger"),
+            ("GET", "/nowhere", b"", 404, "Not found"),
+            ("GET", "/v3/ws", b"", 501, "not available yet"),
+        ]
+        for method, path, body, status, text in cases:
+            async with http.request(method, s.url + path, data=body, headers=KEY) as r:
+                assert r.status == status, (path, body)
+                payload = await r.json()
+                assert set(payload) == {"error"} and text in payload["error"], payload
+        # Nothing reached upstream, nothing was charged.
+        assert s.sim.seen == []
+        assert metric(s.registry, "aai_gateway_admissions_total", limit="requests") == 0
+
+
+async def test_missing_key_gets_upstreams_401_without_reaching_it() -> None:
+    async with stack() as s, aiohttp.ClientSession() as http:
+        for method, path in [("GET", "/v2/transcript/abc"), ("POST", "/v1/chat/completions"), ("GET", "/v3/token")]:
+            async with http.request(method, s.url + path) as r:
+                assert r.status == 401
+                assert await r.json() == {"error": "Authentication error, API token missing/invalid"}
+        async with http.get(s.url + "/v1/models") as r:  # upstream serves it without a key
+            assert r.status == 200
+        assert [x["path"] for x in s.sim.seen] == ["/v1/models"]
+
+
+async def test_free_plan_has_no_llm_gateway() -> None:
+    async with stack(limits={"plan": "free"}) as s, aiohttp.ClientSession() as http:
+        async with http.post(s.url + "/v1/chat/completions", json={"model": "gpt-5"}, headers=KEY) as r:
+            assert r.status == 403 and "free plan" in (await r.json())["error"]
+        assert s.sim.seen == []
+
+
+async def test_page_details_point_back_at_the_gateway() -> None:
+    cfg = SimConfig(public_api_url="https://api.assemblyai.com", job_seconds=0.05)
+    async with running_sim(cfg) as (sim, sim_url):
+        config = gateway_config(sim_url, upstream={"api_url": sim_url}, public_url="https://gw.example.com")
+        async with running_gateway(config) as (url, _, _), aiohttp.ClientSession() as http:
+            async with http.post(url + "/v2/transcript", json={"audio_url": "https://x/a.mp3"}, headers=KEY) as r:
+                assert r.status == 200
+            # The simulator writes absolute URLs to its own host here: rewrite those.
+            sim.config.public_api_url = sim_url
+            async with http.get(url + "/v2/transcript?limit=5", headers=KEY) as r:
+                details = (await r.json())["page_details"]
+            assert details["current_url"] == "https://gw.example.com/v2/transcript?limit=5"
+            assert details["prev_url"].startswith("https://gw.example.com/v2/transcript?limit=5&before_id=")
+
+
+async def test_page_details_use_the_request_host_without_public_url() -> None:
+    async with stack() as s, aiohttp.ClientSession() as http:
+        await (await http.post(s.url + "/v2/transcript", json={"audio_url": "https://x/a.mp3"}, headers=KEY)).read()
+        async with http.get(s.url + "/v2/transcript", headers={**KEY, "X-Forwarded-Host": "evil.example"}) as r:
+            details = (await r.json())["page_details"]
+        assert details["current_url"].startswith(s.url + "/v2/transcript")
+
+
+async def test_upload_streams_and_is_never_retried() -> None:
+    async with stack() as s, aiohttp.ClientSession() as http:
+
+        async def chunks():
+            for _ in range(64):
+                yield b"\0" * 65536
+
+        async with http.post(s.url + "/v2/upload", data=chunks(), headers=KEY) as r:
+            assert r.status == 200 and "upload_url" in await r.json()
+        assert list(s.sim.uploads.values()) == [64 * 65536]
+
+
+async def test_sse_streams_through() -> None:
+    async with stack() as s, aiohttp.ClientSession() as http:
+        body = {"model": "gpt-5", "messages": [], "stream": True}
+        async with http.post(s.url + "/v1/chat/completions", json=body, headers=KEY) as r:
+            assert r.headers["Content-Type"].startswith("text/event-stream")
+            lines = [line async for line in r.content]
+        assert lines[-2].strip() == b"data: [DONE]"
+
+
+async def test_upstream_429_is_retried_with_a_new_token() -> None:
+    # Upstream allows fewer than the gateway believes: the gateway retries after Retry-After.
+    sim_cfg = SimConfig(llm_limit=2, llm_window_s=1.0)
+    async with stack(sim_cfg, limits={"llm_requests": {"limit": 3, "window_s": 1}}) as s, aiohttp.ClientSession() as http:
+        statuses = []
+        for _ in range(3):
+            async with http.post(s.url + "/v1/chat/completions", json={"model": "gpt-5"}, headers=KEY) as r:
+                statuses.append(r.status)
+        assert statuses == [200, 200, 200]
+        assert metric(s.registry, "aai_gateway_upstream_429_retries_total", group="llm") >= 1
+        assert metric(s.registry, "aai_gateway_admissions_total", limit="llm:gpt-5") >= 4
+
+
+async def test_connect_failure_is_502_and_refunded() -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    config = gateway_config(dead)
+    async with running_gateway(config) as (url, app, registry), aiohttp.ClientSession() as http:
+        async with http.get(url + "/v2/transcript/abc", headers=KEY) as r:
+            assert r.status == 502 and "connect" in (await r.json())["error"]
+        out, _ = await app[ENGINE].store.usage(Catalog(app[CONFIG].limits).requests)
+        assert out == 0  # the window token was given back: the request never left
+
+
+async def test_read_timeout_is_504() -> None:
+    sim_cfg = SimConfig(llm_latency_s=2.0)
+    async with stack(sim_cfg, upstream={"read_timeout_s": 0.2}) as s, aiohttp.ClientSession() as http:
+        async with http.post(s.url + "/v1/chat/completions", json={"model": "gpt-5"}, headers=KEY) as r:
+            assert r.status == 504 and set(await r.json()) == {"error"}
+
+
+async def test_queue_max_wait_then_429_with_retry_after() -> None:
+    limits = {"requests": {"limit": 2, "window_s": 5}}
+    async with stack(limits=limits, queue={"max_wait_s": 0.3}) as s, aiohttp.ClientSession() as http:
+        statuses, headers = [], []
+        for _ in range(3):
+            async with http.get(s.url + "/v2/transcript/x", headers=KEY) as r:
+                statuses.append(r.status)
+                headers.append(r.headers)
+                body = await r.json()
+        assert statuses[:2] == [404, 404] and statuses[2] == 429
+        assert "'requests' limit" in body["error"]
+        retry = int(headers[2]["Retry-After"])
+        assert 1 <= retry <= 8
+        assert headers[2]["RateLimit"] == f"requests;r=0;t={retry}"
+        assert len(s.sim.seen) == 2
+
+
+async def test_queue_max_depth_refuses_at_once() -> None:
+    limits = {"requests": {"limit": 1, "window_s": 5}}
+    async with stack(limits=limits, queue={"max_depth": 1, "max_wait_s": 2}) as s, aiohttp.ClientSession() as http:
+        async with http.get(s.url + "/v2/transcript/x", headers=KEY) as r:
+            assert r.status == 404
+        waiter = asyncio.ensure_future(http.get(s.url + "/v2/transcript/y", headers=KEY))
+        await asyncio.sleep(0.2)
+        t0 = asyncio.get_running_loop().time()
+        async with http.get(s.url + "/v2/transcript/z", headers=KEY) as r:
+            assert r.status == 429 and "already wait" in (await r.json())["error"]
+        assert asyncio.get_running_loop().time() - t0 < 0.5
+        waiter.cancel()
+
+
+async def test_client_leaving_while_queued_is_never_forwarded_nor_charged() -> None:
+    limits = {"requests": {"limit": 1, "window_s": 1.0}}
+    async with stack(limits=limits) as s:
+        engine = s.app[ENGINE]
+        async with aiohttp.ClientSession() as http:
+            async with http.get(s.url + "/v2/transcript/first", headers=KEY) as r:
+                assert r.status == 404
+        # A client that gives up while waiting.
+        leaver = aiohttp.ClientSession()
+        task = asyncio.ensure_future(leaver.get(s.url + "/v2/transcript/gone", headers=KEY))
+        await asyncio.sleep(0.2)
+        assert "requests" in repr(engine)  # it waits
+        task.cancel()
+        await leaver.close()
+        await asyncio.sleep(0.2)
+        assert "'requests'" not in repr(engine).split("waiting=")[1]
+        await asyncio.sleep(1.2)  # past the window: had it been charged, it would have gone upstream
+        assert [x["path"] for x in s.sim.seen] == ["/v2/transcript/first"]
+        assert metric(s.registry, "aai_gateway_admissions_total", limit="requests") == 1
