@@ -1,9 +1,9 @@
 """The command line: ``aai-gateway`` (or ``python -m gateway``).
 
-    aai-gateway serve [--config PATH]     run the gateway (embedded store unless redis.url is set)
-    aai-gateway check-config [PATH]       validate a config file; exit 1 with the key path on error
-    aai-gateway demo [--port N]           the gateway in front of the upstream simulator
-    aai-gateway sim [--port N]            the upstream simulator alone (tests, benchmarks)
+aai-gateway serve [--config PATH]     run the gateway (embedded store unless redis.url is set)
+aai-gateway check-config [PATH]       validate a config file; exit 1 with the key path on error
+aai-gateway demo [--port N]           the gateway in front of the upstream simulator
+aai-gateway sim [--port N]            the upstream simulator alone (tests, benchmarks)
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 
 from .app import build_app
 from .config import Config, ConfigError, load_config
@@ -51,7 +52,7 @@ def _use_fast_loop() -> str:
     return "uvloop"
 
 
-class AccessLogger(web.AbstractAccessLogger):
+class AccessLogger(AbstractAccessLogger):
     """Method, path (never the query string: it can carry a streaming token), status, time."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
@@ -61,7 +62,7 @@ class AccessLogger(web.AbstractAccessLogger):
 
     @property
     def enabled(self) -> bool:
-        return self.logger.isEnabledFor(logging.INFO)
+        return bool(self.logger.isEnabledFor(logging.INFO))
 
 
 async def _warn_eviction(app: web.Application, config: Config) -> None:
@@ -73,7 +74,9 @@ async def _warn_eviction(app: web.Application, config: Config) -> None:
     try:
         policy = (await client.config_get("maxmemory-policy")).get("maxmemory-policy")
     except Exception:
-        log.info("could not read Redis's maxmemory-policy (CONFIG may be disabled); make sure it is noeviction")
+        log.info(
+            "could not read Redis's maxmemory-policy (CONFIG may be disabled); make sure it is noeviction"
+        )
         return
     if policy not in (None, "noeviction"):
         log.warning(
@@ -83,7 +86,9 @@ async def _warn_eviction(app: web.Application, config: Config) -> None:
         )
 
 
-def serve(config: Config, *, announce: str = "", companion: web.Application | None = None, companion_port: int = 0) -> None:
+def serve(
+    config: Config, *, announce: str = "", companion: web.Application | None = None, companion_port: int = 0
+) -> None:
     """Run the gateway until SIGINT/SIGTERM. ``companion`` (the demo's simulator) runs beside it."""
     _setup_logging(config.log.level)
     loop_name = _use_fast_loop()
@@ -106,7 +111,12 @@ def serve(config: Config, *, announce: str = "", companion: web.Application | No
         await _warn_eviction(app, config)
         log.info(
             "aai-gateway listening on http://%s:%s (store: %s; plan: %s; loop: %s)%s",
-            config.listen.host, config.listen.port, store, config.limits.plan, loop_name, announce,
+            config.listen.host,
+            config.listen.port,
+            store,
+            config.limits.plan,
+            loop_name,
+            announce,
         )
 
     app.on_startup.append(on_start)
@@ -142,10 +152,15 @@ def _cmd_check(args: argparse.Namespace) -> int:
         return 1
     lim = config.limits
     print(f"{path or '<defaults>'}: ok")
-    print(f"  store: {'redis ' + masked(config.redis.url) if config.redis.url else 'embedded (one instance)'}")
-    print(f"  plan: {lim.plan}; requests {lim.requests.limit}/{lim.requests.window_s:g}s; "
-          f"async {lim.async_concurrency}; streaming {lim.streaming_sessions.limit}/{lim.streaming_sessions.window_s:g}s; "
-          f"llm {'%d/%gs per model' % (lim.llm_requests.limit, lim.llm_requests.window_s) if lim.llm_available else 'unavailable (free)'}")
+    print(
+        f"  store: {'redis ' + masked(config.redis.url) if config.redis.url else 'embedded (one instance)'}"
+    )
+    llm = "unavailable (free plan)"
+    if lim.llm_available:
+        llm = f"{lim.llm_requests.limit}/{lim.llm_requests.window_s:g}s per model"
+    streaming = f"{lim.streaming_sessions.limit}/{lim.streaming_sessions.window_s:g}s"
+    print(f"  plan: {lim.plan}; requests {lim.requests.limit}/{lim.requests.window_s:g}s; ")
+    print(f"  async {lim.async_concurrency} at once; streaming {streaming}; llm {llm}")
     return 0
 
 
@@ -154,7 +169,9 @@ def _cmd_sim(args: argparse.Namespace) -> int:
 
     _setup_logging("warning")
     overrides: dict[str, Any] = json.loads(args.sim_config) if args.sim_config else {}
-    web.run_app(build_sim_app(Sim(SimConfig.from_dict(overrides))), host=args.host, port=args.port, print=None)
+    web.run_app(
+        build_sim_app(Sim(SimConfig.from_dict(overrides))), host=args.host, port=args.port, print=None
+    )
     return 0
 
 
@@ -183,7 +200,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             f"\n\n  demo: the upstream simulator answers on {sim_url} (any API key works)\n"
             f"  try:  export ASSEMBLYAI_BASE_URL={base} ASSEMBLYAI_LLM_GATEWAY_BASE_URL={base} "
             "ASSEMBLYAI_API_KEY=demo-key\n"
-            "        python -c \"import assemblyai as aai; "
+            '        python -c "import assemblyai as aai; '
             "print(aai.Transcriber().transcribe('https://example.com/a.mp3').text)\"\n"
             f"        curl -s {base}/metrics | grep aai_gateway_admissions\n"
         ),

@@ -113,11 +113,11 @@ def build_app(
     metrics = Metrics(registry)
     store = store or make_store(config, clock)
     catalog = Catalog(config.limits)
-    engine = AdmissionEngine(
-        store, clock, ticket_ttl_ms=config.queue.ticket_ttl_ms, observer=metrics
-    )
+    engine = AdmissionEngine(store, clock, ticket_ttl_ms=config.queue.ticket_ttl_ms, observer=metrics)
     upstream = Upstream(config.upstream, metrics)
-    handler = ProxyHandler(config, catalog=catalog, engine=engine, upstream=upstream, metrics=metrics, clock=clock)
+    handler = ProxyHandler(
+        config, catalog=catalog, engine=engine, upstream=upstream, metrics=metrics, clock=clock
+    )
 
     app = web.Application(middlewares=[errors_middleware(metrics)], handler_args={"max_field_size": 16384})
     app[CONFIG] = config
@@ -159,7 +159,9 @@ def build_app(
         try:
             await store.ping()
         except StoreUnavailable as exc:
-            return web.json_response({"error": "store unreachable", **detail, "reason": exc.detail}, status=503)
+            return web.json_response(
+                {"error": "store unreachable", **detail, "reason": exc.detail}, status=503
+            )
         return web.json_response({"status": "ready", **detail})
 
     async def not_found(request: web.Request) -> web.Response:

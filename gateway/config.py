@@ -230,7 +230,9 @@ def _describe(err: Mapping[str, Any]) -> str:
     if kind == "missing":
         return "required"
     for bound, op in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
-        if bound in ctx and kind.endswith(("greater_than", "greater_than_equal", "less_than", "less_than_equal")):
+        if bound in ctx and kind.endswith(
+            ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
+        ):
             return f"must be {op} {ctx[bound]}"
     if kind == "value_error":
         return str(ctx.get("error", err["msg"]))
@@ -264,7 +266,9 @@ def apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]
     return out
 
 
-def load_config(path: str | os.PathLike[str] | None = None, *, environ: Mapping[str, str] | None = None) -> Config:
+def load_config(
+    path: str | os.PathLike[str] | None = None, *, environ: Mapping[str, str] | None = None
+) -> Config:
     """Read, override from the environment, and validate. Raises ``ConfigError``."""
     environ = os.environ if environ is None else environ
     source = str(path) if path is not None else "<defaults>"

@@ -66,7 +66,9 @@ class RateLimited(GatewayError):
     status = 429
     message = "Too Many Requests"
 
-    def __init__(self, message: str, *, limit: str, retry_after_s: float, headers: Mapping[str, str] | None = None):
+    def __init__(
+        self, message: str, *, limit: str, retry_after_s: float, headers: Mapping[str, str] | None = None
+    ):
         super().__init__(message, headers=headers)
         self.limit = limit
         self.retry_after_s = retry_after_s

@@ -24,9 +24,14 @@ class Metrics:
         self.registry = registry
         p = "aai_gateway_"
         self.requests = Counter(
-            p + "requests_total", "Client requests by route group and outcome.", ["group", "outcome"], registry=registry
+            p + "requests_total",
+            "Client requests by route group and outcome.",
+            ["group", "outcome"],
+            registry=registry,
         )
-        self.admissions = Counter(p + "admissions_total", "Admissions, per limit taken.", ["limit"], registry=registry)
+        self.admissions = Counter(
+            p + "admissions_total", "Admissions, per limit taken.", ["limit"], registry=registry
+        )
         self.refusals = Counter(
             p + "refusals_total",
             "Requests the gateway refused with 429, by the limit that refused and why (timeout, queue_full).",
@@ -34,44 +39,72 @@ class Metrics:
             registry=registry,
         )
         self.wait = Histogram(
-            p + "wait_seconds", "Time from arrival to admission.", ["group"], buckets=WAIT_BUCKETS, registry=registry
+            p + "wait_seconds",
+            "Time from arrival to admission.",
+            ["group"],
+            buckets=WAIT_BUCKETS,
+            registry=registry,
         )
         self.queue_depth = Gauge(
-            p + "queue_depth", "Requests this instance holds waiting, by the limit they wait on.", ["limit"],
+            p + "queue_depth",
+            "Requests this instance holds waiting, by the limit they wait on.",
+            ["limit"],
             registry=registry,
         )
         self.tokens_in_use = Gauge(
-            p + "tokens_in_use", "Tokens out on each limit (account-wide), as last seen.", ["limit"], registry=registry
+            p + "tokens_in_use",
+            "Tokens out on each limit (account-wide), as last seen.",
+            ["limit"],
+            registry=registry,
         )
-        self.tokens_capacity = Gauge(p + "tokens_capacity", "Capacity of each limit.", ["limit"], registry=registry)
+        self.tokens_capacity = Gauge(
+            p + "tokens_capacity", "Capacity of each limit.", ["limit"], registry=registry
+        )
         self.admission_to_send = Histogram(
             p + "admission_to_send_seconds",
-            "Delay between admission and the request's headers leaving for upstream (must stay well inside the guard).",
+            "Delay between admission and the request's headers leaving for upstream "
+            "(must stay well inside the guard).",
             buckets=FAST_BUCKETS,
             registry=registry,
         )
         self.upstream_latency = Histogram(
-            p + "upstream_seconds", "Upstream time to response headers.", ["group"], buckets=LATENCY_BUCKETS,
+            p + "upstream_seconds",
+            "Upstream time to response headers.",
+            ["group"],
+            buckets=LATENCY_BUCKETS,
             registry=registry,
         )
         self.upstream_status = Counter(
-            p + "upstream_responses_total", "Upstream responses by status.", ["group", "status"], registry=registry
+            p + "upstream_responses_total",
+            "Upstream responses by status.",
+            ["group", "status"],
+            registry=registry,
         )
         self.upstream_retries = Counter(
-            p + "upstream_429_retries_total", "Upstream 429s the gateway retried.", ["group"], registry=registry
+            p + "upstream_429_retries_total",
+            "Upstream 429s the gateway retried.",
+            ["group"],
+            registry=registry,
         )
         self.store_errors = Counter(
-            p + "store_errors_total", "Store (Redis) calls that failed or timed out.", ["op"], registry=registry
+            p + "store_errors_total",
+            "Store (Redis) calls that failed or timed out.",
+            ["op"],
+            registry=registry,
         )
         self.lapsed_total = Counter(
             p + "reservations_lapsed_total",
             "Waiting tickets whose deadline lapsed before their instance refreshed them.",
             registry=registry,
         )
-        self.store_info = Gauge(p + "store_info", "Which store holds the limits (1 = in use).", ["kind"], registry=registry)
+        self.store_info = Gauge(
+            p + "store_info", "Which store holds the limits (1 = in use).", ["kind"], registry=registry
+        )
 
     # -- the engine's observer -------------------------------------------------------------
-    def admitted(self, limits: Sequence[Limit], states: Sequence[LimitState], waited_s: float, group: str) -> None:
+    def admitted(
+        self, limits: Sequence[Limit], states: Sequence[LimitState], waited_s: float, group: str
+    ) -> None:
         for limit, state in zip(limits, states, strict=False):
             label = limit.metric_label
             self.admissions.labels(label).inc()

@@ -26,7 +26,7 @@ from gateway.admission.limits import Limit
 from gateway.admission.memory import MemoryStore
 from gateway.admission.redis_store import RedisStore, make_client
 from gateway.admission.store import AcquireRequest, AcquireResult, Store, WakeCallback
-from gateway.clock import Clock, SystemClock, ManualClock, settle
+from gateway.clock import Clock, ManualClock, SystemClock, settle
 
 REDIS_URL = os.environ.get("AAI_GATEWAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
@@ -100,7 +100,9 @@ async def redis_client() -> aioredis.Redis:
         await client.ping()
     except Exception as exc:  # a real failure, never a skip
         await client.aclose()
-        pytest.fail(f"the real Redis at {REDIS_URL} does not answer ({exc!r}); start redis-server (.ci/run does)")
+        pytest.fail(
+            f"the real Redis at {REDIS_URL} does not answer ({exc!r}); start redis-server (.ci/run does)"
+        )
     return client
 
 

@@ -35,7 +35,7 @@ def free_port() -> int:
 def gateway_config(sim_url: str, **overrides: Any) -> Config:
     """A config pointing every upstream at the simulator; ``overrides`` merge into it."""
     raw: dict[str, Any] = {
-        "upstream": {"api_url": sim_url, "llm_url": sim_url, "streaming_url": "ws" + sim_url[len("http"):]},
+        "upstream": {"api_url": sim_url, "llm_url": sim_url, "streaming_url": "ws" + sim_url[len("http") :]},
         "listen": {"host": "127.0.0.1", "port": 0},
         "log": {"access_log": False},
     }
@@ -70,7 +70,9 @@ async def running_sim(config: SimConfig | None = None) -> AsyncIterator[tuple[Si
 
 
 @asynccontextmanager
-async def running_gateway(config: Config, *, store: Store | None = None) -> AsyncIterator[tuple[str, web.Application, CollectorRegistry]]:
+async def running_gateway(
+    config: Config, *, store: Store | None = None
+) -> AsyncIterator[tuple[str, web.Application, CollectorRegistry]]:
     registry = CollectorRegistry()
     app = build_app(config, store=store, registry=registry)
     server = TestServer(app, host="127.0.0.1", handler_cancellation=True)
@@ -105,8 +107,8 @@ class Process:
             [sys.executable, "-m", "gateway", *args], env=env, stdout=self.log, stderr=subprocess.STDOUT
         )
 
-    async def ready(self, path: str = "/healthz", timeout: float = 20.0) -> None:
-        deadline = asyncio.get_running_loop().time() + timeout
+    async def ready(self, path: str = "/healthz", within: float = 20.0) -> None:
+        deadline = asyncio.get_running_loop().time() + within
         async with aiohttp.ClientSession() as session:
             while True:
                 if self.proc.poll() is not None:
@@ -141,7 +143,9 @@ def start_sim_process(config: SimConfig) -> Process:
     port = free_port()
     from dataclasses import asdict
 
-    return Process(["sim", "--port", str(port), "--sim-config", json.dumps(asdict(config))], dict(os.environ), port)
+    return Process(
+        ["sim", "--port", str(port), "--sim-config", json.dumps(asdict(config))], dict(os.environ), port
+    )
 
 
 def start_gateway_process(raw_config: dict[str, Any]) -> Process:

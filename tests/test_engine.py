@@ -52,8 +52,9 @@ def before(log: list[str], first: str, second: str) -> bool:
     return first in log and (second not in log or log.index(first) < log.index(second))
 
 
-async def launch(env: StoreEnv, engine: AdmissionEngine, limits: Sequence[Limit], log: list[str], name: str,
-                 **kw: object) -> asyncio.Task[Grant]:
+async def launch(
+    env: StoreEnv, engine: AdmissionEngine, limits: Sequence[Limit], log: list[str], name: str, **kw: object
+) -> asyncio.Task[Grant]:
     """Start an admission and let its first acquire land, so arrival order is definite."""
 
     async def run() -> Grant:
@@ -164,7 +165,9 @@ async def test_dropped_reply_is_aborted(store_env: StoreEnv) -> None:
 async def test_two_acquires_of_one_ticket_get_the_same_leases(store_env: StoreEnv) -> None:
     store = store_env.store()
     first = await store.acquire(AcquireRequest("t", (M, REQ)))
-    both = await asyncio.gather(*(store.acquire(AcquireRequest("t", (M, REQ), seq=first.seq)) for _ in range(2)))
+    both = await asyncio.gather(
+        *(store.acquire(AcquireRequest("t", (M, REQ), seq=first.seq)) for _ in range(2))
+    )
     assert all(r.admitted for r in both)
     assert await store.usage(M) == (1, 0) and await store.usage(REQ) == (1, 0)
 

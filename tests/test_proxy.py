@@ -22,11 +22,15 @@ async def test_routes_and_gateway_endpoints() -> None:
         async with http.get(s.url + "/readyz") as r:
             body = await r.json()
             assert r.status == 200 and body["store"] == "memory" and "ONE instance" in body["note"]
-        async with http.post(s.url + "/v2/transcript", json={"audio_url": "https://x/a.mp3"}, headers=KEY) as r:
+        async with http.post(
+            s.url + "/v2/transcript", json={"audio_url": "https://x/a.mp3"}, headers=KEY
+        ) as r:
             assert r.status == 200 and (await r.json())["status"] in ("queued", "processing")
             assert r.headers["RateLimit-Policy"] == "requests;q=20000;w=300"
             assert r.headers["RateLimit"].startswith("requests;r=19999;t=")
-        async with http.post(s.url + "/v1/chat/completions", json={"model": "gpt-5", "messages": []}, headers=KEY) as r:
+        async with http.post(
+            s.url + "/v1/chat/completions", json={"model": "gpt-5", "messages": []}, headers=KEY
+        ) as r:
             assert r.status == 200
             assert r.headers["RateLimit-Policy"] == "llm:gpt-5;q=30;w=60"
         async with http.get(s.url + "/v3/token?expires_in_seconds=60", headers=KEY) as r:
@@ -37,7 +41,9 @@ async def test_routes_and_gateway_endpoints() -> None:
             assert 'aai_gateway_admissions_total{limit="llm:gpt-5"} 1.0' in text
             assert "test-key" not in text
         assert [(x["method"], x["path"]) for x in s.sim.seen] == [
-            ("POST", "/v2/transcript"), ("POST", "/v1/chat/completions"), ("GET", "/v3/token")
+            ("POST", "/v2/transcript"),
+            ("POST", "/v1/chat/completions"),
+            ("GET", "/v3/token"),
         ]
 
 
@@ -49,7 +55,13 @@ async def test_bad_input_gets_clear_json_errors_and_costs_nothing() -> None:
             ("POST", "/v1/chat/completions", b'{"messages": []}', 400, "`model` is required"),
             ("POST", "/v1/chat/completions", b'{"model": ""}', 400, "`model` is required"),
             ("POST", "/v1/chat/completions", b'{"model": "bad model\\n"}', 400, "not a valid model name"),
-            ("POST", "/v1/chat/completions", json.dumps({"model": "gpt-5", "x": "y" * 2000}).encode(), 413, "larger"),
+            (
+                "POST",
+                "/v1/chat/completions",
+                json.dumps({"model": "gpt-5", "x": "y" * 2000}).encode(),
+                413,
+                "larger",
+            ),
             ("GET", "/nowhere", b"", 404, "Not found"),
             ("GET", "/v3/ws", b"", 501, "not available yet"),
         ]
@@ -65,7 +77,11 @@ async def test_bad_input_gets_clear_json_errors_and_costs_nothing() -> None:
 
 async def test_missing_key_gets_upstreams_401_without_reaching_it() -> None:
     async with stack() as s, aiohttp.ClientSession() as http:
-        for method, path in [("GET", "/v2/transcript/abc"), ("POST", "/v1/chat/completions"), ("GET", "/v3/token")]:
+        for method, path in [
+            ("GET", "/v2/transcript/abc"),
+            ("POST", "/v1/chat/completions"),
+            ("GET", "/v3/token"),
+        ]:
             async with http.request(method, s.url + path) as r:
                 assert r.status == 401
                 assert await r.json() == {"error": "Authentication error, API token missing/invalid"}
@@ -86,7 +102,9 @@ async def test_page_details_point_back_at_the_gateway() -> None:
     async with running_sim(cfg) as (sim, sim_url):
         config = gateway_config(sim_url, upstream={"api_url": sim_url}, public_url="https://gw.example.com")
         async with running_gateway(config) as (url, _, _), aiohttp.ClientSession() as http:
-            async with http.post(url + "/v2/transcript", json={"audio_url": "https://x/a.mp3"}, headers=KEY) as r:
+            async with http.post(
+                url + "/v2/transcript", json={"audio_url": "https://x/a.mp3"}, headers=KEY
+            ) as r:
                 assert r.status == 200
             # The simulator writes absolute URLs to its own host here: rewrite those.
             sim.config.public_api_url = sim_url
@@ -98,8 +116,12 @@ async def test_page_details_point_back_at_the_gateway() -> None:
 
 async def test_page_details_use_the_request_host_without_public_url() -> None:
     async with stack() as s, aiohttp.ClientSession() as http:
-        await (await http.post(s.url + "/v2/transcript", json={"audio_url": "https://x/a.mp3"}, headers=KEY)).read()
-        async with http.get(s.url + "/v2/transcript", headers={**KEY, "X-Forwarded-Host": "evil.example"}) as r:
+        await (
+            await http.post(s.url + "/v2/transcript", json={"audio_url": "https://x/a.mp3"}, headers=KEY)
+        ).read()
+        async with http.get(
+            s.url + "/v2/transcript", headers={**KEY, "X-Forwarded-Host": "evil.example"}
+        ) as r:
             details = (await r.json())["page_details"]
         assert details["current_url"].startswith(s.url + "/v2/transcript")
 
@@ -128,7 +150,10 @@ async def test_sse_streams_through() -> None:
 async def test_upstream_429_is_retried_with_a_new_token() -> None:
     # Upstream allows fewer than the gateway believes: the gateway retries after Retry-After.
     sim_cfg = SimConfig(llm_limit=2, llm_window_s=1.0)
-    async with stack(sim_cfg, limits={"llm_requests": {"limit": 3, "window_s": 1}}) as s, aiohttp.ClientSession() as http:
+    async with (
+        stack(sim_cfg, limits={"llm_requests": {"limit": 3, "window_s": 1}}) as s,
+        aiohttp.ClientSession() as http,
+    ):
         statuses = []
         for _ in range(3):
             async with http.post(s.url + "/v1/chat/completions", json={"model": "gpt-5"}, headers=KEY) as r:
@@ -174,7 +199,10 @@ async def test_queue_max_wait_then_429_with_retry_after() -> None:
 
 async def test_queue_max_depth_refuses_at_once() -> None:
     limits = {"requests": {"limit": 1, "window_s": 5}}
-    async with stack(limits=limits, queue={"max_depth": 1, "max_wait_s": 2}) as s, aiohttp.ClientSession() as http:
+    async with (
+        stack(limits=limits, queue={"max_depth": 1, "max_wait_s": 2}) as s,
+        aiohttp.ClientSession() as http,
+    ):
         async with http.get(s.url + "/v2/transcript/x", headers=KEY) as r:
             assert r.status == 404
         waiter = asyncio.ensure_future(http.get(s.url + "/v2/transcript/y", headers=KEY))

@@ -29,9 +29,9 @@ import logging
 import math
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..clock import Clock
 from ..errors import GatewayError, QueueFull, StoreUnavailable, WaitTimeout
@@ -44,7 +44,9 @@ log = logging.getLogger(__name__)
 class EngineObserver(Protocol):
     """What the engine reports (metrics.py implements it; tests may pass their own)."""
 
-    def admitted(self, limits: Sequence[Limit], states: Sequence[LimitState], waited_s: float, group: str) -> None: ...
+    def admitted(
+        self, limits: Sequence[Limit], states: Sequence[LimitState], waited_s: float, group: str
+    ) -> None: ...
 
     def refused(self, limit: Limit, reason: str, group: str) -> None: ...
 
@@ -54,7 +56,9 @@ class EngineObserver(Protocol):
 
 
 class _NullObserver:
-    def admitted(self, limits: Sequence[Limit], states: Sequence[LimitState], waited_s: float, group: str) -> None:
+    def admitted(
+        self, limits: Sequence[Limit], states: Sequence[LimitState], waited_s: float, group: str
+    ) -> None:
         pass
 
     def refused(self, limit: Limit, reason: str, group: str) -> None:
@@ -162,7 +166,9 @@ class AdmissionEngine:
             for w in list(q):
                 if w.future is not None and not w.future.done():
                     w.future.set_exception(StoreUnavailable("the gateway is shutting down"))
-        tasks = [t for t in (self._maintenance, *self._timers.values(), *self._drains.values(), *self._tasks) if t]
+        tasks = [
+            t for t in (self._maintenance, *self._timers.values(), *self._drains.values(), *self._tasks) if t
+        ]
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -303,10 +309,10 @@ class AdmissionEngine:
         if w.future is not None and not w.future.done():
             w.future.cancel()
 
-    async def _wait(self, w: _Waiter, timeout: float) -> AcquireResult | None:
+    async def _wait(self, w: _Waiter, seconds: float) -> AcquireResult | None:
         loop = asyncio.get_running_loop()
         w.future = loop.create_future()
-        sleeper = asyncio.ensure_future(self._clock.sleep(timeout))
+        sleeper = asyncio.ensure_future(self._clock.sleep(seconds))
         try:
             await asyncio.wait((w.future, sleeper), return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -449,8 +455,8 @@ class AdmissionEngine:
         else:
             self._deliver(w, result)
 
-    def _spawn(self, coro: object) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

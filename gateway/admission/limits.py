@@ -60,11 +60,17 @@ class Limit:
         return self.label or self.name
 
     def __repr__(self) -> str:
-        span = f"{self.window_ms}ms+{self.lease_ms - self.window_ms}" if self.window_ms else f"ttl {self.lease_ms}ms"
+        span = (
+            f"{self.window_ms}ms+{self.lease_ms - self.window_ms}"
+            if self.window_ms
+            else f"ttl {self.lease_ms}ms"
+        )
         return f"Limit({self.name}: {self.capacity} per {span})"
 
 
-def window_limit(name: str, capacity: int, window_s: float, guard_ms: int, *, rank: int, label: str = "") -> Limit:
+def window_limit(
+    name: str, capacity: int, window_s: float, guard_ms: int, *, rank: int, label: str = ""
+) -> Limit:
     window_ms = int(round(window_s * 1000))
     return Limit(
         name=name,

@@ -291,7 +291,9 @@ class MemoryStore:
         if first_dead is not None and first_dead[1] != ticket:
             hint = min(hint, int(first_dead[0]) - now)
         hint = max(hint, 1)
-        return done(AcquireResult(Status.BLOCKED, seq, score, blocked=blocked + 1, ahead=ahead_b, wait_ms=hint))
+        return done(
+            AcquireResult(Status.BLOCKED, seq, score, blocked=blocked + 1, ahead=ahead_b, wait_ms=hint)
+        )
 
     async def release(self, ticket: str, limits: Sequence[Limit], *, tombstone: bool = False) -> int:
         removed = 0
@@ -319,7 +321,9 @@ class MemoryStore:
             return []
         now = self._clock.now_ms()
         deadline = now + ttl_ms
-        self._publish([limit.name for i, limit in enumerate(limits) if self._purge(limit.name, now, limits[:i])])
+        self._publish(
+            [limit.name for i, limit in enumerate(limits) if self._purge(limit.name, now, limits[:i])]
+        )
         out = []
         for ticket in tickets:
             where = 0

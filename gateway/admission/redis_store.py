@@ -33,7 +33,9 @@ log = logging.getLogger(__name__)
 TOMBSTONE_MS = 60_000
 
 
-def make_client(url: str, *, timeout_ms: int = 250, connect_timeout_ms: int = 500, pool_size: int = 64) -> aioredis.Redis:
+def make_client(
+    url: str, *, timeout_ms: int = 250, connect_timeout_ms: int = 500, pool_size: int = 64
+) -> aioredis.Redis:
     """A Redis client whose calls never hang: tight socket timeouts, a bounded pool.
 
     A blocking pool makes a burst of admissions queue briefly for a connection instead of
@@ -59,7 +61,7 @@ async def _translate(op: str) -> AsyncIterator[None]:
     """Redis failures (connection, timeout, script errors) -> StoreUnavailable."""
     try:
         yield
-    except (redis_errors.ConnectionError, redis_errors.TimeoutError, asyncio.TimeoutError, OSError) as exc:
+    except (TimeoutError, redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
         raise StoreUnavailable(f"redis unavailable during {op}: {type(exc).__name__}") from exc
     except redis_errors.RedisError as exc:
         raise StoreUnavailable(f"redis error during {op}: {exc}") from exc
@@ -91,7 +93,9 @@ class RedisStore:
         self._acquire = client.register_script(head + load_script("acquire"))
         self._release = client.register_script(head + load_script("release"))
         self._refresh = client.register_script(head + load_script("refresh"))
-        self._usage = client.register_script(("#!lua flags=no-writes\n" if shebang else "") + load_script("usage"))
+        self._usage = client.register_script(
+            ("#!lua flags=no-writes\n" if shebang else "") + load_script("usage")
+        )
         self._sub_task: asyncio.Task[None] | None = None
         self._sharded = sharded_pubsub
 
@@ -193,7 +197,7 @@ class RedisStore:
                 backoff = min(backoff * 2, 2.0)
             finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def close(self) -> None:
         if self._sub_task is not None:

@@ -25,7 +25,8 @@ PUBLIC = frozenset({("GET", "/v1/models")})  # served upstream without a key
 async def plan(request: web.Request, cfg: Config, catalog: Catalog) -> Plan:
     if not cfg.limits.llm_available:
         raise Forbidden(
-            "The LLM Gateway is not available on the free plan; set limits.plan: paid once the account is upgraded"
+            "The LLM Gateway is not available on the free plan; "
+            "set limits.plan: paid once the account is upgraded"
         )
     method, path = request.method, request.path.rstrip("/")
     window = catalog.account_window("llm", method)
@@ -37,7 +38,9 @@ async def plan(request: web.Request, cfg: Config, catalog: Catalog) -> Plan:
             raise BadRequest("`model` is required: a non-empty string naming the model")
         if not valid_model_name(model):
             raise BadRequest(f"`model` is not a valid model name: {model[:80]!r}")
-        return Plan("llm", cfg.upstream.llm_url, [catalog.model(model), *window], cfg.queue.llm_max_wait_s, body)
+        return Plan(
+            "llm", cfg.upstream.llm_url, [catalog.model(model), *window], cfg.queue.llm_max_wait_s, body
+        )
     if method == hdrs.METH_POST and path == UNDERSTANDING:
         body = await read_capped(request, cap)
         parse_object(body)

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
@@ -79,7 +78,7 @@ def response_headers(incoming: CIMultiDictProxy[str], *, drop: Iterable[str] = (
 
 def _items(headers: Mapping[str, str]) -> Iterable[tuple[str, str]]:
     items = getattr(headers, "items", None)
-    return items() if items is not None else ()  # type: ignore[no-any-return]
+    return items() if items is not None else ()
 
 
 class Upstream:
@@ -101,7 +100,9 @@ class Upstream:
         )
         self._session = aiohttp.ClientSession(
             connector=connector,
-            timeout=aiohttp.ClientTimeout(total=None, connect=self._cfg.connect_timeout_s, sock_read=self._cfg.read_timeout_s),
+            timeout=aiohttp.ClientTimeout(
+                total=None, connect=self._cfg.connect_timeout_s, sock_read=self._cfg.read_timeout_s
+            ),
             auto_decompress=False,
             cookie_jar=aiohttp.DummyCookieJar(),
             trace_configs=[trace],
@@ -119,7 +120,10 @@ class Upstream:
         return self._session
 
     async def _on_headers_sent(
-        self, session: aiohttp.ClientSession, ctx: SimpleNamespace, params: aiohttp.TraceRequestHeadersSentParams
+        self,
+        session: aiohttp.ClientSession,
+        ctx: SimpleNamespace,
+        params: aiohttp.TraceRequestHeadersSentParams,
     ) -> None:
         admitted_at = (ctx.trace_request_ctx or {}).get("admitted_at")
         if admitted_at is not None:
@@ -154,7 +158,7 @@ class Upstream:
             raise NeverLeft("Timed out connecting to the upstream API") from exc
         except aiohttp.ClientConnectorError as exc:
             raise NeverLeft("Could not connect to the upstream API") from exc
-        except (aiohttp.ServerTimeoutError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise GatewayTimeout() from exc
         except aiohttp.ClientPayloadError as exc:
             raise BadGateway("The upstream API's response was cut short") from exc
@@ -176,7 +180,12 @@ async def relay(
     """
     length = resp.content_length
     is_json = resp.content_type == "application/json"
-    if rewrite is not None and is_json and not resp.headers.get(hdrs.CONTENT_ENCODING) and (length or 0) <= rewrite_cap:
+    if (
+        rewrite is not None
+        and is_json
+        and not resp.headers.get(hdrs.CONTENT_ENCODING)
+        and (length or 0) <= rewrite_cap
+    ):
         body = rewrite(await resp.read())
         headers = response_headers(resp.headers, drop=(hdrs.CONTENT_LENGTH,))
         headers.update(extra_headers)

@@ -82,11 +82,14 @@ class ProxyHandler:
         self._metrics = metrics
         self._clock = clock
 
-    def route(self, planner: Planner, *, public: frozenset[tuple[str, str]] = frozenset()) -> Callable[
-        [web.Request], Awaitable[web.StreamResponse]
-    ]:
+    def route(
+        self, planner: Planner, *, public: frozenset[tuple[str, str]] = frozenset()
+    ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def handle(request: web.Request) -> web.StreamResponse:
-            if hdrs.AUTHORIZATION not in request.headers and (request.method, request.path.rstrip("/")) not in public:
+            if (
+                hdrs.AUTHORIZATION not in request.headers
+                and (request.method, request.path.rstrip("/")) not in public
+            ):
                 raise Unauthorized()
             plan = await planner(request, self._cfg, self._catalog)
             request[GROUP] = plan.group
@@ -118,7 +121,9 @@ class ProxyHandler:
                             delay = wait
                     if delay is None:
                         extra = admitted_headers(grant.limits, grant.states) if grant else {}
-                        return await relay(request, resp, extra_headers=extra, rewrite=self._rewriter(request, plan))
+                        return await relay(
+                            request, resp, extra_headers=extra, rewrite=self._rewriter(request, plan)
+                        )
             except NeverLeft:
                 await self._refund(grant)
                 raise
@@ -148,7 +153,11 @@ class ProxyHandler:
             await self._engine.release(grant)
 
     def _may_retry(self, plan: Plan, retries: int) -> bool:
-        return plan.retryable and self._cfg.proxy.retry_upstream_429 and retries < self._cfg.proxy.max_upstream_retries
+        return (
+            plan.retryable
+            and self._cfg.proxy.retry_upstream_429
+            and retries < self._cfg.proxy.max_upstream_retries
+        )
 
     @staticmethod
     def _data(request: web.Request, plan: Plan) -> object:

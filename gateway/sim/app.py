@@ -71,7 +71,9 @@ class Sim:
         if old is not None:
             asyncio.ensure_future(old.close())
         self.transcripts = TranscriptService(
-            self.recorder, concurrency=c.async_concurrency, default_seconds=c.job_seconds,
+            self.recorder,
+            concurrency=c.async_concurrency,
+            default_seconds=c.job_seconds,
             webhook_retry_s=c.webhook_retry_s,
         )
         self.streaming = StreamingService(
@@ -90,12 +92,21 @@ class Sim:
     def report(self) -> dict[str, Any]:
         return {
             "violations": [v.as_dict() for v in self.recorder.violations],
-            "requests": {"arrivals": len(self.requests.arrivals), "busiest": self.requests.busiest(),
-                         "limit": self.requests.limit, "window_s": self.requests.window_s},
-            "llm": {m: {"arrivals": len(w.arrivals), "busiest": w.busiest(), "limit": w.limit}
-                    for m, w in self.llm.items()},
-            "transcripts": {"submitted": self.transcripts.submitted, "max_running": self.transcripts.max_running,
-                            "running": self.transcripts.running},
+            "requests": {
+                "arrivals": len(self.requests.arrivals),
+                "busiest": self.requests.busiest(),
+                "limit": self.requests.limit,
+                "window_s": self.requests.window_s,
+            },
+            "llm": {
+                m: {"arrivals": len(w.arrivals), "busiest": w.busiest(), "limit": w.limit}
+                for m, w in self.llm.items()
+            },
+            "transcripts": {
+                "submitted": self.transcripts.submitted,
+                "max_running": self.transcripts.max_running,
+                "running": self.transcripts.running,
+            },
             "streaming": self.streaming.report(),
             "uploads": len(self.uploads),
         }
@@ -113,8 +124,9 @@ def build_sim_app(sim: Sim | None = None) -> web.Application:
     sim = sim or Sim()
 
     @web.middleware
-    async def account(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-                      ) -> web.StreamResponse:
+    async def account(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
         """Authenticate, then count the request against the account window at arrival."""
         path = request.path
         if path.startswith("/_sim"):
@@ -166,8 +178,9 @@ def _valid_key(sim: Sim, key: str) -> bool:
 
 
 def _record(sim: Sim, request: web.Request, resp: web.StreamResponse) -> web.StreamResponse:
-    sim.seen.append({"method": request.method, "path": request.path, "status": resp.status,
-                     "at": time.monotonic()})
+    sim.seen.append(
+        {"method": request.method, "path": request.path, "status": resp.status, "at": time.monotonic()}
+    )
     return resp
 
 
@@ -238,25 +251,44 @@ async def _sub(request: web.Request) -> web.StreamResponse:
         return _error(400, f"Transcript is not completed (status: {job.status})")
     view = job.view()
     if sub == "sentences":
-        return web.json_response({"id": job.id, "sentences": job.sentences(), "confidence": 0.98,
-                                  "audio_duration": job.audio_duration})
+        return web.json_response(
+            {
+                "id": job.id,
+                "sentences": job.sentences(),
+                "confidence": 0.98,
+                "audio_duration": job.audio_duration,
+            }
+        )
     if sub == "paragraphs":
-        return web.json_response({"id": job.id, "paragraphs": job.sentences(), "confidence": 0.98,
-                                  "audio_duration": job.audio_duration})
+        return web.json_response(
+            {
+                "id": job.id,
+                "paragraphs": job.sentences(),
+                "confidence": 0.98,
+                "audio_duration": job.audio_duration,
+            }
+        )
     if sub == "srt":
         return web.Response(text=f"1\n00:00:00,000 --> 00:00:01,000\n{job.text()}\n")
     if sub == "vtt":
         return web.Response(text=f"WEBVTT\n\n00:00.000 --> 00:01.000\n{job.text()}\n")
     if sub == "word-search":
         words = [w for w in request.query.get("words", "").split(",") if w]
-        matches = [{"text": w, "count": 1, "timestamps": [[0, 400]], "indexes": [0]}
-                   for w in words if w.lower() in job.text().lower()]
+        matches = [
+            {"text": w, "count": 1, "timestamps": [[0, 400]], "indexes": [0]}
+            for w in words
+            if w.lower() in job.text().lower()
+        ]
         return web.json_response({"id": job.id, "total_count": len(matches), "matches": matches})
     if sub == "redacted-audio":
         if not view.get("redact_pii_audio"):
             return _error(400, "Redacted audio is only available when redact_pii_audio was enabled")
-        return web.json_response({"status": "redacted_audio_ready",
-                                  "redacted_audio_url": f"https://cdn.assemblyai.sim/redacted/{job.id}"})
+        return web.json_response(
+            {
+                "status": "redacted_audio_ready",
+                "redacted_audio_url": f"https://cdn.assemblyai.sim/redacted/{job.id}",
+            }
+        )
     return _error(404, "Not found")
 
 
@@ -271,7 +303,7 @@ async def _list(request: web.Request) -> web.Response:
         jobs = [j for j in jobs if j.status == q["status"]]
     if "before_id" in q:
         ids = [j.id for j in jobs]
-        jobs = jobs[ids.index(q["before_id"]) + 1:] if q["before_id"] in ids else []
+        jobs = jobs[ids.index(q["before_id"]) + 1 :] if q["before_id"] in ids else []
     page = jobs[:limit]
     base = sim.config.public_api_url or f"{request.scheme}://{request.host}"
     current = f"{base}/v2/transcript?limit={limit}"
@@ -282,18 +314,26 @@ async def _list(request: web.Request) -> web.Response:
         "prev_url": f"{base}/v2/transcript?limit={limit}&before_id={page[-1].id}" if page else None,
         "next_url": f"{base}/v2/transcript?limit={limit}&after_id={page[0].id}" if page else None,
     }
-    items = [{
-        "id": j.id, "resource_url": f"{base}/v2/transcript/{j.id}", "status": j.status,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(j.created_wall)),
-        "completed": None, "audio_url": j.body.get("audio_url"), "error": j.error,
-    } for j in page]
+    items = [
+        {
+            "id": j.id,
+            "resource_url": f"{base}/v2/transcript/{j.id}",
+            "status": j.status,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(j.created_wall)),
+            "completed": None,
+            "audio_url": j.body.get("audio_url"),
+            "error": j.error,
+        }
+        for j in page
+    ]
     return web.json_response({"page_details": details, "transcripts": items})
 
 
 # -- LLM Gateway -----------------------------------------------------------------------------
 def _llm_error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
-    return web.json_response({"message": message, "code": code, "request_id": uuid.uuid4().hex},
-                             status=status, headers=headers)
+    return web.json_response(
+        {"message": message, "code": code, "request_id": uuid.uuid4().hex}, status=status, headers=headers
+    )
 
 
 async def _chat(request: web.Request) -> web.StreamResponse:
@@ -311,20 +351,39 @@ async def _chat(request: web.Request) -> web.StreamResponse:
     if not window.arrive(now):
         sim.recorder.violate("llm", f"llm:{model}", now)
         reset = max(1, int(window.reset_in(now) + 0.999))
-        return _llm_error(429, "rate_limit_exceeded", "Rate limit exceeded", {
-            "X-RateLimit-Limit": str(window.limit), "X-RateLimit-Remaining": "0", "X-RateLimit-Reset": str(reset),
-            "X-RateLimit-Model": model, "X-RateLimit-Service": "llm-gateway",
-        })
+        return _llm_error(
+            429,
+            "rate_limit_exceeded",
+            "Rate limit exceeded",
+            {
+                "X-RateLimit-Limit": str(window.limit),
+                "X-RateLimit-Remaining": "0",
+                "X-RateLimit-Reset": str(reset),
+                "X-RateLimit-Model": model,
+                "X-RateLimit-Service": "llm-gateway",
+            },
+        )
     if sim.config.llm_latency_s:
         await asyncio.sleep(sim.config.llm_latency_s)
     answer = f"Simulated answer from {model}."
-    usage = {"input_tokens": 12, "output_tokens": 6, "prompt_tokens": 12, "completion_tokens": 6, "total_tokens": 18}
+    usage = {
+        "input_tokens": 12,
+        "output_tokens": 6,
+        "prompt_tokens": 12,
+        "completion_tokens": 6,
+        "total_tokens": 18,
+    }
     if body.get("stream"):
         resp = web.StreamResponse(headers={hdrs.CONTENT_TYPE: "text/event-stream"})
         await resp.prepare(request)
         for i, word in enumerate(answer.split()):
-            chunk = {"id": "chatcmpl-sim", "object": "chat.completion.chunk", "created": int(time.time()),
-                     "model": model, "choices": [{"index": 0, "delta": {"content": word + " "}, "finish_reason": None}]}
+            chunk = {
+                "id": "chatcmpl-sim",
+                "object": "chat.completion.chunk",
+                "created": int(time.time()),
+                "model": model,
+                "choices": [{"index": 0, "delta": {"content": word + " "}, "finish_reason": None}],
+            }
             if i == len(answer.split()) - 1:
                 chunk["usage"] = usage
             await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
@@ -332,12 +391,16 @@ async def _chat(request: web.Request) -> web.StreamResponse:
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
-    return web.json_response({
-        "request_id": uuid.uuid4().hex,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}],
-        "usage": usage,
-        "response_time": 1_000_000,
-    })
+    return web.json_response(
+        {
+            "request_id": uuid.uuid4().hex,
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}
+            ],
+            "usage": usage,
+            "response_time": 1_000_000,
+        }
+    )
 
 
 async def _understanding(request: web.Request) -> web.Response:
@@ -348,26 +411,45 @@ async def _understanding(request: web.Request) -> web.Response:
     now = time.monotonic()
     if not sim.understanding.arrive(now):
         sim.recorder.violate("understanding", "understanding", now)
-        return _llm_error(429, "rate_limit_exceeded", "Rate limit exceeded",
-                          {"X-RateLimit-Reset": str(max(1, int(sim.understanding.reset_in(now) + 0.999)))})
-    return web.json_response({"request_id": uuid.uuid4().hex,
-                              "speech_understanding": {"response": {"transcript_id": body.get("transcript_id")}}})
+        return _llm_error(
+            429,
+            "rate_limit_exceeded",
+            "Rate limit exceeded",
+            {"X-RateLimit-Reset": str(max(1, int(sim.understanding.reset_in(now) + 0.999)))},
+        )
+    return web.json_response(
+        {
+            "request_id": uuid.uuid4().hex,
+            "speech_understanding": {"response": {"transcript_id": body.get("transcript_id")}},
+        }
+    )
 
 
 def _model_entry(model_id: str) -> dict[str, Any]:
     price = {"completions": 1.0, "prompt": 0.5}
     provider = {"id": "sim", "name": "Simulator"}
     return {
-        "id": model_id, "name": model_id, "description": "simulated", "created": 0,
-        "default_parameters": {"temperature": 1.0}, "supported_parameters": ["max_tokens"],
+        "id": model_id,
+        "name": model_id,
+        "description": "simulated",
+        "created": 0,
+        "default_parameters": {"temperature": 1.0},
+        "supported_parameters": ["max_tokens"],
         "top_provider": {"is_moderated": False, "context_length": 200000, "max_completion_tokens": 8192},
-        "context_length": 200000, "pricing": {"global": price}, "creator": "sim", "retirement_date": 0,
-        "available_regions": ["us"], "providers": [provider], "default_provider": provider,
+        "context_length": 200000,
+        "pricing": {"global": price},
+        "creator": "sim",
+        "retirement_date": 0,
+        "available_regions": ["us"],
+        "providers": [provider],
+        "default_provider": provider,
     }
 
 
 async def _models(request: web.Request) -> web.Response:
-    return web.json_response({"data": [_model_entry(m) for m in ("claude-sonnet-4-6", "gpt-5", "gemini-2.5-flash")]})
+    return web.json_response(
+        {"data": [_model_entry(m) for m in ("claude-sonnet-4-6", "gpt-5", "gemini-2.5-flash")]}
+    )
 
 
 # -- Streaming v3 -----------------------------------------------------------------------------

@@ -9,7 +9,6 @@ A session that ends without ``Terminate`` is recorded as left open (it would bil
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
@@ -41,8 +40,14 @@ class Session:
 
 
 class StreamingService:
-    def __init__(self, recorder: Recorder, window: RollingWindow, *, max_session_s: float = 10_800,
-                 rate_tolerance_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        recorder: Recorder,
+        window: RollingWindow,
+        *,
+        max_session_s: float = 10_800,
+        rate_tolerance_s: float = 1.0,
+    ) -> None:
         self.recorder = recorder
         self.window = window
         self.max_session_s = max_session_s
@@ -74,7 +79,9 @@ class StreamingService:
         now = time.monotonic()
         if not self.window.arrive(now):
             self.recorder.violate("streaming_sessions", "streaming_sessions", now)
-            await ws.send_str(json.dumps({"type": "Error", "error_code": 3009, "error": "Too many concurrent sessions"}))
+            await ws.send_str(
+                json.dumps({"type": "Error", "error_code": 3009, "error": "Too many concurrent sessions"})
+            )
             await ws.close(code=3009, message=b"Too many concurrent sessions")
             return ws
         q = request.query
@@ -82,7 +89,11 @@ class StreamingService:
         session = Session(uuid.uuid4().hex, key, now, int(q.get("sample_rate", "16000")), encoding)
         self.sessions[session.id] = session
         inactivity = float(q["inactivity_timeout"]) if "inactivity_timeout" in q else None
-        await ws.send_str(json.dumps({"type": "Begin", "id": session.id, "expires_at": int(time.time() + self.max_session_s)}))
+        await ws.send_str(
+            json.dumps(
+                {"type": "Begin", "id": session.id, "expires_at": int(time.time() + self.max_session_s)}
+            )
+        )
         try:
             await self._loop(ws, session, inactivity)
         finally:
@@ -99,7 +110,7 @@ class StreamingService:
                 timeout = min(timeout, inactivity)
             try:
                 msg = await ws.receive(timeout=max(0.01, timeout))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 if time.monotonic() - s.opened >= self.max_session_s:
                     await self._error_close(ws, 3008, "Session exceeded the maximum duration")
                 else:
@@ -139,7 +150,9 @@ class StreamingService:
         s.audio_s += seconds
         s.last_audio = now
         if s.audio_s > (now - s.first_frame) + self.rate_tolerance_s:
-            self.recorder.violate("audio_rate", "streaming", now, f"{s.audio_s:.2f}s audio in {now - s.first_frame:.2f}s")
+            self.recorder.violate(
+                "audio_rate", "streaming", now, f"{s.audio_s:.2f}s audio in {now - s.first_frame:.2f}s"
+            )
             await self._error_close(ws, 3007, "Audio sent faster than real time")
             return False
         if int(s.audio_s) > s.turns:
@@ -148,18 +161,31 @@ class StreamingService:
 
     async def _turn(self, ws: web.WebSocketResponse, s: Session) -> None:
         s.turns += 1
-        await ws.send_str(json.dumps({
-            "type": "Turn", "turn_order": s.turns, "turn_is_formatted": False, "end_of_turn": True,
-            "transcript": f"simulated words {s.turns}", "end_of_turn_confidence": 0.9, "words": [],
-        }))
+        await ws.send_str(
+            json.dumps(
+                {
+                    "type": "Turn",
+                    "turn_order": s.turns,
+                    "turn_is_formatted": False,
+                    "end_of_turn": True,
+                    "transcript": f"simulated words {s.turns}",
+                    "end_of_turn_confidence": 0.9,
+                    "words": [],
+                }
+            )
+        )
 
     async def _terminate(self, ws: web.WebSocketResponse, s: Session) -> None:
         s.terminated = True
-        await ws.send_str(json.dumps({
-            "type": "Termination",
-            "audio_duration_seconds": round(s.audio_s),
-            "session_duration_seconds": round(time.monotonic() - s.opened),
-        }))
+        await ws.send_str(
+            json.dumps(
+                {
+                    "type": "Termination",
+                    "audio_duration_seconds": round(s.audio_s),
+                    "session_duration_seconds": round(time.monotonic() - s.opened),
+                }
+            )
+        )
         await ws.close(code=1000)
 
     async def _error_close(self, ws: web.WebSocketResponse, code: int, reason: str) -> None:

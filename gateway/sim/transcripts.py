@@ -66,8 +66,10 @@ class Job:
             "redact_pii_audio": b.get("redact_pii_audio"),
         }
         if self.status == "completed":
-            words = [{"text": w, "start": i * 500, "end": i * 500 + 400, "confidence": 0.98, "speaker": None}
-                     for i, w in enumerate(self.text().split())]
+            words = [
+                {"text": w, "start": i * 500, "end": i * 500 + 400, "confidence": 0.98, "speaker": None}
+                for i, w in enumerate(self.text().split())
+            ]
             out.update(text=self.text(), words=words, confidence=0.98, audio_duration=self.audio_duration)
         if self.deleted:
             out.update(text="Deleted by user.", words=None, audio_url="http://deleted_by_user")
@@ -78,13 +80,28 @@ class Job:
 
     def sentences(self) -> list[dict[str, Any]]:
         view = self.view()
-        return [{"text": self.text(), "start": 0, "end": 1000, "confidence": 0.98, "words": view["words"],
-                 "speaker": None}]
+        return [
+            {
+                "text": self.text(),
+                "start": 0,
+                "end": 1000,
+                "confidence": 0.98,
+                "words": view["words"],
+                "speaker": None,
+            }
+        ]
 
 
 class TranscriptService:
-    def __init__(self, recorder: Recorder, *, concurrency: int, default_seconds: float,
-                 webhook_retry_s: float = 10.0, webhook_attempts: int = 10) -> None:
+    def __init__(
+        self,
+        recorder: Recorder,
+        *,
+        concurrency: int,
+        default_seconds: float,
+        webhook_retry_s: float = 10.0,
+        webhook_attempts: int = 10,
+    ) -> None:
         self.recorder = recorder
         self.concurrency = concurrency
         self.default_seconds = default_seconds
@@ -166,9 +183,11 @@ class TranscriptService:
             try:
                 async with self._session.post(url, json=payload, headers=headers) as resp:
                     status = resp.status
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError):
                 status = 0
-            self.webhook_log.append({"transcript_id": job.id, "url": url, "attempt": attempt, "status": status})
+            self.webhook_log.append(
+                {"transcript_id": job.id, "url": url, "attempt": attempt, "status": status}
+            )
             job.webhook_status_code = status or None
             if 200 <= status < 300 or 400 <= status < 500:
                 return

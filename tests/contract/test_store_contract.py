@@ -9,7 +9,13 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-from gateway.admission.limits import RANK_CONCURRENCY, RANK_MODEL, RANK_WINDOW, concurrency_limit, window_limit
+from gateway.admission.limits import (
+    RANK_CONCURRENCY,
+    RANK_MODEL,
+    RANK_WINDOW,
+    concurrency_limit,
+    window_limit,
+)
 from gateway.admission.store import SEQ_SPAN, AcquireRequest, Status, score_of
 from tests.conftest import StoreEnv
 
@@ -21,7 +27,9 @@ JOBS = concurrency_limit("async", 2, 30.0, rank=RANK_CONCURRENCY)
 
 
 def req(ticket: str, *limits, priority: int = 0, seq: int = 0, ttl_ms: int = 4000, max_depth: int = 10_000):
-    return AcquireRequest(ticket, tuple(limits), priority=priority, seq=seq, ttl_ms=ttl_ms, max_depth=max_depth)
+    return AcquireRequest(
+        ticket, tuple(limits), priority=priority, seq=seq, ttl_ms=ttl_ms, max_depth=max_depth
+    )
 
 
 def tid() -> str:
