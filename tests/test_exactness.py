@@ -92,7 +92,9 @@ async def offer_load(gateways: list) -> list[int]:  # type: ignore[type-arg]
             if kind == "get":
                 ctx = http.get(base + "/v2/transcript/some-id", headers=headers)
             else:
-                ctx = http.post(base + "/v1/chat/completions", json={"model": kind, "messages": []}, headers=headers)
+                ctx = http.post(
+                    base + "/v1/chat/completions", json={"model": kind, "messages": []}, headers=headers
+                )
             async with ctx as resp:
                 await resp.read()
                 statuses.append(resp.status)

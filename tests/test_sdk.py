@@ -49,7 +49,8 @@ SCRIPT = textwrap.dedent(
     out["models"] = [m.id for m in gw.models.list().data]
     c = gw.chat.completions.create(model="gpt-5", messages=[{"role": "user", "content": "hi"}])
     out["completion"] = c.choices[0].message.content
-    chunks = gw.chat.completions.create(model="gpt-5", messages=[{"role": "user", "content": "hi"}], stream=True)
+    hi = [{"role": "user", "content": "hi"}]
+    chunks = gw.chat.completions.create(model="gpt-5", messages=hi, stream=True)
     out["streamed"] = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     try:
         gw.chat.completions.create(model="", messages=[])
@@ -114,7 +115,12 @@ async def test_sdk_waits_in_the_gateway_instead_of_failing() -> None:
     async with stack(sim_cfg, limits=limits, queue={"llm_max_wait_s": 10}) as s:
         env = {**os.environ, "ASSEMBLYAI_LLM_GATEWAY_BASE_URL": s.url, "ASSEMBLYAI_API_KEY": "k"}
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", script, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+            sys.executable,
+            "-c",
+            script,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
         )
         stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
         assert proc.returncode == 0, stderr.decode()[-2000:]
