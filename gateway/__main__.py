@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -34,13 +34,16 @@ def _setup_logging(level: str) -> None:
 
 
 def masked(url: str) -> str:
-    """A Redis URL fit for a log line: any password replaced by ***."""
+    """A Redis URL fit for a log line: any password (in the userinfo or the query) is ***."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    if parts.password is not None:
+        host = parts.netloc.rsplit("@", 1)[1]
+        parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
+    if parts.query:
+        pairs = parse_qsl(parts.query, keep_blank_values=True)
+        pairs = [(k, "***" if k.lower() == "password" else v) for k, v in pairs]
+        parts = parts._replace(query=urlencode(pairs, safe="*"))
+    return urlunsplit(parts)
 
 
 def _use_fast_loop() -> str:
@@ -159,7 +162,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     if lim.llm_available:
         llm = f"{lim.llm_requests.limit}/{lim.llm_requests.window_s:g}s per model"
     streaming = f"{lim.streaming_sessions.limit}/{lim.streaming_sessions.window_s:g}s"
-    print(f"  plan: {lim.plan}; requests {lim.requests.limit}/{lim.requests.window_s:g}s; ")
+    print(f"  plan: {lim.plan}; requests {lim.requests.limit}/{lim.requests.window_s:g}s")
     print(f"  async {lim.async_concurrency} at once; streaming {streaming}; llm {llm}")
     return 0
 
@@ -181,16 +184,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     sim_port = args.sim_port
     sim_url = f"http://127.0.0.1:{sim_port}"
-    config = load_config(
-        args.config,
-        environ={
-            **os.environ,
-            "AAI_GATEWAY_API_URL": sim_url,
-            "AAI_GATEWAY_LLM_URL": sim_url,
-            "AAI_GATEWAY_STREAMING_URL": f"ws://127.0.0.1:{sim_port}",
-            "AAI_GATEWAY_PORT": str(args.port),
-        },
-    )
+    environ = {
+        **os.environ,
+        "AAI_GATEWAY_API_URL": sim_url,
+        "AAI_GATEWAY_LLM_URL": sim_url,
+        "AAI_GATEWAY_STREAMING_URL": f"ws://127.0.0.1:{sim_port}",
+        "AAI_GATEWAY_PORT": str(args.port),
+    }
+    try:
+        config = load_config(args.config, environ=environ)
+    except ConfigError as exc:
+        print(f"aai-gateway: invalid config\n{exc}", file=sys.stderr)
+        return 2
     base = f"http://{config.listen.host}:{config.listen.port}"
     serve(
         config,
@@ -209,7 +214,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="aai-gateway", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="aai-gateway", description="Keeps a shared AssemblyAI account inside its limits."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("serve", help="run the gateway")
     p.add_argument("--config", help="YAML config file (default: built-in defaults, or $AAI_GATEWAY_CONFIG)")

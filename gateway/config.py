@@ -150,10 +150,10 @@ class Limits(_Model):
     def _preset(cls, data: Any) -> Any:
         if not isinstance(data, Mapping):
             return data
-        plan = data.get("plan", "paid")
-        preset = PRESETS.get(plan) if isinstance(plan, str) else None
-        if preset is None:
-            return data
+        plan = data.get("plan") or "paid"
+        # An unknown plan is reported once, by the Literal check; fill the rest from "paid"
+        # so it does not also show up as four "required" errors.
+        preset = PRESETS.get(plan, PRESETS["paid"]) if isinstance(plan, str) else PRESETS["paid"]
         return _merge(preset, {k: v for k, v in data.items() if v is not None})
 
     @property
@@ -183,6 +183,11 @@ class Proxy(_Model):
 class Log(_Model):
     level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = True
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _lower(cls, v: Any) -> Any:
+        return v.lower() if isinstance(v, str) else v
 
 
 class Config(_Model):
@@ -233,12 +238,14 @@ def _describe(err: Mapping[str, Any]) -> str:
         if bound in ctx and kind.endswith(
             ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
         ):
-            return f"must be {op} {ctx[bound]}"
+            value = ctx[bound]
+            return f"must be {op} {value:g}" if isinstance(value, float) else f"must be {op} {value}"
     if kind == "value_error":
         return str(ctx.get("error", err["msg"]))
     if kind == "literal_error":
         return f"must be one of {ctx.get('expected')}"
-    return str(err["msg"]).lower() if kind.endswith("_type") or kind.endswith("_parsing") else str(err["msg"])
+    msg = str(err["msg"])
+    return msg[:1].lower() + msg[1:]
 
 
 def _format(source: str, exc: ValidationError, environ: Mapping[str, str]) -> str:
@@ -260,9 +267,14 @@ def apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]
         node = out
         for part in path[:-1]:
             child = node.get(part)
-            node[part] = dict(child) if isinstance(child, Mapping) else {}
+            if child is None:
+                child = {}
+            if not isinstance(child, Mapping):
+                break  # a bad section stays as it is, for validation to report it
+            node[part] = dict(child)
             node = node[part]
-        node[path[-1]] = value
+        else:
+            node[path[-1]] = value
     return out
 
 

@@ -147,6 +147,7 @@ class AdmissionEngine:
         self._ids = itertools.count(1)
         self._pending: set[_Waiter] = set()
         self._by_ticket: dict[str, _Waiter] = {}
+        self._max_seq = 0  # highest arrival sequence seen (see AcquireRequest.floor)
         self._queues: dict[str, list[_Waiter]] = {}
         self._timers: dict[str, asyncio.Task[None]] = {}
         self._drains: dict[str, asyncio.Task[None]] = {}
@@ -255,11 +256,13 @@ class AdmissionEngine:
                 seq=w.seq,
                 ttl_ms=self._ttl_ms,
                 max_depth=w.max_depth,
+                floor=self._max_seq,
             )
             # Shielded: a caller cancelled mid-call must not tear the store call in half;
             # the caller aborts the ticket instead, which is safe in either order.
             result = await asyncio.shield(self.store.acquire(request))
             w.seq, w.score, w.last = result.seq, result.score, result
+            self._max_seq = max(self._max_seq, result.seq)
             w.touched = self._clock.now()
             return result
 
@@ -332,10 +335,15 @@ class AdmissionEngine:
             self._inherit(*name.split("\t"))
             return
         if name == RESYNC:
+            # Messages may have been missed, or the store lost its state (a Redis restart):
+            # retry every head, and refresh every waiter now, which re-queues any the store
+            # no longer knows (with their original sequence, so they keep their turn).
             for w in self._pending:
                 w.rerun = True
             for limit in list(self._queues):
                 self._kick(limit)
+            if self._queues:
+                self._spawn(self._refresh_now())
             return
         for w in self._pending:
             if any(limit.name == name for limit in w.limits):
@@ -425,13 +433,14 @@ class AdmissionEngine:
             except Exception:  # never let housekeeping die
                 log.exception("engine housekeeping failed")
 
-    async def _refresh(self, now: float) -> None:
-        stale_after = self._ttl_ms / 2000
+    async def _refresh(self, now: float, *, force: bool = False) -> None:
+        stale_after = 0.0 if force else self._ttl_ms / 2000
         groups: dict[tuple[Limit, ...], list[_Waiter]] = {}
         for q in self._queues.values():
             for w in q:
                 if not w.done and now - w.touched >= stale_after:
                     groups.setdefault(w.limits, []).append(w)
+        lost: list[_Waiter] = []
         for limits, waiters in groups.items():
             for i in range(0, len(waiters), self._batch):
                 batch = waiters[i : i + self._batch]
@@ -439,21 +448,34 @@ class AdmissionEngine:
                 for w, index in zip(batch, where, strict=True):
                     w.touched = now
                     if index == 0 and not w.done:
-                        # Its deadline lapsed (this instance stalled): evaluate it afresh.
-                        self._obs.lapsed()
-                        self._spawn(self._retry(w))
+                        lost.append(w)
+        if lost:
+            # Their deadlines lapsed (this instance stalled) or the store lost them (a restart):
+            # evaluate them afresh, in their original order, with their original sequences.
+            for _ in lost:
+                self._obs.lapsed()
+            self._spawn(self._retry(sorted(lost, key=_order)))
 
-    async def _retry(self, w: _Waiter) -> None:
+    async def _refresh_now(self) -> None:
         try:
-            result = await self._attempt(w)
+            await self._refresh(self._clock.now(), force=True)
         except StoreUnavailable:
-            return
-        if w.done:
-            return
-        if result.status is Status.BLOCKED:
-            self._place(w, result)
-        else:
-            self._deliver(w, result)
+            pass  # the regular housekeeping tries again
+
+    async def _retry(self, waiters: list[_Waiter]) -> None:
+        for w in waiters:
+            if w.done:
+                continue
+            try:
+                result = await self._attempt(w)
+            except StoreUnavailable:
+                return
+            if w.done:
+                continue
+            if result.status is Status.BLOCKED:
+                self._place(w, result)
+            else:
+                self._deliver(w, result)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)

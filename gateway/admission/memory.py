@@ -175,7 +175,7 @@ class MemoryStore:
         if self._tombstoned(ticket, now):
             return AcquireResult(Status.ABORTED, seq)
         if seq == 0:
-            self._seq += 1
+            self._seq = max(self._seq + 1, request.floor + 1)
             seq = self._seq
         else:
             self._seq = max(self._seq, seq)

@@ -4,7 +4,8 @@ Scripts live in ``lua/*.lua`` (each opens with its KEYS/ARGV/return contract) an
 registered once with ``register_script`` (EVALSHA, reloaded on NOSCRIPT). Every key a script
 touches is passed in KEYS and carries the account's hash tag (keys.py), so the scripts run
 unchanged on Redis Cluster. Redis errors and timeouts become ``StoreUnavailable`` here, in
-one place (``_translate``).
+one place (``RedisStore._call``), which also fails fast for a second after repeated
+connection failures.
 
 Wake-ups come over pub/sub: one subscription per instance on the account's channel. Pub/sub
 is at-most-once, so after every (re)subscribe the callback gets ``RESYNC`` and the engine
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 from importlib import resources
 from typing import Any
@@ -31,6 +33,8 @@ from .store import RESYNC, AcquireRequest, AcquireResult, LimitState, Status, Wa
 log = logging.getLogger(__name__)
 
 TOMBSTONE_MS = 60_000
+BREAKER_FAILURES = 3
+BREAKER_OPEN_S = 1.0
 
 
 def make_client(
@@ -54,17 +58,6 @@ def make_client(
 
 def load_script(name: str) -> str:
     return resources.files("gateway.admission").joinpath("lua", f"{name}.lua").read_text()
-
-
-@contextlib.asynccontextmanager
-async def _translate(op: str) -> AsyncIterator[None]:
-    """Redis failures (connection, timeout, script errors) -> StoreUnavailable."""
-    try:
-        yield
-    except (TimeoutError, redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
-        raise StoreUnavailable(f"redis unavailable during {op}: {type(exc).__name__}") from exc
-    except redis_errors.RedisError as exc:
-        raise StoreUnavailable(f"redis error during {op}: {exc}") from exc
 
 
 class RedisStore:
@@ -98,6 +91,25 @@ class RedisStore:
         )
         self._sub_task: asyncio.Task[None] | None = None
         self._sharded = sharded_pubsub
+        self._failures = 0  # consecutive connection failures
+        self._open_until = 0.0  # while in the future, fail fast instead of waiting on a dead Redis
+
+    @contextlib.asynccontextmanager
+    async def _call(self, op: str, *, breaker: bool = True) -> AsyncIterator[None]:
+        """Translate Redis failures to StoreUnavailable; after repeated connection failures,
+        fail fast for a second (a request gets its 503 at once, not after a connect timeout)."""
+        if breaker and time.monotonic() < self._open_until:
+            raise StoreUnavailable(f"redis unavailable during {op}: failing fast after repeated errors")
+        try:
+            yield
+        except (TimeoutError, redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+            self._failures += 1
+            if self._failures >= BREAKER_FAILURES:
+                self._open_until = time.monotonic() + BREAKER_OPEN_S
+            raise StoreUnavailable(f"redis unavailable during {op}: {type(exc).__name__}") from exc
+        except redis_errors.RedisError as exc:
+            raise StoreUnavailable(f"redis error during {op}: {exc}") from exc
+        self._failures = 0
 
     def _count(self, verb: str) -> None:
         if self._on_call is not None:
@@ -120,12 +132,13 @@ class RedisStore:
             request.ttl_ms,
             request.max_depth,
             self._pubcmd,
+            request.floor,
             len(request.limits),
         ]
         for limit in request.limits:
             args += [limit.name, limit.capacity, limit.lease_ms]
         self._count("acquire")
-        async with _translate("acquire"):
+        async with self._call("acquire"):
             raw = await self._acquire(keys=keys, args=args)
         return parse_acquire(raw)
 
@@ -135,7 +148,7 @@ class RedisStore:
         args: list[Any] = [ticket, TOMBSTONE_MS if tombstone else 0, self._pubcmd, len(limits)]
         args += [limit.name for limit in limits]
         self._count("release")
-        async with _translate("release"):
+        async with self._call("release"):
             return int(await self._release(keys=keys, args=args))
 
     async def refresh(self, limits: Sequence[Limit], tickets: Sequence[str], ttl_ms: int) -> list[int]:
@@ -144,18 +157,18 @@ class RedisStore:
         keys = [self._keys.channel, *self._limit_keys(limits)]
         args: list[Any] = [ttl_ms, self._pubcmd, len(limits), *[limit.name for limit in limits], *tickets]
         self._count("refresh")
-        async with _translate("refresh"):
+        async with self._call("refresh"):
             raw = await self._refresh(keys=keys, args=args)
         return [int(x) for x in raw]
 
     async def usage(self, limit: Limit) -> tuple[int, int]:
         keys = self._limit_keys([limit])
-        async with _translate("usage"):
+        async with self._call("usage"):
             out, waiting = await self._usage(keys=keys, args=[])
         return int(out), int(waiting)
 
     async def ping(self) -> None:
-        async with _translate("ping"):
+        async with self._call("ping", breaker=False):
             await self._client.ping()
 
     async def subscribe(self, callback: WakeCallback, *, ready_timeout_s: float = 2.0) -> None:
@@ -194,7 +207,7 @@ class RedisStore:
             except Exception as exc:  # any failure: resubscribe
                 log.warning("wake-up subscription lost (%s); resubscribing", type(exc).__name__)
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                backoff = min(backoff * 2, 1.0)
             finally:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]

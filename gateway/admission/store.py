@@ -66,6 +66,7 @@ class AcquireRequest:
     seq: int = 0  # 0 on the first acquire; the store assigns one and it is kept for life
     ttl_ms: int = 4000  # how long a waiting ticket and its reservations live without refresh
     max_depth: int = 10_000
+    floor: int = 0  # the highest sequence the caller has seen: a new one is always above it
 
 
 @dataclass(frozen=True, slots=True)

@@ -242,3 +242,15 @@ async def test_unused_buckets_expire(store_env: StoreEnv) -> None:
     key = store._keys.leases("llm:rare-model")  # type: ignore[attr-defined]
     ttl = await client.pttl(key)
     assert 0 < ttl <= max(model.lease_ms, 4000) + 1000
+
+
+async def test_wait_hint_is_the_earlier_of_lease_end_and_a_deadline_ahead(store_env: StoreEnv) -> None:
+    """A waiter behind a ticket that may die is told to look again at that ticket's deadline."""
+    store = store_env.store()
+    window = window_limit("requests", 1, 10.0, 0, rank=RANK_WINDOW)
+    assert (await store.acquire(req("a", window))).admitted
+    mortal = await store.acquire(req("mortal", window, ttl_ms=300))
+    assert mortal.status is Status.BLOCKED and mortal.wait_ms == 300  # never later than its own ttl
+    behind = await store.acquire(req("behind", window, ttl_ms=4000))
+    assert behind.status is Status.BLOCKED and behind.ahead == 1
+    assert 200 < behind.wait_ms <= 300  # not 4 s, not 10 s: when "mortal" would be purged

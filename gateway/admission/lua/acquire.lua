@@ -10,8 +10,9 @@
 -- ARGV[4]            ticket ttl (ms): deadline of a waiting ticket and its reservations
 -- ARGV[5]            max depth: refuse (FULL) when this many tickets wait ahead on the blocking limit
 -- ARGV[6]            publish command: PUBLISH or SPUBLISH
--- ARGV[7]            n, the number of limits
--- ARGV[3i+5..3i+7]   for limit i: name, capacity, lease ms (window + guard, or concurrency ttl)
+-- ARGV[7]            floor: the highest arrival sequence the caller has seen (0 if none)
+-- ARGV[8]            n, the number of limits
+-- ARGV[3i+6..3i+8]   for limit i: name, capacity, lease ms (window + guard, or concurrency ttl)
 --
 -- Returns an array of integers (never false: it would arrive as None):
 --   ADMITTED {1, seq, score, 0, 0, 0, remaining_1, reset_ms_1, ..., remaining_n, reset_ms_n}
@@ -34,7 +35,8 @@ local seq = tonumber(ARGV[3])
 local ttl = tonumber(ARGV[4])
 local max_depth = tonumber(ARGV[5])
 local pubcmd = ARGV[6]
-local n = tonumber(ARGV[7])
+local floor = tonumber(ARGV[7])
+local n = tonumber(ARGV[8])
 local resv = ticket .. ':r'
 local SPAN = 1000000000000
 
@@ -42,13 +44,23 @@ if redis.call('EXISTS', KEYS[2]) == 1 then
   return {4, seq, 0, 0, 0, 0}
 end
 
--- The arrival sequence: taken once, kept for life. A rolled-back counter (Redis restart) is
--- pushed past every sequence still in use, so new arrivals never jump old waiters.
+-- The arrival sequence: taken once, kept for life. A lost or rolled-back counter (a Redis
+-- restart or failover) must not put new arrivals ahead of old waiters: a missing counter is
+-- seeded from the clock (1,000 arrivals a second of headroom since 2025, 31 years of room
+-- below 10^12), no new sequence is at or below what the caller has already seen, and every
+-- sequence an old waiter presents pushes the counter past it.
 if seq == 0 then
+  if redis.call('EXISTS', KEYS[1]) == 0 then
+    redis.call('SET', KEYS[1], string.format('%.0f', math.max((tonumber(t[1]) - 1735689600) * 1000, floor)))
+  end
   seq = redis.call('INCR', KEYS[1])
+  if seq <= floor then
+    seq = floor + 1
+    redis.call('SET', KEYS[1], string.format('%.0f', seq))
+  end
 else
   local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
-  if cur < seq then redis.call('SET', KEYS[1], seq) end
+  if cur < seq then redis.call('SET', KEYS[1], string.format('%.0f', seq)) end
 end
 local score = (99 - prio) * SPAN + seq
 
@@ -56,9 +68,9 @@ local function lk(i) return KEYS[4 * i] end
 local function wk(i) return KEYS[4 * i + 1] end
 local function dk(i) return KEYS[4 * i + 2] end
 local function rk(i) return KEYS[4 * i + 3] end
-local function name(i) return ARGV[3 * i + 5] end
-local function cap(i) return tonumber(ARGV[3 * i + 6]) end
-local function lease_ms(i) return tonumber(ARGV[3 * i + 7]) end
+local function name(i) return ARGV[3 * i + 6] end
+local function cap(i) return tonumber(ARGV[3 * i + 7]) end
+local function lease_ms(i) return tonumber(ARGV[3 * i + 8]) end
 local function fmt(x) return string.format('%.0f', x) end
 
 local publish = {}

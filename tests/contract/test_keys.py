@@ -1,0 +1,81 @@
+"""Keys are built in one place, carry one hash tag per account, and the scripts touch no
+key they were not given (so they run unchanged on Redis Cluster)."""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+
+import pytest
+from redis.crc import key_slot
+
+from gateway.admission.keys import Keys
+
+SCRIPTS = ["acquire", "release", "refresh", "usage"]
+# Commands that take no key.
+KEYLESS = {"TIME"}
+
+
+def test_exact_key_strings() -> None:
+    k = Keys(prefix="aai", account="acme")
+    assert k.leases("llm:gpt-5") == "aai:{acme}:leases:llm:gpt-5"
+    assert k.wait("requests") == "aai:{acme}:wait:requests"
+    assert k.dead("async") == "aai:{acme}:dead:async"
+    assert k.resv("streaming") == "aai:{acme}:resv:streaming"
+    assert k.seq == "aai:{acme}:seq"
+    assert k.tomb("abc.1f") == "aai:{acme}:tomb:abc.1f"
+    assert k.channel == "aai:{acme}:wake"
+
+
+def test_every_key_of_an_account_is_on_one_cluster_slot() -> None:
+    k = Keys(prefix="aai", account="acme")
+    keys = [
+        k.leases("llm:gpt-5"),
+        k.wait("requests"),
+        k.dead("x"),
+        k.resv("y"),
+        k.seq,
+        k.tomb("t"),
+        k.channel,
+    ]
+    assert len({key_slot(key.encode()) for key in keys}) == 1
+    other = Keys(prefix="aai", account="other-account")
+    assert key_slot(other.seq.encode()) != key_slot(k.seq.encode()) or other.seq != k.seq
+
+
+@pytest.mark.parametrize("bad", ["", "a{b", "a}b", "a b", "a\nb"])
+def test_account_names_that_would_break_the_hash_tag_are_refused(bad: str) -> None:
+    with pytest.raises(ValueError):
+        Keys(account=bad)
+
+
+def _script(name: str) -> str:
+    return resources.files("gateway.admission").joinpath("lua", f"{name}.lua").read_text()
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_scripts_touch_only_declared_keys(name: str) -> None:
+    """Every redis.call names its key through KEYS (directly, or through a local defined
+    from KEYS in the same script): Cluster refuses anything else."""
+    source = "\n".join(line.split("--", 1)[0] for line in _script(name).splitlines())
+    key_names = {"KEYS"}
+    for local, expr in re.findall(r"local function (\w+)\(\w*\) return (\S+)", source):
+        if expr.startswith("KEYS["):
+            key_names.add(local)
+    for locals_, _exprs in re.findall(r"local ((?:\w+, )*\w+) = ((?:KEYS\[[^\]]+\],? ?)+)", source):
+        key_names.update(n.strip() for n in locals_.split(","))
+    calls = re.findall(r"redis\.call\(\s*([^,)]+)\s*(?:,\s*([^,)]+))?", source)
+    assert calls, "no redis.call found"
+    for command, first_arg in calls:
+        command = command.strip()
+        if command.strip("'\"") in KEYLESS:
+            continue
+        assert first_arg, f"{name}.lua: {command} without a key"
+        head = re.match(r"[A-Za-z_]\w*", first_arg.strip())
+        assert head and head.group(0) in key_names, f"{name}.lua: {command} on {first_arg!r}, not from KEYS"
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_scripts_open_with_their_contract(name: str) -> None:
+    head = _script(name).split("\n\n", 1)[0]
+    assert "KEYS" in head and "ARGV" in head and "Returns" in head

@@ -1,0 +1,143 @@
+"""Redis trouble: a private redis-server that the tests kill and restart.
+
+While Redis is unreachable the gateway answers 503 at once with a JSON error, charges
+nothing and /readyz fails; when Redis comes back the gateway recovers by itself, and
+requests that were waiting keep their turn ahead of newer arrivals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+
+from gateway.sim.app import SimConfig
+from tests.helpers import free_port, stack
+
+KEY = {"Authorization": "k"}
+
+
+class PrivateRedis:
+    def __init__(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is not installed (CI needs it)")
+        self.binary = binary
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    async def start(self) -> None:
+        self.proc = subprocess.Popen(  # noqa: ASYNC220 (a fast fork; the readiness wait is async)
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = aioredis.Redis.from_url(self.url)
+        try:
+            for _ in range(100):
+                try:
+                    await client.ping()
+                    return
+                except Exception:
+                    await asyncio.sleep(0.05)
+            raise RuntimeError("private redis-server did not start")
+        finally:
+            await client.aclose()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@asynccontextmanager
+async def private_redis() -> AsyncIterator[PrivateRedis]:
+    r = PrivateRedis()
+    await r.start()
+    try:
+        yield r
+    finally:
+        r.kill()
+
+
+async def test_redis_down_means_503_at_once_and_recovery_after() -> None:
+    async with (
+        private_redis() as redis,
+        stack(redis={"url": redis.url}) as s,
+        aiohttp.ClientSession() as http,
+    ):
+        async with http.get(s.url + "/v2/transcript/a", headers=KEY) as r:
+            assert r.status == 404  # reached the simulator
+        redis.kill()
+        for _ in range(5):
+            t0 = time.monotonic()
+            async with http.get(s.url + "/v2/transcript/b", headers=KEY) as r:
+                assert r.status == 503
+                body = await r.json()
+                assert set(body) == {"error"} and "nothing was charged" in body["error"]
+            assert time.monotonic() - t0 < 1.0
+        async with http.get(s.url + "/readyz") as r:
+            assert r.status == 503 and (await r.json())["store"] == "redis"
+        assert [x["path"] for x in s.sim.seen] == ["/v2/transcript/a"]
+
+        await redis.start()  # same port, empty
+        deadline = time.monotonic() + 5
+        while True:
+            async with http.get(s.url + "/v2/transcript/c", headers=KEY) as r:
+                if r.status == 404:
+                    break
+            assert time.monotonic() < deadline, "the gateway did not recover"
+            await asyncio.sleep(0.1)
+        async with http.get(s.url + "/readyz") as r:
+            assert r.status == 200
+
+
+async def test_waiters_keep_their_turn_across_a_redis_restart() -> None:
+    limits = {"requests": {"limit": 2, "window_s": 2.0}}
+    sim_cfg = SimConfig(requests_limit=100)
+    async with (
+        private_redis() as redis,
+        stack(sim_cfg, redis={"url": redis.url}, limits=limits, queue={"max_wait_s": 20}) as s,
+        aiohttp.ClientSession() as http,
+    ):
+
+        async def get(name: str) -> int:
+            async with http.get(s.url + f"/v2/transcript/{name}", headers=KEY) as r:
+                return r.status
+
+        first = [asyncio.ensure_future(get(f"fill{i}")) for i in range(2)]
+        await asyncio.sleep(0.2)
+        old = []
+        for i in range(4):
+            old.append(asyncio.ensure_future(get(f"old{i}")))
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)
+        redis.kill()
+        await asyncio.sleep(0.3)
+        await redis.start()  # every lease and queue entry is gone; the waiters are not
+        await asyncio.sleep(1.5)  # the instance resubscribes and re-queues its waiters
+        new = [asyncio.ensure_future(get(f"new{i}")) for i in range(2)]
+        statuses = await asyncio.gather(*first, *old, *new)
+        assert all(st == 404 for st in statuses), statuses
+        order = [x["path"].rsplit("/", 1)[1] for x in s.sim.seen]
+        olds = [order.index(f"old{i}") for i in range(4)]
+        assert olds == sorted(olds), order  # the old waiters in their order...
+        assert max(olds) < min(order.index(f"new{i}") for i in range(2)), order  # ...before newer arrivals
