@@ -279,3 +279,30 @@ async def test_dead_owner_stops_blocking_within_its_deadline(store_env: StoreEnv
     async with engines(store_env) as (e,):
         await launch(store_env, e, [M], log, "survivor")
         await until(store_env, lambda: "survivor" in log, within=2.0, step=0.05)
+
+
+async def test_admission_lag_after_a_lease_end_is_milliseconds(store_env: StoreEnv) -> None:
+    """A waiter is admitted within milliseconds of the lease that frees its turn ending
+    (the timer for the best local waiter; no polling)."""
+    limit = window_limit("requests", 1, 0.2, 0, rank=RANK_WINDOW)
+    lags = []
+    async with engines(store_env) as (e,):
+        for _ in range(5):
+            before = store_env.clock.now()  # the lease starts no earlier than this
+            await e.admit([limit], max_wait_s=1)
+            waiter = asyncio.ensure_future(e.admit([limit], max_wait_s=1))
+            await until(store_env, waiter.done, within=0.5, step=0.001)
+            lags.append(store_env.clock.now() - (before + limit.lease_ms / 1000))  # an upper bound
+            await waiter
+            await store_env.advance(limit.lease_ms / 1000 + 0.01)
+    lags.sort()
+    assert lags[len(lags) // 2] <= 0.010, lags
+
+
+async def test_an_admission_that_does_not_wait_is_one_round_trip(store_env: StoreEnv) -> None:
+    limit = window_limit("requests", 1000, 60, 0, rank=RANK_WINDOW)
+    model = window_limit("llm:x", 1000, 60, 0, rank=RANK_MODEL)
+    async with engines(store_env) as (e,):
+        for _ in range(50):
+            await e.admit([model, limit], max_wait_s=1)
+        assert e.store.calls == {"acquire": 50}  # type: ignore[attr-defined]

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 
 import aiohttp
+import pytest
+import redis.asyncio as aioredis
 
 from gateway.app import CONFIG, ENGINE
 from gateway.products.catalog import Catalog
@@ -233,3 +236,41 @@ async def test_client_leaving_while_queued_is_never_forwarded_nor_charged() -> N
         await asyncio.sleep(1.2)  # past the window: had it been charged, it would have gone upstream
         assert [x["path"] for x in s.sim.seen] == ["/v2/transcript/first"]
         assert metric(s.registry, "aai_gateway_admissions_total", limit="requests") == 1
+
+
+async def test_headers_forwarded_except_hop_by_hop() -> None:
+    async with stack() as s, aiohttp.ClientSession() as http:
+        headers = {
+            "Authorization": "the-key-unchanged",
+            "AssemblyAI-Version": "2025-05-12",
+            "Connection": "keep-alive, X-Hop",
+            "X-Hop": "dropped: named by Connection",
+            "Keep-Alive": "timeout=5",
+            "X-AAI-Gateway-Priority": "99",
+            "X-Custom": "kept",
+        }
+        async with http.get(s.url + "/v2/transcript/abc?x=1&y=two", headers=headers) as r:
+            assert r.status == 404
+            assert "Transfer-Encoding" not in r.headers or r.headers["Transfer-Encoding"] == "chunked"
+        seen = s.sim.seen[0]
+        assert seen["query"] == "x=1&y=two"
+        got = {k.lower(): v for k, v in seen["headers"].items()}
+        assert got["authorization"] == "the-key-unchanged"
+        assert got["assemblyai-version"] == "2025-05-12" and got["x-custom"] == "kept"
+        for hop in ("x-hop", "keep-alive", "x-aai-gateway-priority"):
+            assert hop not in got
+        assert got["host"] == s.sim_url.split("//")[1]
+
+
+async def test_maxmemory_policy_that_could_evict_is_warned(caplog: pytest.LogCaptureFixture) -> None:
+    from gateway.__main__ import _warn_eviction
+    from tests.test_redis_trouble import private_redis
+
+    async with private_redis() as redis:
+        client = aioredis.Redis.from_url(redis.url)
+        await client.config_set("maxmemory-policy", "volatile-lru")
+        await client.aclose()
+        async with stack(redis={"url": redis.url}) as s:
+            with caplog.at_level(logging.WARNING, logger="gateway"):
+                await _warn_eviction(s.app, s.app[CONFIG])
+    assert "maxmemory-policy is 'volatile-lru'" in caplog.text and "noeviction" in caplog.text

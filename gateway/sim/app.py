@@ -179,7 +179,14 @@ def _valid_key(sim: Sim, key: str) -> bool:
 
 def _record(sim: Sim, request: web.Request, resp: web.StreamResponse) -> web.StreamResponse:
     sim.seen.append(
-        {"method": request.method, "path": request.path, "status": resp.status, "at": time.monotonic()}
+        {
+            "method": request.method,
+            "path": request.path,
+            "query": request.query_string,
+            "status": resp.status,
+            "at": time.monotonic(),
+            "headers": dict(request.headers),
+        }
     )
     return resp
 
