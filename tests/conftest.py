@@ -12,7 +12,8 @@ import asyncio
 import datetime as dt
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,6 +95,21 @@ class StoreEnv:
             await settle()
 
 
+@contextmanager
+def frozen_manual_clock() -> Iterator[ManualClock]:
+    """A ManualClock that also moves freezegun's time, which fakeredis's Lua TIME follows."""
+    with freeze_time(dt.datetime(2026, 1, 1, tzinfo=dt.UTC), real_asyncio=True) as frozen:
+        clock = ManualClock()
+        last = [clock.now()]
+
+        def follow(now: float) -> None:
+            frozen.tick(dt.timedelta(seconds=now - last[0]))
+            last[0] = now
+
+        clock.listeners.append(follow)
+        yield clock
+
+
 async def redis_client() -> aioredis.Redis:
     client = aioredis.Redis.from_url(REDIS_URL, socket_timeout=2, socket_connect_timeout=2)
     try:
@@ -120,16 +136,7 @@ async def store_env(request: pytest.FixtureRequest, keys: Keys) -> AsyncIterator
         env = StoreEnv(kind, clock, lambda: shared, moved=True)
         yield env
     elif kind == "fakeredis":
-        start = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
-        with freeze_time(start, real_asyncio=True) as frozen:
-            clock = ManualClock()
-            last = [clock.now()]
-
-            def follow(now: float) -> None:
-                frozen.tick(dt.timedelta(seconds=now - last[0]))
-                last[0] = now
-
-            clock.listeners.append(follow)
+        with frozen_manual_clock() as clock:
             server = fakeredis.FakeServer()
             clients: list[Any] = []
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..clock import Clock
-from ..errors import GatewayError, QueueFull, StoreUnavailable, WaitTimeout
+from ..errors import GatewayError, QueueFull, RateLimited, StoreUnavailable, WaitTimeout
 from .limits import Limit, ordered
 from .store import RESYNC, AcquireRequest, AcquireResult, LimitState, Status, Store
 
@@ -211,15 +211,7 @@ class AdmissionEngine:
                 remaining = start + max_wait_s - self._clock.now()
                 got = await self._wait(w, remaining) if remaining > 0 else None
                 if got is None:
-                    last = w.last or result
-                    limit = ordered_limits[last.blocked - 1]
-                    self._obs.refused(limit, "timeout", group)
-                    raise WaitTimeout(
-                        f"Too Many Requests: waited {max_wait_s:g}s for the gateway's {limit.name!r} limit "
-                        f"({limit.capacity} per {_span(limit)})",
-                        limit=limit.name,
-                        retry_after_s=self._retry_after(last),
-                    )
+                    raise self._refusal(WaitTimeout, w, w.last or result, f"waited {max_wait_s:g}s for")
                 result = got
             if result.status is Status.ADMITTED:
                 waited = self._clock.now() - start
@@ -227,20 +219,24 @@ class AdmissionEngine:
                 w.admitted = True
                 return Grant(w.ticket, ordered_limits, result.states, waited)
             if result.status is Status.FULL:
-                limit = ordered_limits[result.blocked - 1]
-                self._obs.refused(limit, "queue_full", group)
-                raise QueueFull(
-                    f"Too Many Requests: {result.ahead} requests already wait for the gateway's "
-                    f"{limit.name!r} limit ({limit.capacity} per {_span(limit)})",
-                    limit=limit.name,
-                    retry_after_s=self._retry_after(result),
-                )
+                raise self._refusal(QueueFull, w, result, f"{result.ahead} requests already wait for")
             raise GatewayError("admission was aborted")
         finally:
             self._forget(w)
             # Refused, timed out, or abandoned (cancelled): hold nothing. FULL kept nothing.
             if not w.admitted and not (w.last is not None and w.last.status is Status.FULL):
                 await self._abort(w)
+
+    def _refusal(self, kind: type[RateLimited], w: _Waiter, result: AcquireResult, why: str) -> RateLimited:
+        """The 429 for a waiter refused on the limit that blocked it (counted in metrics)."""
+        limit = w.limits[result.blocked - 1]
+        self._obs.refused(limit, "timeout" if kind is WaitTimeout else "queue_full", w.group)
+        return kind(
+            f"Too Many Requests: {why} the gateway's {limit.name!r} limit "
+            f"({limit.capacity} per {_span(limit)})",
+            limit=limit.name,
+            retry_after_s=self._retry_after(result),
+        )
 
     async def release(self, grant: Grant, limits: Sequence[Limit] | None = None) -> None:
         """End leases: a finished concurrency lease, or a refund for work that never left."""

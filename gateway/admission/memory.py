@@ -298,8 +298,10 @@ class MemoryStore:
     async def release(self, ticket: str, limits: Sequence[Limit], *, tombstone: bool = False) -> int:
         removed = 0
         names = []
+        now = self._clock.now_ms()
         for limit in limits:
             leases = self._z(self._leases, limit.name)
+            leases.pop_upto(now)  # a lapsed lease is not released, and wakes nobody
             got = int(leases.remove(ticket)) + int(leases.remove(ticket + ":r"))
             got += int(self._z(self._wait, limit.name).remove(ticket))
             self._z(self._dead, limit.name).remove(ticket)
@@ -308,7 +310,6 @@ class MemoryStore:
                 removed += got
                 names.append(limit.name)
         if tombstone:
-            now = self._clock.now_ms()
             if len(self._tombs) > 1024:  # what Redis's key expiry does for the Redis store
                 self._tombs = {t: until for t, until in self._tombs.items() if until > now}
             self._tombs[ticket] = now + TOMBSTONE_MS

@@ -13,13 +13,11 @@ invariants hold on every sequence.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 import fakeredis
-from freezegun import freeze_time
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -37,7 +35,7 @@ from gateway.admission.memory import MemoryStore
 from gateway.admission.redis_store import RedisStore, make_client
 from gateway.admission.store import SEQ_SPAN, AcquireRequest, AcquireResult, Status, Store
 from gateway.clock import ManualClock
-from tests.conftest import REDIS_URL
+from tests.conftest import REDIS_URL, frozen_manual_clock
 
 
 def limits(window_s: float) -> tuple[Limit, ...]:
@@ -154,15 +152,7 @@ def test_embedded_store_and_fakeredis_agree_exactly(ops: list[Any]) -> None:
     async def both() -> tuple[Outcome, Outcome]:
         clock = ManualClock()
         memory = await run(MemoryStore(clock), clock, ops, 1.0)
-        with freeze_time(dt.datetime(2026, 1, 1, tzinfo=dt.UTC), real_asyncio=True) as frozen:
-            fclock = ManualClock()
-            last = [fclock.now()]
-
-            def follow(now: float) -> None:
-                frozen.tick(dt.timedelta(seconds=now - last[0]))
-                last[0] = now
-
-            fclock.listeners.append(follow)
+        with frozen_manual_clock() as fclock:
             client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
             try:
                 fake = await run(RedisStore(client, Keys(prefix="p"), shebang=False), fclock, ops, 1.0)

@@ -10,9 +10,12 @@
 -- ARGV[4]            n, the number of limits
 -- ARGV[4+i]          name of limit i
 --
--- Returns the number of entries removed (integer). Publishes the name of every limit on
--- which something was removed: capacity, or a place in a queue, may now be owed to a waiter.
+-- Returns the number of live entries removed (integer; a lease or reservation that already
+-- lapsed does not count). Publishes the name of every limit on which something live was
+-- removed: capacity, or a place in a queue, may now be owed to a waiter.
 
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ticket = ARGV[1]
 local tomb_ms = tonumber(ARGV[2])
 local pubcmd = ARGV[3]
@@ -20,6 +23,7 @@ local n = tonumber(ARGV[4])
 
 local removed = 0
 for i = 1, n do
+  redis.call('ZREMRANGEBYSCORE', KEYS[4 * i - 1], '-inf', now)
   local got = redis.call('ZREM', KEYS[4 * i - 1], ticket, ticket .. ':r')
     + redis.call('ZREM', KEYS[4 * i], ticket)
   redis.call('ZREM', KEYS[4 * i + 1], ticket)
