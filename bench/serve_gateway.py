@@ -45,6 +45,7 @@ from redis._parsers import _AsyncRESP2Parser  # noqa: E402
 
 from gateway.admission.keys import Keys  # noqa: E402
 from gateway.admission.limits import Limit  # noqa: E402
+from gateway.admission.pipelined import PipelinedRedis  # noqa: E402
 from gateway.admission.redis_store import RedisStore, make_client  # noqa: E402
 from gateway.app import build_app  # noqa: E402
 from gateway.config import Config  # noqa: E402
@@ -55,8 +56,14 @@ HIGH = 10_000_000
 class CountingStore(RedisStore):
     """The product's RedisStore; round trips counted by verb (``usage`` has no on_call hook)."""
 
-    def __init__(self, client: aioredis.Redis, keys: Keys, counts: Counter[str]) -> None:
-        super().__init__(client, keys, on_call=self._tally)
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        keys: Keys,
+        counts: Counter[str],
+        pipelined: PipelinedRedis | None = None,
+    ) -> None:
+        super().__init__(client, keys, on_call=self._tally, pipelined=pipelined)
         self.counts = counts
 
     def _tally(self, verb: str) -> None:
@@ -116,7 +123,12 @@ def main() -> None:
     ap.add_argument("--upstream", default="http://127.0.0.1:8199")
     ap.add_argument("--redis", default="redis://127.0.0.1:6379/0")
     ap.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
-    ap.add_argument("--parser", choices=("hiredis", "python"), default="hiredis")
+    ap.add_argument(
+        "--parser",
+        choices=("pipelined", "hiredis", "python"),
+        default="pipelined",
+        help="pipelined: the shipped hot path; hiredis/python: scripts through redis-py with that parser",
+    )
     ap.add_argument("--stats-file", help="where SIGUSR1 writes round-trip counts (JSON)")
     ap.add_argument("--cprofile", help="profile the whole process; write pstats here on exit")
     args = ap.parse_args()
@@ -130,14 +142,17 @@ def main() -> None:
     config = make_config(args.host, args.port, args.upstream, args.redis)
     r = config.redis
     assert r.url is not None
-    if args.parser == "hiredis":
+    pipelined = None
+    if args.parser == "pipelined":
+        pipelined = PipelinedRedis(r.url, timeout_ms=r.timeout_ms, connect_timeout_ms=r.connect_timeout_ms)
+    if args.parser in ("hiredis", "pipelined"):
         client = make_client(
             r.url, timeout_ms=r.timeout_ms, connect_timeout_ms=r.connect_timeout_ms, pool_size=r.pool_size
         )
     else:
         client = make_python_parser_client(config)
     counts: Counter[str] = Counter()
-    store = CountingStore(client, Keys(prefix=r.key_prefix, account=config.account), counts)
+    store = CountingStore(client, Keys(prefix=r.key_prefix, account=config.account), counts, pipelined)
     app = build_app(config, store=store)
 
     def dump_stats() -> None:

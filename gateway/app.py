@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from .admission.engine import AdmissionEngine
 from .admission.keys import Keys
 from .admission.memory import MemoryStore
+from .admission.pipelined import PipelinedRedis
 from .admission.redis_store import RedisStore, make_client
 from .admission.store import Store
 from .clock import Clock, SystemClock
@@ -83,7 +84,7 @@ def errors_middleware(metrics: Metrics) -> Callable[..., Awaitable[web.StreamRes
             return error_response(500, "Internal gateway error")
         finally:
             if request.path.startswith(("/v1", "/v2", "/v3")):
-                metrics.requests.labels(request.get(GROUP, "other"), outcome).inc()
+                metrics.child(metrics.requests, request.get(GROUP, "other"), outcome).inc()
 
     return middleware
 
@@ -98,7 +99,12 @@ def make_store(config: Config, clock: Clock) -> Store:
         pool_size=config.redis.pool_size,
     )
     keys = Keys(prefix=config.redis.key_prefix, account=config.account)
-    return RedisStore(client, keys, sharded_pubsub=config.redis.sharded_pubsub)
+    pipelined = PipelinedRedis(
+        config.redis.url,
+        timeout_ms=config.redis.timeout_ms,
+        connect_timeout_ms=config.redis.connect_timeout_ms,
+    )
+    return RedisStore(client, keys, sharded_pubsub=config.redis.sharded_pubsub, pipelined=pipelined)
 
 
 def build_app(

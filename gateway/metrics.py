@@ -8,6 +8,7 @@ key, an id, an IP or a customer.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -22,6 +23,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         p = "aai_gateway_"
         self.requests = Counter(
             p + "requests_total",
@@ -102,14 +104,23 @@ class Metrics:
         )
 
     # -- the engine's observer -------------------------------------------------------------
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, cached: the lookup is a lock and a hash per call, and
+        the request path makes several per request (label sets are bounded, so is the cache)."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
+
     def admitted(
         self, limits: Sequence[Limit], states: Sequence[LimitState], waited_s: float, group: str
     ) -> None:
         for limit, state in zip(limits, states, strict=False):
             label = limit.metric_label
-            self.admissions.labels(label).inc()
-            self.tokens_in_use.labels(label).set(limit.capacity - state.remaining)
-        self.wait.labels(group or "other").observe(waited_s)
+            self.child(self.admissions, label).inc()
+            self.child(self.tokens_in_use, label).set(limit.capacity - state.remaining)
+        self.child(self.wait, group or "other").observe(waited_s)
 
     def refused(self, limit: Limit, reason: str, group: str) -> None:
         self.refusals.labels(limit.metric_label, reason).inc()

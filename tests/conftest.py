@@ -25,6 +25,7 @@ from freezegun import freeze_time
 from gateway.admission.keys import Keys
 from gateway.admission.limits import Limit
 from gateway.admission.memory import MemoryStore
+from gateway.admission.pipelined import PipelinedRedis
 from gateway.admission.redis_store import RedisStore, make_client
 from gateway.admission.store import AcquireRequest, AcquireResult, Store, WakeCallback
 from gateway.clock import Clock, ManualClock, SystemClock, settle
@@ -157,7 +158,8 @@ async def store_env(request: pytest.FixtureRequest, keys: Keys) -> AsyncIterator
         def make_real() -> Store:
             client = make_client(REDIS_URL, timeout_ms=2000, connect_timeout_ms=2000)
             clients.append(client)
-            return RedisStore(client, keys)
+            # The production path: scripts over the pipelined connection.
+            return RedisStore(client, keys, pipelined=PipelinedRedis(REDIS_URL, timeout_ms=2000))
 
         probe = await redis_client()
         env = StoreEnv(kind, SystemClock(), make_real, moved=False)

@@ -115,7 +115,7 @@ class _Waiter:
         self.score = 0
         self.queue: str | None = None  # the limit it waits on, locally
         self.future: asyncio.Future[AcquireResult] | None = None
-        self.lock = asyncio.Lock()  # at most one acquire in flight per ticket
+        self.lock: asyncio.Lock | None = None  # made once the waiter is queued (see _attempt)
         self.rerun = False  # a wake-up arrived while its first acquire was in flight
         self.touched = now  # when its deadline was last pushed back (acquire or refresh)
         self.last: AcquireResult | None = None
@@ -199,7 +199,6 @@ class AdmissionEngine:
         # Registered before its first acquire: a wake-up that lands while that acquire is in
         # flight sets ``rerun``, so no capacity freed in between is missed.
         self._pending.add(w)
-        self._by_ticket[w.ticket] = w
         try:
             result = await self._attempt(w)
             while result.status is Status.BLOCKED and w.rerun:
@@ -244,23 +243,36 @@ class AdmissionEngine:
 
     # -- asking the store ------------------------------------------------------------------
     async def _attempt(self, w: _Waiter) -> AcquireResult:
+        """One acquire for ``w``. Before a waiter is placed in a local queue only its own
+        admit() can ask for it; after that, drains, retries and admit() may race, so at most
+        one acquire per ticket is in flight (its lock; the others re-run after it).
+
+        A caller cancelled mid-call leaves an unknown outcome: admit() then aborts the
+        ticket, which is safe whichever of the two reaches the store first (tombstone).
+        """
+        if w.queue is None and w.lock is None:
+            return await self._ask(w)
+        if w.lock is None:
+            w.lock = asyncio.Lock()
         async with w.lock:
-            request = AcquireRequest(
-                ticket=w.ticket,
-                limits=w.limits,
-                priority=w.priority,
-                seq=w.seq,
-                ttl_ms=self._ttl_ms,
-                max_depth=w.max_depth,
-                floor=self._max_seq,
-            )
-            # Shielded: a caller cancelled mid-call must not tear the store call in half;
-            # the caller aborts the ticket instead, which is safe in either order.
-            result = await asyncio.shield(self.store.acquire(request))
-            w.seq, w.score, w.last = result.seq, result.score, result
-            self._max_seq = max(self._max_seq, result.seq)
-            w.touched = self._clock.now()
-            return result
+            return await self._ask(w)
+
+    async def _ask(self, w: _Waiter) -> AcquireResult:
+        request = AcquireRequest(
+            ticket=w.ticket,
+            limits=w.limits,
+            priority=w.priority,
+            seq=w.seq,
+            ttl_ms=self._ttl_ms,
+            max_depth=w.max_depth,
+            floor=self._max_seq,
+        )
+        result = await self.store.acquire(request)
+        w.seq, w.score, w.last = result.seq, result.score, result
+        if result.seq > self._max_seq:
+            self._max_seq = result.seq
+        w.touched = self._clock.now()
+        return result
 
     async def _abort(self, w: _Waiter) -> None:
         try:
@@ -279,6 +291,7 @@ class AdmissionEngine:
             q = self._queues.setdefault(name, [])
             bisect.insort(q, w, key=_order)
             w.queue, w.placed_score = name, w.score
+            self._by_ticket[w.ticket] = w  # for inherited priorities (waiting tickets only)
             self._obs.waiting(w.limits[result.blocked - 1], +1)
         if q[0] is w:
             self._arm(name, result.wait_ms / 1000)

@@ -18,6 +18,7 @@ request class that shares a limit L must share the limits after L (``check_class
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -96,6 +97,11 @@ def concurrency_limit(name: str, capacity: int, lease_ttl_s: float, *, rank: int
 
 def ordered(limits: Iterable[Limit]) -> tuple[Limit, ...]:
     """The limits in the engine's total order, without duplicates."""
+    return _ordered(tuple(limits))
+
+
+@functools.lru_cache(maxsize=4096)
+def _ordered(limits: tuple[Limit, ...]) -> tuple[Limit, ...]:
     unique = {limit.name: limit for limit in limits}
     return tuple(sorted(unique.values(), key=lambda limit: limit.sort_key))
 

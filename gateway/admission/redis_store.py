@@ -16,18 +16,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Awaitable, Sequence
 from importlib import resources
 from typing import Any
 
+import hiredis
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
+from redis.commands.core import AsyncScript
 
 from ..errors import StoreUnavailable
 from .keys import Keys
 from .limits import Limit
+from .pipelined import PipelinedRedis, array_header, bulk
 from .store import RESYNC, AcquireRequest, AcquireResult, LimitState, Status, WakeCallback
 
 log = logging.getLogger(__name__)
@@ -71,13 +75,17 @@ class RedisStore:
         sharded_pubsub: bool = False,
         shebang: bool = True,
         on_call: Any = None,
+        pipelined: PipelinedRedis | None = None,
     ) -> None:
         """``client`` is shared and owned by the caller's lifecycle unless ``close`` is called.
 
         ``sharded_pubsub`` publishes with SPUBLISH (Redis Cluster); ``shebang`` prefixes the
         scripts with ``#!lua`` (Redis 7 checks their keys; fakeredis cannot parse it).
         ``on_call(verb)`` is called once per round trip (metrics, benchmark counts).
+        ``pipelined``, when given, carries the scripts (the hot path); ``client`` then serves
+        only pub/sub, pings and reads.
         """
+        self._pipe = pipelined
         self._client = client
         self._keys = keys
         self._pubcmd = "SPUBLISH" if sharded_pubsub else "PUBLISH"
@@ -91,17 +99,20 @@ class RedisStore:
         )
         self._sub_task: asyncio.Task[None] | None = None
         self._sharded = sharded_pubsub
+        self._frames: dict[tuple[Limit, ...], tuple[bytes, bytes, bytes, bytes]] = {}
         self._failures = 0  # consecutive connection failures
         self._open_until = 0.0  # while in the future, fail fast instead of waiting on a dead Redis
 
-    @contextlib.asynccontextmanager
-    async def _call(self, op: str, *, breaker: bool = True) -> AsyncIterator[None]:
-        """Translate Redis failures to StoreUnavailable; after repeated connection failures,
-        fail fast for a second (a request gets its 503 at once, not after a connect timeout)."""
-        if breaker and time.monotonic() < self._open_until:
+    async def _call(self, op: str, call: Awaitable[Any], *, breaker: bool = True) -> Any:
+        """Await a Redis call, translating failures to StoreUnavailable; after repeated
+        connection failures, fail fast for a second (a request gets its 503 at once, not
+        after a connect timeout)."""
+        if breaker and self._open_until and time.monotonic() < self._open_until:
+            if inspect.iscoroutine(call):
+                call.close()
             raise StoreUnavailable(f"redis unavailable during {op}: failing fast after repeated errors")
         try:
-            yield
+            result = await call
         except (TimeoutError, redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
             self._failures += 1
             if self._failures >= BREAKER_FAILURES:
@@ -110,6 +121,8 @@ class RedisStore:
         except redis_errors.RedisError as exc:
             raise StoreUnavailable(f"redis error during {op}: {exc}") from exc
         self._failures = 0
+        self._open_until = 0.0
+        return result
 
     def _count(self, verb: str) -> None:
         if self._on_call is not None:
@@ -123,24 +136,43 @@ class RedisStore:
         return keys
 
     async def acquire(self, request: AcquireRequest) -> AcquireResult:
+        self._count("acquire")
+        if self._pipe is not None:
+            # The hot path: everything but the ticket's own fields is packed once per
+            # set of limits (see _acquire_frame).
+            head, middle, pub, tail = self._acquire_frame(request.limits)
+            r = request
+            payload = b"".join(
+                (head, bulk(self._keys.tomb(r.ticket)), middle, bulk(r.ticket), bulk(r.priority), bulk(r.seq),
+                 bulk(r.ttl_ms), bulk(r.max_depth), pub, bulk(r.floor), tail)
+            )  # fmt: skip
+            raw = await self._call("acquire", self._pipe.evalsha(self._acquire.script, payload))
+            return parse_acquire(raw)
         k = self._keys
         keys = [k.seq, k.tomb(request.ticket), k.channel, *self._limit_keys(request.limits)]
-        args: list[Any] = [
-            request.ticket,
-            request.priority,
-            request.seq,
-            request.ttl_ms,
-            request.max_depth,
-            self._pubcmd,
-            request.floor,
-            len(request.limits),
-        ]
+        args: list[Any] = [request.ticket, request.priority, request.seq, request.ttl_ms, request.max_depth]
+        args += [self._pubcmd, request.floor, len(request.limits)]
         for limit in request.limits:
             args += [limit.name, limit.capacity, limit.lease_ms]
-        self._count("acquire")
-        async with self._call("acquire"):
-            raw = await self._acquire(keys=keys, args=args)
-        return parse_acquire(raw)
+        return parse_acquire(await self._call("acquire", self._acquire(keys=keys, args=args)))
+
+    def _acquire_frame(self, limits: tuple[Limit, ...]) -> tuple[bytes, bytes, bytes, bytes]:
+        """acquire's EVALSHA in RESP form, cut around the fields that change per call."""
+        frame = self._frames.get(limits)
+        if frame is None:
+            k, n = self._keys, len(limits)
+            limit_keys = self._limit_keys(limits)
+            nkeys, nargs = 3 + len(limit_keys), 8 + 3 * n
+            head = array_header(3 + nkeys + nargs) + bulk("EVALSHA") + bulk(self._acquire.sha)
+            head += bulk(nkeys) + bulk(k.seq)
+            middle = bulk(k.channel) + b"".join(bulk(key) for key in limit_keys)
+            tail = bulk(n) + b"".join(
+                bulk(limit.name) + bulk(limit.capacity) + bulk(limit.lease_ms) for limit in limits
+            )
+            frame = self._frames[limits] = (head, middle, bulk(self._pubcmd), tail)
+            if len(self._frames) > 4096:  # unknown models make new limit sets: stay bounded
+                self._frames.clear()
+        return frame
 
     async def release(self, ticket: str, limits: Sequence[Limit], *, tombstone: bool = False) -> int:
         k = self._keys
@@ -148,8 +180,7 @@ class RedisStore:
         args: list[Any] = [ticket, TOMBSTONE_MS if tombstone else 0, self._pubcmd, len(limits)]
         args += [limit.name for limit in limits]
         self._count("release")
-        async with self._call("release"):
-            return int(await self._release(keys=keys, args=args))
+        return int(await self._call("release", self._run(self._release, keys, args)))
 
     async def refresh(self, limits: Sequence[Limit], tickets: Sequence[str], ttl_ms: int) -> list[int]:
         if not tickets:
@@ -157,19 +188,22 @@ class RedisStore:
         keys = [self._keys.channel, *self._limit_keys(limits)]
         args: list[Any] = [ttl_ms, self._pubcmd, len(limits), *[limit.name for limit in limits], *tickets]
         self._count("refresh")
-        async with self._call("refresh"):
-            raw = await self._refresh(keys=keys, args=args)
+        raw = await self._call("refresh", self._run(self._refresh, keys, args))
         return [int(x) for x in raw]
+
+    async def _run(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
+        if self._pipe is not None:
+            payload = hiredis.pack_command(("EVALSHA", script.sha, len(keys), *keys, *args))
+            return await self._pipe.evalsha(script.script, payload)
+        return await script(keys=keys, args=args)
 
     async def usage(self, limit: Limit) -> tuple[int, int]:
         keys = self._limit_keys([limit])
-        async with self._call("usage"):
-            out, waiting = await self._usage(keys=keys, args=[])
+        out, waiting = await self._call("usage", self._usage(keys=keys, args=[]))
         return int(out), int(waiting)
 
     async def ping(self) -> None:
-        async with self._call("ping", breaker=False):
-            await self._client.ping()
+        await self._call("ping", self._client.ping(), breaker=False)
 
     async def subscribe(self, callback: WakeCallback, *, ready_timeout_s: float = 2.0) -> None:
         """Start the subscription; wait (bounded) until it is live, so no early wake is lost."""
@@ -213,6 +247,8 @@ class RedisStore:
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def close(self) -> None:
+        if self._pipe is not None:
+            await self._pipe.close()
         if self._sub_task is not None:
             self._sub_task.cancel()
             # Bounded: a subscription stuck in a dead connection must not hold up shutdown.

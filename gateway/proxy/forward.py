@@ -13,19 +13,22 @@
 
 from __future__ import annotations
 
-import contextlib
+import contextvars
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from types import SimpleNamespace
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import aiohttp
 from aiohttp import hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 from ..config import Upstream as UpstreamConfig
 from ..errors import BadGateway, GatewayTimeout
 from ..metrics import Metrics
+
+# Bodies up to this size (with a Content-Length) are sent whole: one write with the headers.
+WHOLE_BODY_BYTES = 64 * 1024
 
 HOP_BY_HOP = frozenset(
     h.lower()
@@ -51,19 +54,34 @@ class NeverLeft(BadGateway):
     never_left = True
 
 
+# (admitted at, histogram) for the request this task is sending: read by _TimedRequest.
+_SENDING: contextvars.ContextVar[tuple[float, Any] | None] = contextvars.ContextVar(
+    "aai_sending", default=None
+)
+
+
+class _TimedRequest(aiohttp.ClientRequest):
+    """Observes admission -> send: ``send`` runs once the connection is ready, right before
+    the request's headers are written, in the task that issued the request."""
+
+    async def send(self, conn: Any) -> aiohttp.ClientResponse:
+        sending = _SENDING.get()
+        if sending is not None:
+            sending[1].observe(max(0.0, time.perf_counter() - sending[0]))
+        return await super().send(conn)
+
+
 def _connection_tokens(headers: Mapping[str, str]) -> set[str]:
     value = headers.get(hdrs.CONNECTION, "")
     return {t.strip().lower() for t in value.split(",") if t.strip()}
 
 
 def request_headers(incoming: Mapping[str, str], *, keep_length: bool) -> CIMultiDict[str]:
-    drop = REQUEST_DROP | _connection_tokens(incoming)
+    out: CIMultiDict[str] = CIMultiDict(incoming)  # a C copy; then drop what must not pass
+    for name in (*REQUEST_DROP, *_connection_tokens(incoming)):
+        out.popall(name, None)
     if not keep_length:
-        drop = drop | {hdrs.CONTENT_LENGTH.lower()}
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in _items(incoming):
-        if name.lower() not in drop:
-            out.add(name, value)
+        out.popall(hdrs.CONTENT_LENGTH, None)
     return out
 
 
@@ -76,11 +94,6 @@ def response_headers(incoming: CIMultiDictProxy[str], *, drop: Iterable[str] = (
     return out
 
 
-def _items(headers: Mapping[str, str]) -> Iterable[tuple[str, str]]:
-    items = getattr(headers, "items", None)
-    return items() if items is not None else ()
-
-
 class Upstream:
     """The one upstream HTTP client of an app."""
 
@@ -90,8 +103,6 @@ class Upstream:
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        trace = aiohttp.TraceConfig()
-        trace.on_request_headers_sent.append(self._on_headers_sent)
         connector = aiohttp.TCPConnector(
             limit=0,  # never make an admitted request wait for a connection
             limit_per_host=0,
@@ -105,7 +116,7 @@ class Upstream:
             ),
             auto_decompress=False,
             cookie_jar=aiohttp.DummyCookieJar(),
-            trace_configs=[trace],
+            request_class=_TimedRequest,
             skip_auto_headers=(hdrs.USER_AGENT, hdrs.ACCEPT_ENCODING, hdrs.CONTENT_TYPE),
         )
 
@@ -119,51 +130,40 @@ class Upstream:
         assert self._session is not None, "Upstream.start() was not awaited"
         return self._session
 
-    async def _on_headers_sent(
-        self,
-        session: aiohttp.ClientSession,
-        ctx: SimpleNamespace,
-        params: aiohttp.TraceRequestHeadersSentParams,
-    ) -> None:
-        admitted_at = (ctx.trace_request_ctx or {}).get("admitted_at")
-        if admitted_at is not None:
-            self._metrics.admission_to_send.observe(max(0.0, time.perf_counter() - admitted_at))
-
-    @contextlib.asynccontextmanager
-    async def request(
+    async def send(
         self,
         method: str,
-        url: str,
+        url: URL,
         *,
         headers: CIMultiDict[str],
         data: Any,
         group: str,
         admitted_at: float,
-    ) -> AsyncIterator[aiohttp.ClientResponse]:
-        """Send one request; yield the response with its body still unread."""
+    ) -> aiohttp.ClientResponse:
+        """Send one request; return the response with its body unread (the caller releases it)."""
+        m = self._metrics
+        _SENDING.set((admitted_at, m.admission_to_send))
         started = time.perf_counter()
         try:
-            async with self.session.request(
-                method,
-                url,
-                headers=headers,
-                data=data,
-                allow_redirects=False,
-                trace_request_ctx={"admitted_at": admitted_at},
-            ) as resp:
-                self._metrics.upstream_latency.labels(group).observe(time.perf_counter() - started)
-                self._metrics.upstream_status.labels(group, str(resp.status)).inc()
-                yield resp
-        except aiohttp.ConnectionTimeoutError as exc:
-            raise NeverLeft("Timed out connecting to the upstream API") from exc
-        except aiohttp.ClientConnectorError as exc:
-            raise NeverLeft("Could not connect to the upstream API") from exc
-        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            raise GatewayTimeout() from exc
-        except aiohttp.ClientPayloadError as exc:
-            raise BadGateway("The upstream API's response was cut short") from exc
-        except aiohttp.ClientError as exc:
-            raise BadGateway(f"Upstream request failed ({type(exc).__name__})") from exc
+            resp = await self.session.request(method, url, headers=headers, data=data, allow_redirects=False)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise translate(exc) from exc
+        m.child(m.upstream_latency, group).observe(time.perf_counter() - started)
+        m.child(m.upstream_status, group, str(resp.status)).inc()
+        return resp
+
+
+def translate(exc: BaseException) -> Exception:
+    """The client error an aiohttp failure becomes (the one place they are mapped)."""
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return NeverLeft("Timed out connecting to the upstream API")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return NeverLeft("Could not connect to the upstream API")
+    if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+        return GatewayTimeout()
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return BadGateway("The upstream API's response was cut short")
+    return BadGateway(f"Upstream request failed ({type(exc).__name__})")
 
 
 async def relay(
@@ -176,20 +176,21 @@ async def relay(
 ) -> web.StreamResponse:
     """Send upstream's response to the client: status, headers and a streamed body.
 
-    With ``rewrite``, a JSON body (within ``rewrite_cap``) is read, rewritten and sent whole.
+    A small body of known length (most API answers) is read and sent with the headers in one
+    write; anything else streams. With ``rewrite``, a JSON body (within ``rewrite_cap``) is
+    read, rewritten and sent whole.
     """
     length = resp.content_length
-    is_json = resp.content_type == "application/json"
-    if (
-        rewrite is not None
-        and is_json
-        and not resp.headers.get(hdrs.CONTENT_ENCODING)
-        and (length or 0) <= rewrite_cap
-    ):
-        body = rewrite(await resp.read())
+    if rewrite is not None and (length or 0) <= rewrite_cap and not resp.headers.get(hdrs.CONTENT_ENCODING):
+        if resp.content_type == "application/json":
+            headers = response_headers(resp.headers, drop=(hdrs.CONTENT_LENGTH,))
+            headers.update(extra_headers)
+            body = rewrite(await resp.read())
+            return web.Response(status=resp.status, reason=resp.reason, body=body, headers=headers)
+    if length is not None and length <= WHOLE_BODY_BYTES and request.method != hdrs.METH_HEAD:
         headers = response_headers(resp.headers, drop=(hdrs.CONTENT_LENGTH,))
         headers.update(extra_headers)
-        return web.Response(status=resp.status, reason=resp.reason, body=body, headers=headers)
+        return web.Response(status=resp.status, reason=resp.reason, body=await resp.read(), headers=headers)
 
     headers = response_headers(resp.headers, drop=(hdrs.CONTENT_LENGTH,))
     headers.update(extra_headers)

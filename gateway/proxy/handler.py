@@ -16,7 +16,9 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 
+import aiohttp
 from aiohttp import hdrs, web
+from yarl import URL
 
 from ..admission.engine import AdmissionEngine, Grant
 from ..clock import Clock
@@ -25,7 +27,7 @@ from ..errors import RateLimited, Unauthorized
 from ..metrics import Metrics
 from ..products.catalog import Catalog
 from ..products.plan import Plan
-from .forward import NeverLeft, Upstream, relay, request_headers
+from .forward import NeverLeft, Upstream, relay, request_headers, translate
 from .headers import admitted_headers, refused_headers
 from .urls import gateway_base, rewrite_page_details
 
@@ -105,30 +107,36 @@ class ProxyHandler:
             if client_gone(request):
                 await self._refund(grant)
                 raise ClientGone()
-            delay = None
             try:
-                async with self._upstream.request(
+                resp = await self._upstream.send(
                     request.method,
-                    plan.base_url + request.raw_path,
+                    # As the client sent it: already encoded, the query string untouched.
+                    URL(plan.base_url + request.raw_path, encoded=True),
                     headers=request_headers(request.headers, keep_length=plan.body is None),
                     data=self._data(request, plan),
                     group=plan.group,
                     admitted_at=time.perf_counter(),
-                ) as resp:
-                    if resp.status == 429 and self._may_retry(plan, retries):
-                        wait = upstream_retry_delay(resp.headers)
-                        if self._clock.now() + wait < deadline:
-                            delay = wait
-                    if delay is None:
-                        extra = admitted_headers(grant.limits, grant.states) if grant else {}
-                        return await relay(
-                            request, resp, extra_headers=extra, rewrite=self._rewriter(request, plan)
-                        )
+                )
             except NeverLeft:
                 await self._refund(grant)
                 raise
+            delay = None
+            try:
+                if resp.status == 429 and self._may_retry(plan, retries):
+                    wait = upstream_retry_delay(resp.headers)
+                    if self._clock.now() + wait < deadline:
+                        delay = wait
+                if delay is None:
+                    extra = admitted_headers(grant.limits, grant.states) if grant else {}
+                    return await relay(
+                        request, resp, extra_headers=extra, rewrite=self._rewriter(request, plan)
+                    )
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise translate(exc) from exc
+            finally:
+                resp.release()
             retries += 1
-            self._metrics.upstream_retries.labels(plan.group).inc()
+            self._metrics.child(self._metrics.upstream_retries, plan.group).inc()
             log.info("upstream answered 429 on %s %s; retrying in %.2fs", request.method, request.path, delay)
             await self._clock.sleep(delay)
 

@@ -10,6 +10,7 @@ A 429 from the gateway carries ``Retry-After`` and a matching ``RateLimit`` with
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Sequence
@@ -22,6 +23,7 @@ from ..admission.store import LimitState
 _TOKEN = re.compile(r"^[A-Za-z*][A-Za-z0-9!#$%&'*+\-.^_`|~:/]*$")
 
 
+@functools.lru_cache(maxsize=1024)
 def _item(name: str) -> str:
     """A policy name as an sf-token when it is one, else as an sf-string."""
     if _TOKEN.match(name):
@@ -29,6 +31,7 @@ def _item(name: str) -> str:
     return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+@functools.lru_cache(maxsize=1024)
 def policy(limit: Limit) -> str:
     value = f"{_item(limit.name)};q={limit.capacity}"
     if limit.kind is Kind.WINDOW:
