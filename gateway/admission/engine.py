@@ -30,8 +30,7 @@ import math
 import os
 import random
 from collections.abc import Coroutine, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from ..clock import Clock
 from ..errors import GatewayError, QueueFull, RateLimited, StoreUnavailable, WaitTimeout
@@ -71,8 +70,7 @@ class _NullObserver:
         pass
 
 
-@dataclass(frozen=True, slots=True)
-class Grant:
+class Grant(NamedTuple):
     """An admitted request: it holds a lease on each of ``limits`` under ``ticket``."""
 
     ticket: str

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
+from collections.abc import Awaitable
 from typing import Any
 
 import hiredis
@@ -203,7 +204,19 @@ class PipelinedRedis:
         return await self.call_packed(hiredis.pack_command(args))
 
     async def call_packed(self, payload: bytes) -> Any:
-        """Send one command already in RESP form (see ``pack``)."""
+        """Send one command already in RESP form (``bulk``, ``array_header``)."""
+        return await self._submit(payload)
+
+    def _submit(self, payload: bytes) -> Awaitable[Any]:
+        """The command's reply (a future); a coroutine only while (re)connecting."""
+        proto = self._proto
+        if proto is None or proto.lost is not None:
+            return self._submit_after_connect(payload)
+        waiter = self._send_packed(proto, payload)
+        proto.flush_soon()
+        return waiter
+
+    async def _submit_after_connect(self, payload: bytes) -> Any:
         proto = await self._connection()
         waiter = self._send_packed(proto, payload)
         proto.flush_soon()
@@ -212,12 +225,12 @@ class PipelinedRedis:
     async def evalsha(self, script: Any, payload: bytes) -> Any:
         """Run an EVALSHA already packed; load ``script`` and resend on NOSCRIPT."""
         try:
-            return await self.call_packed(payload)
+            return await self._submit(payload)
         except redis_errors.ResponseError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
         await self.call("SCRIPT", "LOAD", script)
-        return await self.call_packed(payload)
+        return await self._submit(payload)
 
     async def close(self) -> None:
         if self._proto is not None and self._proto.transport is not None:

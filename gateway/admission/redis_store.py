@@ -100,29 +100,42 @@ class RedisStore:
         self._sub_task: asyncio.Task[None] | None = None
         self._sharded = sharded_pubsub
         self._frames: dict[tuple[Limit, ...], tuple[bytes, bytes, bytes, bytes]] = {}
+        self._tomb_prefix = keys.tomb("")
         self._failures = 0  # consecutive connection failures
         self._open_until = 0.0  # while in the future, fail fast instead of waiting on a dead Redis
 
     async def _call(self, op: str, call: Awaitable[Any], *, breaker: bool = True) -> Any:
-        """Await a Redis call, translating failures to StoreUnavailable; after repeated
-        connection failures, fail fast for a second (a request gets its 503 at once, not
-        after a connect timeout)."""
-        if breaker and self._open_until and time.monotonic() < self._open_until:
-            if inspect.iscoroutine(call):
-                call.close()
-            raise StoreUnavailable(f"redis unavailable during {op}: failing fast after repeated errors")
+        """Await a Redis call, translating its failures (see _failed)."""
+        if breaker and self._open_until:
+            try:
+                self._fail_fast(op)
+            except StoreUnavailable:
+                if inspect.iscoroutine(call):
+                    call.close()  # never awaited: close it quietly
+                raise
         try:
             result = await call
-        except (TimeoutError, redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+        except (TimeoutError, OSError, redis_errors.RedisError) as exc:
+            raise self._failed(op, exc) from exc
+        self._failures = 0
+        return result
+
+    def _fail_fast(self, op: str) -> None:
+        """After repeated connection failures, fail at once for a second (a request gets its
+        503 now, not after a connect timeout); then let calls through again."""
+        if time.monotonic() < self._open_until:
+            raise StoreUnavailable(f"redis unavailable during {op}: failing fast after repeated errors")
+        self._open_until = 0.0
+
+    def _failed(self, op: str, exc: BaseException) -> StoreUnavailable:
+        """Every Redis failure becomes StoreUnavailable here; connection trouble counts
+        towards the breaker."""
+        if isinstance(exc, TimeoutError | OSError | redis_errors.ConnectionError | redis_errors.TimeoutError):
             self._failures += 1
             if self._failures >= BREAKER_FAILURES:
                 self._open_until = time.monotonic() + BREAKER_OPEN_S
-            raise StoreUnavailable(f"redis unavailable during {op}: {type(exc).__name__}") from exc
-        except redis_errors.RedisError as exc:
-            raise StoreUnavailable(f"redis error during {op}: {exc}") from exc
-        self._failures = 0
-        self._open_until = 0.0
-        return result
+            return StoreUnavailable(f"redis unavailable during {op}: {type(exc).__name__}")
+        return StoreUnavailable(f"redis error during {op}: {exc}")
 
     def _count(self, verb: str) -> None:
         if self._on_call is not None:
@@ -137,16 +150,38 @@ class RedisStore:
 
     async def acquire(self, request: AcquireRequest) -> AcquireResult:
         self._count("acquire")
-        if self._pipe is not None:
-            # The hot path: everything but the ticket's own fields is packed once per
-            # set of limits (see _acquire_frame).
+        pipe = self._pipe
+        if pipe is not None:
+            # The hot path: everything but the ticket's own fields is packed once per set of
+            # limits (_acquire_frame); the ticket's fields in one format each side of them.
             head, middle, pub, tail = self._acquire_frame(request.limits)
             r = request
-            payload = b"".join(
-                (head, bulk(self._keys.tomb(r.ticket)), middle, bulk(r.ticket), bulk(r.priority), bulk(r.seq),
-                 bulk(r.ttl_ms), bulk(r.max_depth), pub, bulk(r.floor), tail)
-            )  # fmt: skip
-            raw = await self._call("acquire", self._pipe.evalsha(self._acquire.script, payload))
+            t, p, q, ttl, d, f = (
+                r.ticket,
+                str(r.priority),
+                str(r.seq),
+                str(r.ttl_ms),
+                str(r.max_depth),
+                str(r.floor),
+            )
+            tomb = self._tomb_prefix + t
+            payload = b"".join((
+                head,
+                f"${len(tomb)}\r\n{tomb}\r\n".encode(),
+                middle,
+                f"${len(t)}\r\n{t}\r\n${len(p)}\r\n{p}\r\n${len(q)}\r\n{q}\r\n${len(ttl)}\r\n{ttl}\r\n"
+                f"${len(d)}\r\n{d}\r\n".encode(),
+                pub,
+                f"${len(f)}\r\n{f}\r\n".encode(),
+                tail,
+            ))  # fmt: skip
+            if self._open_until:
+                self._fail_fast("acquire")
+            try:
+                raw = await pipe.evalsha(self._acquire.script, payload)
+            except (TimeoutError, OSError, redis_errors.RedisError) as exc:
+                raise self._failed("acquire", exc) from exc
+            self._failures = 0
             return parse_acquire(raw)
         k = self._keys
         keys = [k.seq, k.tomb(request.ticket), k.channel, *self._limit_keys(request.limits)]
@@ -260,10 +295,13 @@ class RedisStore:
 
 
 def parse_acquire(raw: Sequence[Any]) -> AcquireResult:
-    status = Status(int(raw[0]))
-    seq, score = int(raw[1]), int(raw[2])
+    """acquire.lua's reply (integers: Lua numbers arrive as Redis integers) as a result."""
+    status = STATUSES[raw[0]]
     if status is Status.ADMITTED:
-        values = [int(x) for x in raw[6:]]
+        values = raw[6:]
         states = tuple(LimitState(values[i], max(0, values[i + 1])) for i in range(0, len(values), 2))
-        return AcquireResult(status, seq, score, states=states)
-    return AcquireResult(status, seq, score, blocked=int(raw[3]), ahead=int(raw[4]), wait_ms=int(raw[5]))
+        return AcquireResult(status, raw[1], raw[2], 0, 0, 0, states)
+    return AcquireResult(status, raw[1], raw[2], raw[3], raw[4], raw[5])
+
+
+STATUSES = {s.value: s for s in Status}

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 from aiohttp import web
 
@@ -14,8 +14,7 @@ from ..errors import BadRequest, PayloadTooLarge
 JSON_TYPES = ("application/json",)
 
 
-@dataclass(frozen=True, slots=True)
-class Plan:
+class Plan(NamedTuple):
     """The classification of one request, made before admission.
 
     ``body`` is the request body when the gateway had to read it (a JSON body: it can be
@@ -25,7 +24,7 @@ class Plan:
 
     group: str  # route group: rest | llm | token (metrics label, requests.route_groups)
     base_url: str  # upstream base URL; the request's raw path and query are appended
-    limits: list[Limit] = field(default_factory=list)
+    limits: Sequence[Limit] = ()
     max_wait_s: float = 25.0
     body: bytes | None = None
     rewrite_urls: bool = False  # JSON responses may carry absolute URLs back to the API

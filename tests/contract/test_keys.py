@@ -64,6 +64,16 @@ def test_scripts_touch_only_declared_keys(name: str) -> None:
             key_names.add(local)
     for locals_, _exprs in re.findall(r"local ((?:\w+, )*\w+) = ((?:KEYS\[[^\]]+\],? ?)+)", source):
         key_names.update(n.strip() for n in locals_.split(","))
+    # Helpers that take a key as their first parameter (``extend(key, ms)``): the parameter
+    # counts as a key inside them, and every call of them must pass a key from KEYS.
+    helpers = dict(re.findall(r"local function (\w+)\((\w+),", source))
+    for helper, param in helpers.items():
+        key_names.add(param)
+        for arg in re.findall(rf"(?<![\w.]){helper}\(\s*([^,)]+)", source):
+            if arg.strip() == param:
+                continue  # the definition itself
+            head = re.match(r"[A-Za-z_]\w*", arg.strip())
+            assert head and head.group(0) in key_names - {param}, f"{name}.lua: {helper}({arg}) not from KEYS"
     calls = re.findall(r"redis\.call\(\s*([^,)]+)\s*(?:,\s*([^,)]+))?", source)
     assert calls, "no redis.call found"
     for command, first_arg in calls:

@@ -254,3 +254,19 @@ async def test_wait_hint_is_the_earlier_of_lease_end_and_a_deadline_ahead(store_
     behind = await store.acquire(req("behind", window, ttl_ms=4000))
     assert behind.status is Status.BLOCKED and behind.ahead == 1
     assert 200 < behind.wait_ms <= 300  # not 4 s, not 10 s: when "mortal" would be purged
+
+
+async def test_a_short_lived_ticket_never_cuts_short_a_queue_key(store_env: StoreEnv) -> None:
+    """Found by the property test: a key's expiry set for a short-lived ticket must not drop
+    a longer-lived ticket that waits in the same queue."""
+    if not store_env.moved:
+        return  # needs 2.5 s of moved time
+    store = store_env.store()
+    model = window_limit("llm:m", 1, 1.0, 0, rank=RANK_MODEL)
+    assert (await store.acquire(req("a", model))).admitted
+    long_lived = await store.acquire(req("long", model, ttl_ms=3000))
+    assert (await store.acquire(req("short", model, ttl_ms=200))).status is Status.BLOCKED
+    await store_env.advance(2.5)
+    late = await store.acquire(req("late", model))
+    assert late.status is Status.BLOCKED and late.ahead == 1  # "long" still waits ahead of it
+    assert (await store.acquire(req("long", model, seq=long_lived.seq, ttl_ms=3000))).admitted

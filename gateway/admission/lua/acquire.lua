@@ -72,6 +72,11 @@ local function name(i) return ARGV[3 * i + 6] end
 local function cap(i) return tonumber(ARGV[3 * i + 7]) end
 local function lease_ms(i) return tonumber(ARGV[3 * i + 8]) end
 local function fmt(x) return string.format('%.0f', x) end
+-- Key lifetimes only ever grow: a key outlives every entry written into it (a short-lived
+-- ticket must not cut short a queue that also holds a longer-lived one).
+local function extend(key, ms)
+  if redis.call('PTTL', key) < ms then redis.call('PEXPIRE', key, ms) end
+end
 
 local publish = {}
 
@@ -140,7 +145,7 @@ if blocked == 0 then
       redis.call('ZREM', lk(i), resv)
       redis.call('ZREM', rk(i), ticket)
       redis.call('ZADD', lk(i), now + lease_ms(i), ticket)
-      redis.call('PEXPIRE', lk(i), math.max(lease_ms(i), ttl) + 1000)
+      extend(lk(i), math.max(lease_ms(i), ttl) + 1000)
     end
     if cur_q == i then leave_queue(i) end
     local first = redis.call('ZRANGE', lk(i), 0, 0, 'WITHSCORES')
@@ -176,8 +181,8 @@ for i = 1, n do
     if holds[i] ~= 'l' then
       redis.call('ZADD', lk(i), deadline, resv)
       redis.call('ZADD', rk(i), score, ticket)
-      redis.call('PEXPIRE', lk(i), math.max(lease_ms(i), ttl) + 1000)
-      redis.call('PEXPIRE', rk(i), math.max(lease_ms(i), ttl) + 1000)
+      extend(lk(i), math.max(lease_ms(i), ttl) + 1000)
+      extend(rk(i), math.max(lease_ms(i), ttl) + 1000)
     end
   elseif holds[i] == 'r' then
     -- A reservation beyond the blocking limit (an earlier pass) is given back at once.
@@ -193,8 +198,8 @@ if cur_q ~= blocked and cur_q > 0 then
 end
 redis.call('ZADD', wk(blocked), score, ticket)
 redis.call('ZADD', dk(blocked), deadline, ticket)
-redis.call('PEXPIRE', wk(blocked), ttl + 1000)
-redis.call('PEXPIRE', dk(blocked), ttl + 1000)
+extend(wk(blocked), ttl + 1000)
+extend(dk(blocked), ttl + 1000)
 
 -- Priority inheritance: a reservation is never taken away, but a holder that blocks this
 -- ticket on B while ranking below it takes this ticket's priority (keeping its own arrival

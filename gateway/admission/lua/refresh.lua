@@ -18,6 +18,10 @@ local ttl = tonumber(ARGV[1])
 local pubcmd = ARGV[2]
 local n = tonumber(ARGV[3])
 local deadline = now + ttl
+-- Key lifetimes only ever grow (see acquire.lua).
+local function extend(key, ms)
+  if redis.call('PTTL', key) < ms then redis.call('PEXPIRE', key, ms) end
+end
 
 for i = 1, n do
   local lk, wk, dk = KEYS[4 * i - 2], KEYS[4 * i - 1], KEYS[4 * i]
@@ -42,12 +46,13 @@ for j = 4 + n, #ARGV do
   end
   if where > 0 then
     redis.call('ZADD', KEYS[4 * where], 'XX', deadline, ticket)
-    redis.call('PEXPIRE', KEYS[4 * where - 1], ttl + 1000)
-    redis.call('PEXPIRE', KEYS[4 * where], ttl + 1000)
+    extend(KEYS[4 * where - 1], ttl + 1000)
+    extend(KEYS[4 * where], ttl + 1000)
     for i = 1, where - 1 do
       local lk = KEYS[4 * i - 2]
       redis.call('ZADD', lk, 'XX', deadline, ticket .. ':r')
-      if redis.call('PTTL', lk) < ttl + 1000 then redis.call('PEXPIRE', lk, ttl + 1000) end
+      extend(lk, ttl + 1000)
+      extend(KEYS[4 * i + 1], ttl + 1000)
     end
   end
   out[#out + 1] = where
