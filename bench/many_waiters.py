@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from gateway.admission.engine import AdmissionEngine
 from gateway.admission.keys import Keys
 from gateway.admission.limits import RANK_WINDOW, Limit, window_limit
+from gateway.admission.pipelined import PipelinedRedis
 from gateway.admission.redis_store import RedisStore, make_client
 from gateway.admission.store import AcquireRequest, AcquireResult
 from gateway.clock import SystemClock
@@ -51,7 +52,7 @@ async def run(url: str, waiters: int, capacity: int, window_s: float) -> tuple[f
     clients, engines = [], []
     for _ in range(INSTANCES):
         client = make_client(url, timeout_ms=5000, pool_size=32)
-        store = Counting(client, keys)
+        store = Counting(client, keys, pipelined=PipelinedRedis(url, timeout_ms=5000))  # as the gateway runs
         store.calls = Counter()
         engine = AdmissionEngine(store, SystemClock())
         await engine.start()
