@@ -180,6 +180,26 @@ class Proxy(_Model):
     max_upstream_retries: int = Field(3, ge=0)
 
 
+class Transcripts(_Model):
+    # Embedded store only: where the job database (sqlite) and its secret key file live.
+    data_dir: str = "./aai-gateway-data"
+    # Job records and id maps are kept this long after a job ends (upstream lists 90 days).
+    retention_days: float = Field(90, gt=0)
+    # A queued or processing job is refreshed from upstream at most this often, whatever
+    # its clients poll; the SDK polls every 3 s.
+    poll_refresh_s: float = Field(10.0, gt=0)
+    # How long a dispatcher owns a job it is submitting before others may reconcile it.
+    claim_s: float = Field(30.0, gt=0)
+    # Last resort: a running job's concurrency lease ends after this unless renewed.
+    lease_ttl_s: float = Field(4 * 3600.0, gt=0)
+    # A job queued in the gateway longer than this ends in error.
+    max_queue_age_s: float = Field(24 * 3600.0, gt=0)
+    # A running job nobody has heard of for this long is looked up upstream by the reconciler.
+    reconcile_after_s: float = Field(60.0, gt=0)
+    # Honour X-AAI-Gateway-Priority (0-99, higher first); only behind trusted clients.
+    trust_priority_header: bool = False
+
+
 class Log(_Model):
     level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = True
@@ -197,6 +217,7 @@ class Config(_Model):
     limits: Limits = Field(default_factory=lambda: Limits.model_validate({}))
     queue: Queue = Queue()
     proxy: Proxy = Proxy()
+    transcripts: Transcripts = Transcripts()
     log: Log = Log()
     # The gateway's own address as clients reach it, e.g. https://aai-gw.example.com.
     public_url: str | None = None

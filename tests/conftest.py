@@ -63,6 +63,10 @@ class CountingStore:
     async def subscribe(self, callback: WakeCallback) -> None:
         await self.inner.subscribe(callback)
 
+    async def renew(self, ticket: str, limit: Limit, ttl_ms: int, *, create: bool = False) -> bool:
+        self._hit("renew")
+        return await self.inner.renew(ticket, limit, ttl_ms, create=create)
+
     async def usage(self, limit: Limit) -> tuple[int, int]:
         return await self.inner.usage(limit)
 

@@ -184,16 +184,32 @@ class AdmissionEngine:
         max_depth: int = 10_000,
         priority: int = 0,
         group: str = "",
+        ticket: str | None = None,
+        seq: int = 0,
+        durable: bool = False,
     ) -> Grant:
         """Wait until the request holds a lease on every limit, in order with other waiters.
 
         Raises ``WaitTimeout`` after ``max_wait_s``, ``QueueFull`` when ``max_depth`` waiters
         are ahead, ``StoreUnavailable`` when the store cannot be reached. On any of these, and
         on cancellation (the client left), nothing is held afterwards.
+
+        A ``durable`` ticket (a queued transcript job: ``ticket`` and its ``seq`` come from the
+        job record) is the exception: it is not aborted when this call gives up, because
+        the job still waits; dispatchers on any instance may wait on the same ticket (acquire
+        is idempotent per ticket), and its place in the queue lapses only if none refreshes it.
         """
         ordered_limits = ordered(limits)
         start = self._clock.now()
-        w = _Waiter(f"{self.instance}.{next(self._ids):x}", ordered_limits, priority, max_depth, group, start)
+        w = _Waiter(
+            ticket or f"{self.instance}.{next(self._ids):x}",
+            ordered_limits,
+            priority,
+            max_depth,
+            group,
+            start,
+        )
+        w.seq = seq
         # Registered before its first acquire: a wake-up that lands while that acquire is in
         # flight sets ``rerun``, so no capacity freed in between is missed.
         self._pending.add(w)
@@ -221,7 +237,7 @@ class AdmissionEngine:
         finally:
             self._forget(w)
             # Refused, timed out, or abandoned (cancelled): hold nothing. FULL kept nothing.
-            if not w.admitted and not (w.last is not None and w.last.status is Status.FULL):
+            if not w.admitted and not durable and not (w.last is not None and w.last.status is Status.FULL):
                 await self._abort(w)
 
     def _refusal(self, kind: type[RateLimited], w: _Waiter, result: AcquireResult, why: str) -> RateLimited:

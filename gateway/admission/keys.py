@@ -11,6 +11,11 @@ unchanged on Redis Cluster (one account lives on one shard; Cluster spreads acco
     <prefix>:{<account>}:seq              arrival counter
     <prefix>:{<account>}:tomb:<ticket>    tombstone of an aborted ticket (short TTL)
     <prefix>:{<account>}:wake             pub/sub channel: wake-up messages (store.py)
+    <prefix>:{<account>}:job:<id>         hash: a transcript job (products/transcripts/jobs.py)
+    <prefix>:{<account>}:jobs:queued      sorted set: queued job ids -> (priority, arrival)
+    <prefix>:{<account>}:jobs:running     sorted set: claimed/submitted job ids -> last heard (ms)
+    <prefix>:{<account>}:upid:<id>        string: upstream transcript id -> job id
+    <prefix>:{<account>}:idem:<key>       string: idempotency key (creator + header) -> job id
 """
 
 from __future__ import annotations
@@ -59,3 +64,20 @@ class Keys:
     @property
     def channel(self) -> str:
         return f"{self.base}:wake"
+
+    def job(self, job_id: str) -> str:
+        return f"{self.base}:job:{job_id}"
+
+    @property
+    def jobs_queued(self) -> str:
+        return f"{self.base}:jobs:queued"
+
+    @property
+    def jobs_running(self) -> str:
+        return f"{self.base}:jobs:running"
+
+    def upstream_id(self, upstream_id: str) -> str:
+        return f"{self.base}:upid:{upstream_id}"
+
+    def idempotency(self, key: str) -> str:
+        return f"{self.base}:idem:{key}"

@@ -339,6 +339,15 @@ class MemoryStore:
         self._gc(limits)
         return out
 
+    async def renew(self, ticket: str, limit: Limit, ttl_ms: int, *, create: bool = False) -> bool:
+        now = self._clock.now_ms()
+        leases = self._z(self._leases, limit.name)
+        leases.pop_upto(now)
+        if create:
+            leases.add(ticket, now + ttl_ms)
+            return True
+        return leases.update(ticket, now + ttl_ms)
+
     async def usage(self, limit: Limit) -> tuple[int, int]:
         now = self._clock.now_ms()
         leases = self._leases.get(limit.name)

@@ -94,6 +94,7 @@ class RedisStore:
         self._acquire = client.register_script(head + load_script("acquire"))
         self._release = client.register_script(head + load_script("release"))
         self._refresh = client.register_script(head + load_script("refresh"))
+        self._renew = client.register_script(head + load_script("renew"))
         self._usage = client.register_script(
             ("#!lua flags=no-writes\n" if shebang else "") + load_script("usage")
         )
@@ -225,6 +226,12 @@ class RedisStore:
         self._count("refresh")
         raw = await self._call("refresh", self._run(self._refresh, keys, args))
         return [int(x) for x in raw]
+
+    async def renew(self, ticket: str, limit: Limit, ttl_ms: int, *, create: bool = False) -> bool:
+        self._count("renew")
+        keys = [self._keys.leases(limit.name)]
+        live = await self._call("renew", self._run(self._renew, keys, [ticket, ttl_ms, int(create)]))
+        return bool(live)
 
     async def _run(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
         if self._pipe is not None:

@@ -18,6 +18,10 @@ release(ticket, limits, tombstone=...)
     ``tombstone`` also leave a short-lived marker that makes a late acquire of the ticket
     return ABORTED. Used to abort a waiter (tombstone), to end a concurrency lease, and to
     refund a window lease for a request that provably never left.
+renew(ticket, limit, ttl_ms, create=False)
+    Push back the end of a concurrency lease (a job still running), or with ``create``
+    restore one whatever the capacity (a job known to run upstream). Returns whether the
+    lease is live afterwards; a renewal never revives a released lease.
 refresh(limits, tickets)
     Push back the deadlines of waiting tickets and of their reservations. Returns, per
     ticket, the 1-based index in ``limits`` of the queue it waits in, or 0 when it is gone.
@@ -103,6 +107,8 @@ class Store(Protocol):
     async def release(self, ticket: str, limits: Sequence[Limit], *, tombstone: bool = False) -> int: ...
 
     async def refresh(self, limits: Sequence[Limit], tickets: Sequence[str], ttl_ms: int) -> list[int]: ...
+
+    async def renew(self, ticket: str, limit: Limit, ttl_ms: int, *, create: bool = False) -> bool: ...
 
     async def subscribe(self, callback: WakeCallback) -> None: ...
 

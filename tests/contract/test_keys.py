@@ -11,7 +11,10 @@ from redis.crc import key_slot
 
 from gateway.admission.keys import Keys
 
-SCRIPTS = ["acquire", "release", "refresh", "usage"]
+SCRIPTS = [
+    *(("gateway.admission", s) for s in ["acquire", "release", "refresh", "usage", "renew"]),
+    *(("gateway.products.transcripts", s) for s in ["create", "claim", "requeue", "update", "end"]),
+]
 # Commands that take no key.
 KEYLESS = {"TIME"}
 
@@ -49,15 +52,17 @@ def test_account_names_that_would_break_the_hash_tag_are_refused(bad: str) -> No
         Keys(account=bad)
 
 
-def _script(name: str) -> str:
-    return resources.files("gateway.admission").joinpath("lua", f"{name}.lua").read_text()
+def _script(script: tuple[str, str]) -> str:
+    package, name = script
+    return resources.files(package).joinpath("lua", f"{name}.lua").read_text()
 
 
-@pytest.mark.parametrize("name", SCRIPTS)
-def test_scripts_touch_only_declared_keys(name: str) -> None:
+@pytest.mark.parametrize("script", SCRIPTS, ids=[s[1] for s in SCRIPTS])
+def test_scripts_touch_only_declared_keys(script: tuple[str, str]) -> None:
     """Every redis.call names its key through KEYS (directly, or through a local defined
     from KEYS in the same script): Cluster refuses anything else."""
-    source = "\n".join(line.split("--", 1)[0] for line in _script(name).splitlines())
+    name = script[1]
+    source = "\n".join(line.split("--", 1)[0] for line in _script(script).splitlines())
     key_names = {"KEYS"}
     for local, expr in re.findall(r"local function (\w+)\(\w*\) return (\S+)", source):
         if expr.startswith("KEYS["):
@@ -85,7 +90,7 @@ def test_scripts_touch_only_declared_keys(name: str) -> None:
         assert head and head.group(0) in key_names, f"{name}.lua: {command} on {first_arg!r}, not from KEYS"
 
 
-@pytest.mark.parametrize("name", SCRIPTS)
-def test_scripts_open_with_their_contract(name: str) -> None:
-    head = _script(name).split("\n\n", 1)[0]
+@pytest.mark.parametrize("script", SCRIPTS, ids=[s[1] for s in SCRIPTS])
+def test_scripts_open_with_their_contract(script: tuple[str, str]) -> None:
+    head = _script(script).split("\n\n", 1)[0]
     assert "KEYS" in head and "ARGV" in head and "Returns" in head

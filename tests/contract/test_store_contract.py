@@ -270,3 +270,19 @@ async def test_a_short_lived_ticket_never_cuts_short_a_queue_key(store_env: Stor
     late = await store.acquire(req("late", model))
     assert late.status is Status.BLOCKED and late.ahead == 1  # "long" still waits ahead of it
     assert (await store.acquire(req("long", model, seq=long_lived.seq, ttl_ms=3000))).admitted
+
+
+async def test_renew_pushes_back_a_live_lease_and_never_revives_a_released_one(store_env: StoreEnv) -> None:
+    store = store_env.store()
+    jobs = concurrency_limit("async", 1, 0.3, rank=RANK_CONCURRENCY)
+    assert (await store.acquire(req("job", jobs))).admitted
+    await store_env.advance(0.2)
+    assert await store.renew("job", jobs, 300)  # now ends 0.3 s from here
+    await store_env.advance(0.2)
+    assert await store.usage(jobs) == (1, 0)  # past its first end, still live
+    assert await store.release("job", [jobs]) == 1
+    assert not await store.renew("job", jobs, 300)  # released: a late renewal does nothing
+    assert await store.usage(jobs) == (0, 0)
+    assert await store.renew("job", jobs, 300, create=True)  # restored (a job running upstream)
+    assert await store.renew("other", jobs, 300, create=True)  # whatever the capacity
+    assert await store.usage(jobs) == (2, 0)

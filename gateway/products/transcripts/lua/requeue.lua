@@ -1,0 +1,16 @@
+-- requeue: claimed -> queued under a new attempt (nothing reached upstream, or it refused).
+--
+-- KEYS[1]   the job's hash
+-- KEYS[2]   jobs:queued
+-- KEYS[3]   jobs:running
+-- ARGV[1]   job id
+-- ARGV[2]   the new attempt number
+-- ARGV[3]   queue score
+--
+-- Returns 1 if requeued, 0 if the job was not claimed.
+
+if redis.call('HGET', KEYS[1], 'state') ~= 'claimed' then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'queued', 'attempt', ARGV[2], 'claimer', '', 'claim_until_ms', '0')
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+return 1

@@ -1,0 +1,180 @@
+"""One contract, every job store: sqlite (the embedded store's file), fakeredis, real Redis."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import fakeredis
+import pytest
+
+from gateway.admission.keys import Keys
+from gateway.admission.redis_store import make_client
+from gateway.products.transcripts.jobs import Job, JobStore, State
+from gateway.products.transcripts.redis_jobs import RedisJobStore
+from gateway.products.transcripts.sqlite_jobs import SqliteJobStore
+from tests.conftest import REDIS_URL, redis_client
+
+
+class Wall:
+    def __init__(self) -> None:
+        self.t = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture(params=["sqlite", "fakeredis", "redis"])
+async def jobs(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[tuple[JobStore, Wall]]:
+    wall = Wall()
+    if request.param == "sqlite":
+        store = SqliteJobStore(tmp_path / "jobs.db", wall=wall)
+        yield store, wall
+        await store.close()
+    elif request.param == "fakeredis":
+        client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+        yield RedisJobStore(client, Keys(prefix="j"), shebang=False, wall=wall), wall
+        await client.aclose()
+    else:
+        await (await redis_client()).aclose()
+        client = make_client(REDIS_URL, timeout_ms=2000)
+        keys = Keys(prefix="jobs" + uuid.uuid4().hex[:8])
+        yield RedisJobStore(client, keys, wall=wall), wall
+        async for key in client.scan_iter(match=f"{keys.prefix}:*"):
+            await client.delete(key)
+        await client.aclose()
+
+
+def new_job(i: int = 0, *, priority: int = 0, created_ms: int = 1000) -> Job:
+    return Job(
+        id=f"job-{i}",
+        key_fp="fp",
+        body={"audio_url": f"https://x/{i}.mp3", "speaker_labels": True},
+        created_ms=created_ms + i,
+        priority=priority,
+        cred="encrypted-credential",
+    )
+
+
+async def test_a_job_round_trips(jobs: tuple[JobStore, Wall]) -> None:
+    store, _ = jobs
+    job = new_job()
+    job.extra = {"webhook": {"url": "https://c/hook?customer_id=1"}}
+    await store.create(job)
+    got = await store.get(job.id)
+    assert got == job
+    assert await store.get("nope") is None
+
+
+async def test_queue_order_is_priority_then_arrival(jobs: tuple[JobStore, Wall]) -> None:
+    store, _ = jobs
+    for i, prio in enumerate([0, 0, 50, 0, 99]):
+        await store.create(new_job(i, priority=prio))
+    assert await store.queued(10) == ["job-4", "job-2", "job-0", "job-1", "job-3"]
+    assert await store.queued(2) == ["job-4", "job-2"]
+    assert await store.counts() == {"queued": 5, "running": 0}
+
+
+async def test_claim_is_compare_and_set(jobs: tuple[JobStore, Wall]) -> None:
+    store, _ = jobs
+    await store.create(new_job())
+    first = await store.claim("job-0", "instance-a", 30_000)
+    assert first is not None and first.state is State.CLAIMED and first.claimer == "instance-a"
+    assert first.claim_until_ms > 0
+    assert await store.claim("job-0", "instance-b", 30_000) is None  # already claimed
+    assert await store.queued(10) == []
+    assert await store.counts() == {"queued": 0, "running": 1}
+
+
+async def test_requeue_takes_a_new_attempt_and_keeps_the_place(jobs: tuple[JobStore, Wall]) -> None:
+    store, _ = jobs
+    for i in range(3):
+        await store.create(new_job(i))
+    await store.claim("job-0", "a", 30_000)
+    assert await store.requeue("job-0", attempt=1)
+    assert not await store.requeue("job-0", attempt=2)  # not claimed any more
+    job = await store.get("job-0")
+    assert job is not None and job.state is State.QUEUED and job.attempt == 1 and job.ticket == "job-0.1"
+    assert await store.queued(10) == ["job-0", "job-1", "job-2"]
+
+
+async def test_submitted_indexes_the_upstream_id(jobs: tuple[JobStore, Wall]) -> None:
+    store, _ = jobs
+    await store.create(new_job())
+    await store.claim("job-0", "a", 30_000)
+    await store.submitted("job-0", "up-1", {"id": "up-1", "status": "queued"})
+    job = await store.get("job-0")
+    assert job is not None and job.state is State.SUBMITTED and job.upstream_id == "up-1"
+    assert job.status == "queued" and job.refreshed_ms > 0
+    assert await store.by_upstream(["up-1", "up-unknown"]) == {"up-1": "job-0"}
+
+
+async def test_end_happens_once_deletes_the_credential_and_keeps_the_record(
+    jobs: tuple[JobStore, Wall],
+) -> None:
+    store, _ = jobs
+    await store.create(new_job())
+    await store.claim("job-0", "a", 30_000)
+    await store.submitted("job-0", "up-1", {"id": "up-1", "status": "processing"})
+    before = await store.end(
+        "job-0", snapshot={"id": "up-1", "status": "completed"}, error="", retention_s=3600
+    )
+    assert before is not None and before.state is State.SUBMITTED and before.cred == "encrypted-credential"
+    assert await store.end("job-0", snapshot=None, error="", retention_s=3600) is None  # once
+    job = await store.get("job-0")
+    assert job is not None and job.state is State.ENDED and job.cred is None and job.status == "completed"
+    assert await store.counts() == {"queued": 0, "running": 0}
+    assert await store.by_upstream(["up-1"]) == {"up-1": "job-0"}  # still mapped while retained
+    # An ended job is never updated again.
+    await store.refreshed("job-0", {"id": "up-1", "status": "processing"})
+    job = await store.get("job-0")
+    assert job is not None and job.status == "completed"
+
+
+async def test_cancelled_while_queued(jobs: tuple[JobStore, Wall]) -> None:
+    store, _ = jobs
+    await store.create(new_job())
+    before = await store.end("job-0", snapshot=None, error="cancelled", retention_s=3600)
+    assert before is not None and before.state is State.QUEUED
+    assert await store.queued(10) == []
+    assert await store.claim("job-0", "a", 30_000) is None
+    job = await store.get("job-0")
+    assert job is not None and job.status == "error" and job.error == "cancelled"
+
+
+async def test_idempotency_returns_the_first_job(jobs: tuple[JobStore, Wall]) -> None:
+    store, _ = jobs
+    first = await store.create(new_job(0), idempotency="fp:retry-1")
+    again = await store.create(new_job(1), idempotency="fp:retry-1")
+    other = await store.create(new_job(2), idempotency="fp:retry-2")
+    assert again.id == first.id == "job-0" and other.id == "job-2"
+    assert await store.queued(10) == ["job-0", "job-2"]
+
+
+async def test_running_lists_jobs_not_heard_of(jobs: tuple[JobStore, Wall]) -> None:
+    store, wall = jobs
+    for i in range(3):
+        await store.create(new_job(i))
+        await store.claim(f"job-{i}", "a", 30_000)
+    wall.t += 10
+    await store.refreshed("job-1", {"id": "u1", "status": "processing"})
+    heard_before = int(wall.t * 1000) - 1
+    assert sorted(await store.running(heard_before, 10)) == ["job-0", "job-2"]
+
+
+async def test_extra_items_update_independently(jobs: tuple[JobStore, Wall]) -> None:
+    store, _ = jobs
+    await store.create(new_job())
+    await store.update_extra("job-0", {"a": 1})
+    await store.update_extra("job-0", {"b": {"c": [1, 2]}})
+    job = await store.get("job-0")
+    assert job is not None and job.extra == {"a": 1, "b": {"c": [1, 2]}}
+
+
+async def test_seq_recorded(jobs: tuple[JobStore, Wall]) -> None:
+    store, _ = jobs
+    await store.create(new_job())
+    await store.set_seq("job-0", 42)
+    job = await store.get("job-0")
+    assert job is not None and job.seq == 42
