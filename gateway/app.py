@@ -16,6 +16,8 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -32,8 +34,13 @@ from .errors import GatewayError, NotFound, StoreUnavailable
 from .metrics import Metrics
 from .products import llm, rest, streaming
 from .products.catalog import Catalog
+from .products.transcripts.jobs import JobStore
+from .products.transcripts.redis_jobs import RedisJobStore
+from .products.transcripts.service import Transcripts
+from .products.transcripts.sqlite_jobs import SqliteJobStore
 from .proxy.forward import Upstream
 from .proxy.handler import GROUP, ClientGone, ProxyHandler
+from .vault import load_vault
 
 log = logging.getLogger("gateway")
 
@@ -118,12 +125,18 @@ def build_app(
     registry = registry if registry is not None else CollectorRegistry()
     metrics = Metrics(registry)
     store = store or make_store(config, clock)
-    catalog = Catalog(config.limits)
+    catalog = Catalog(config.limits, claim_lease_s=2 * config.transcripts.claim_s)
     engine = AdmissionEngine(store, clock, ticket_ttl_ms=config.queue.ticket_ttl_ms, observer=metrics)
     upstream = Upstream(config.upstream, metrics)
     handler = ProxyHandler(
         config, catalog=catalog, engine=engine, upstream=upstream, metrics=metrics, clock=clock
     )
+    jobs = make_job_store(config, store)
+    vault = load_vault(shared=config.redis.url is not None, data_dir=Path(config.transcripts.data_dir))
+    transcripts = Transcripts(
+        config, jobs=jobs, engine=engine, catalog=catalog, handler=handler, upstream=upstream,
+        vault=vault, metrics=metrics, clock=clock,
+    )  # fmt: skip
 
     app = web.Application(middlewares=[errors_middleware(metrics)], handler_args={"max_field_size": 16384})
     app[CONFIG] = config
@@ -137,12 +150,15 @@ def build_app(
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         await upstream.start()
         await engine.start()
-        sampler = asyncio.create_task(_sample(store, catalog, metrics))
+        await transcripts.start()
+        sampler = asyncio.create_task(_sample(store, catalog, metrics, transcripts))
         yield
         sampler.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await sampler
+        await transcripts.close()
         await engine.close()
+        await jobs.close()
         await store.close()
         await upstream.close()
         closer = getattr(getattr(store, "_client", None), "aclose", None)
@@ -159,9 +175,11 @@ def build_app(
         return web.json_response({"status": "ok"})
 
     async def readyz(request: web.Request) -> web.Response:
-        detail = {"store": store.kind, "instance": engine.instance, "config": "loaded"}
+        detail: dict[str, object] = {"store": store.kind, "instance": engine.instance, "config": "loaded"}
         if store.kind == "memory":
             detail["note"] = "embedded store: limits hold for this ONE instance only"
+        if transcripts.dispatcher.paused:
+            detail["dispatch"] = f"paused: {transcripts.dispatcher.pause_reason}"
         try:
             await store.ping()
         except StoreUnavailable as exc:
@@ -176,6 +194,18 @@ def build_app(
     app.router.add_get("/metrics", metrics_view)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+
+    def job_route(serve: Callable[..., Awaitable[web.StreamResponse | None]]) -> Any:
+        async def call(request: web.Request) -> web.StreamResponse | None:
+            return await serve(request, *request.match_info.values())
+
+        return handler.product(call, fallback=rest.plan, group="rest")
+
+    app.router.add_post("/v2/transcript", job_route(transcripts.create))
+    app.router.add_get("/v2/transcript", job_route(transcripts.list_transcripts))
+    app.router.add_get("/v2/transcript/{id}", job_route(transcripts.get))
+    app.router.add_delete("/v2/transcript/{id}", job_route(transcripts.delete))
+    app.router.add_get("/v2/transcript/{id}/{sub}", job_route(transcripts.sub_resource))
     app.router.add_route("*", "/v2/{tail:.*}", handler.route(rest.plan))
     app.router.add_route("*", "/v1/{tail:.*}", handler.route(llm.plan, public=llm.PUBLIC))
     app.router.add_route("*", "/v3/{tail:.*}", handler.route(streaming.plan))
@@ -183,10 +213,25 @@ def build_app(
     return app
 
 
-async def _sample(store: Store, catalog: Catalog, metrics: Metrics) -> None:
+def make_job_store(config: Config, store: Store) -> JobStore:
+    """Jobs live beside the limits: in Redis when it is shared, else in a local sqlite file."""
+    client = getattr(store, "_client", None)
+    if config.redis.url is not None and client is not None:
+        return RedisJobStore(client, Keys(prefix=config.redis.key_prefix, account=config.account))
+    return SqliteJobStore(Path(config.transcripts.data_dir) / "jobs.db")
+
+
+async def _sample(store: Store, catalog: Catalog, metrics: Metrics, transcripts: Transcripts) -> None:
     """Keep the tokens-in-use gauges true while no traffic updates them."""
     while True:
         await asyncio.sleep(SAMPLE_EVERY_S)
+        try:
+            counts = await transcripts.jobs.counts()
+            metrics.jobs_queued.set(counts.get("queued", 0))
+            metrics.jobs_running.set(counts.get("running", 0))
+            metrics.dispatch_paused.set(1 if transcripts.dispatcher.paused else 0)
+        except StoreUnavailable:
+            metrics.store_errors.labels("jobs").inc()
         for limit in catalog.fixed_limits():
             try:
                 out, _ = await store.usage(limit)

@@ -190,6 +190,43 @@ class Metrics:
         )
 
         # -- the engine's observer -------------------------------------------------------------
+        # Pre-recorded transcription (products/transcripts).
+        self.jobs_created = self._make("counter", p + "jobs_created_total", "Transcript jobs created.")
+        self.jobs_ended = self._make(
+            "counter", p + "jobs_ended_total", "Transcript jobs ended, by final status.", ["status"]
+        )
+        self.jobs_queued = self._make(
+            "gauge", p + "jobs_queued", "Jobs waiting in the gateway's queue (account-wide)."
+        )
+        self.jobs_running = self._make(
+            "gauge", p + "jobs_running", "Jobs submitted and not yet ended (account-wide)."
+        )
+        self.job_queue_wait = self._make(
+            "histogram", p + "job_queue_wait_seconds", "Time a job waited in the gateway before submission.",
+            buckets=(0.1, 1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 14400),
+        )  # fmt: skip
+        self.job_duration = self._make(
+            "histogram", p + "job_duration_seconds", "Creation to end of a job (queue wait and processing).",
+            buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400),
+        )  # fmt: skip
+        self.job_polls = self._make("counter", p + "job_polls_total", "Client GETs of a gateway job.")
+        self.job_refreshes = self._make(
+            "counter", p + "job_refreshes_total", "Upstream GETs the gateway made to refresh a job."
+        )
+        self.reconciler_polls = self._make(
+            "counter",
+            p + "reconciler_polls_total",
+            "Jobs the reconciler looked up upstream, by outcome.",
+            ["outcome"],
+        )
+        self.webhook_relays = self._make(
+            "counter", p + "webhook_relays_total", "Webhook deliveries to clients, by outcome.", ["outcome"]
+        )
+        self.dispatch_paused = self._make(
+            "gauge",
+            p + "dispatch_paused",
+            "1 while dispatching is paused (upstream reported a negative balance).",
+        )
         registry.register(self)
 
     def _make(self, kind: str, name: str, doc: str, labelnames: Sequence[str] = (), *,

@@ -25,6 +25,10 @@ from gateway.app import build_app
 from gateway.config import Config
 from gateway.sim.app import Sim, SimConfig, build_sim_app
 
+# One secret key for every gateway the tests start (instances sharing Redis need the same).
+TEST_SECRET_KEY = "9KQ-aTwgmQNwfRoJRvR6Q3Co2dDIDfvFYShmQmXyJqE="
+os.environ.setdefault("AAI_GATEWAY_SECRET_KEY", TEST_SECRET_KEY)
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -38,6 +42,7 @@ def gateway_config(sim_url: str, **overrides: Any) -> Config:
         "upstream": {"api_url": sim_url, "llm_url": sim_url, "streaming_url": "ws" + sim_url[len("http") :]},
         "listen": {"host": "127.0.0.1", "port": 0},
         "log": {"access_log": False},
+        "transcripts": {"data_dir": tempfile.mkdtemp(prefix="aai-gw-data-")},
     }
     return Config.model_validate(_merge(raw, overrides))
 
@@ -155,4 +160,5 @@ def start_gateway_process(raw_config: dict[str, Any]) -> Process:
     yaml.safe_dump(raw, f)
     f.close()
     env = {k: v for k, v in os.environ.items() if not k.startswith("AAI_GATEWAY_")}
+    env["AAI_GATEWAY_SECRET_KEY"] = TEST_SECRET_KEY  # the same on every instance
     return Process(["serve", "--config", f.name], env, port)

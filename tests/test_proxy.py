@@ -29,8 +29,11 @@ async def test_routes_and_gateway_endpoints() -> None:
             s.url + "/v2/transcript", json={"audio_url": "https://x/a.mp3"}, headers=KEY
         ) as r:
             assert r.status == 200 and (await r.json())["status"] in ("queued", "processing")
+            assert r.headers["RateLimit-Policy"] == "async;q=200"  # the tightest it took
+            assert r.headers["RateLimit"] == "async;r=199"
+        async with http.get(s.url + "/v2/transcript/not-a-gateway-id", headers=KEY) as r:
             assert r.headers["RateLimit-Policy"] == "requests;q=20000;w=300"
-            assert r.headers["RateLimit"].startswith("requests;r=19999;t=")
+            assert r.headers["RateLimit"].startswith("requests;r=19998;t=")
         async with http.post(
             s.url + "/v1/chat/completions", json={"model": "gpt-5", "messages": []}, headers=KEY
         ) as r:
@@ -40,11 +43,12 @@ async def test_routes_and_gateway_endpoints() -> None:
             assert r.status == 200 and "token" in await r.json()
         async with http.get(s.url + "/metrics") as r:
             text = await r.text()
-            assert 'aai_gateway_admissions_total{limit="requests"} 3.0' in text
+            assert 'aai_gateway_admissions_total{limit="requests"} 4.0' in text
             assert 'aai_gateway_admissions_total{limit="llm:gpt-5"} 1.0' in text
             assert "test-key" not in text
         assert [(x["method"], x["path"]) for x in s.sim.seen] == [
             ("POST", "/v2/transcript"),
+            ("GET", "/v2/transcript/not-a-gateway-id"),
             ("POST", "/v1/chat/completions"),
             ("GET", "/v3/token"),
         ]

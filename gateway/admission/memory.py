@@ -299,9 +299,10 @@ class MemoryStore:
         removed = 0
         names = []
         now = self._clock.now_ms()
-        for limit in limits:
+        for i, limit in enumerate(limits):
+            if self._purge(limit.name, now, limits[:i]):  # lapsed entries first, as acquire does
+                names.append(limit.name)
             leases = self._z(self._leases, limit.name)
-            leases.pop_upto(now)  # a lapsed lease is not released, and wakes nobody
             got = int(leases.remove(ticket)) + int(leases.remove(ticket + ":r"))
             got += int(self._z(self._wait, limit.name).remove(ticket))
             self._z(self._dead, limit.name).remove(ticket)

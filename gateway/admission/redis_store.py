@@ -26,6 +26,8 @@ from typing import Any
 import hiredis
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 
 from ..errors import StoreUnavailable
@@ -55,7 +57,10 @@ def make_client(
         timeout=timeout_ms / 1000,
         socket_timeout=timeout_ms / 1000,
         socket_connect_timeout=connect_timeout_ms / 1000,
-        health_check_interval=10,
+        # A pooled connection that Redis closed (a restart, an idle timeout) is retried once on
+        # a fresh one, so the first call after a restart does not fail for nothing.
+        retry=Retry(NoBackoff(), 1),
+        retry_on_error=[redis_errors.ConnectionError],
     )
     return aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
 

@@ -49,7 +49,9 @@ def valid_model_name(model: str) -> bool:
 
 
 class Catalog:
-    def __init__(self, cfg: Limits) -> None:
+    def __init__(self, cfg: Limits, *, claim_lease_s: float = 60.0) -> None:
+        """``claim_lease_s``: how long a transcript's concurrency lease lasts until its
+        upstream id is recorded (then it is renewed for the job's run)."""
         self._cfg = cfg
         guard = cfg.guard_ms
         req = cfg.requests
@@ -66,8 +68,9 @@ class Catalog:
         self.streaming_sessions = window_limit(
             "streaming", ss.limit, ss.window_s, _guard(ss.guard_ms, guard), rank=RANK_SESSIONS
         )
-        # Lease TTL for a running transcript: renewed while the job runs (the transcripts work).
-        self.async_jobs = concurrency_limit("async", cfg.async_concurrency, 3 * 3600.0, rank=RANK_CONCURRENCY)
+        self.async_jobs = concurrency_limit(
+            "async", cfg.async_concurrency, claim_lease_s, rank=RANK_CONCURRENCY
+        )
         self._models: dict[str, Limit] = {name: self._make_model(name) for name in llm.models}
         check_classes(self.classes())
 

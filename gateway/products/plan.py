@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from aiohttp import web
@@ -28,6 +28,8 @@ class Plan(NamedTuple):
     max_wait_s: float = 25.0
     body: bytes | None = None
     rewrite_urls: bool = False  # JSON responses may carry absolute URLs back to the API
+    path: str | None = None  # the upstream path and query, when not the client's own
+    rewrite: Callable[[Any], Any] | None = None  # applied to a JSON response document
 
     @property
     def retryable(self) -> bool:

@@ -12,12 +12,14 @@ within the request's max wait and with NEW leases, when the gateway still holds 
 from __future__ import annotations
 
 import email.utils
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 
 import aiohttp
 from aiohttp import hdrs, web
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from ..admission.engine import AdmissionEngine, Grant
@@ -99,46 +101,90 @@ class ProxyHandler:
 
         return handle
 
+    def product(
+        self,
+        serve: Callable[[web.Request], Awaitable[web.StreamResponse | None]],
+        *,
+        fallback: Planner,
+        group: str,
+    ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        """A route a product serves itself (transcript jobs); when it declines (None: not one
+        of its ids), the request is forwarded like any other."""
+        forward = self.route(fallback)
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            if hdrs.AUTHORIZATION not in request.headers:
+                raise Unauthorized()
+            request[GROUP] = group
+            served = await serve(request)
+            return served if served is not None else await forward(request)
+
+        return handle
+
     async def forward(self, request: web.Request, plan: Plan) -> web.StreamResponse:
+        """Admit, send upstream and relay the answer to the client (streamed)."""
+        path = plan.path or request.raw_path  # as the client sent it: encoded, query untouched
+        headers = request_headers(request.headers, keep_length=plan.body is None)
+        resp, grant = await self._exchange(
+            plan, request.method, path, headers, self._data(request, plan), request
+        )
+        try:
+            extra = admitted_headers(grant.limits, grant.states) if grant else {}
+            return await relay(request, resp, extra_headers=extra, rewrite=self._rewriter(request, plan))
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise translate(exc) from exc
+        finally:
+            resp.release()
+
+    async def fetch(
+        self, plan: Plan, method: str, path: str, headers: Mapping[str, str]
+    ) -> tuple[int, CIMultiDictProxy[str], bytes]:
+        """Admit, send upstream and read a small answer: for the gateway's own calls
+        (refreshing a transcript, say) rather than relaying one to a client."""
+        resp, _ = await self._exchange(plan, method, path, CIMultiDict(headers), plan.body or None, None)
+        try:
+            return resp.status, resp.headers, await resp.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise translate(exc) from exc
+        finally:
+            resp.release()
+
+    async def _exchange(
+        self,
+        plan: Plan,
+        method: str,
+        path: str,
+        headers: CIMultiDict[str],
+        data: object,
+        request: web.Request | None,
+    ) -> tuple[aiohttp.ClientResponse, Grant | None]:
+        """One admitted upstream exchange, retrying an upstream 429 within the max wait when
+        the body can be sent again. Returns the response unread (the caller releases it)."""
         deadline = self._clock.now() + plan.max_wait_s
         retries = 0
+        url = URL(plan.base_url + path, encoded=True)
         while True:
             grant = await self._admit(plan, deadline)
-            if client_gone(request):
+            if request is not None and client_gone(request):
                 await self._refund(grant)
                 raise ClientGone()
             try:
                 resp = await self._upstream.send(
-                    request.method,
-                    # As the client sent it: already encoded, the query string untouched.
-                    URL(plan.base_url + request.raw_path, encoded=True),
-                    headers=request_headers(request.headers, keep_length=plan.body is None),
-                    data=self._data(request, plan),
-                    group=plan.group,
-                    admitted_at=time.perf_counter(),
+                    method, url, headers=headers, data=data, group=plan.group, admitted_at=time.perf_counter()
                 )
             except NeverLeft:
                 await self._refund(grant)
                 raise
-            delay = None
-            try:
-                if resp.status == 429 and self._may_retry(plan, retries):
-                    wait = upstream_retry_delay(resp.headers)
-                    if self._clock.now() + wait < deadline:
-                        delay = wait
-                if delay is None:
-                    extra = admitted_headers(grant.limits, grant.states) if grant else {}
-                    return await relay(
-                        request, resp, extra_headers=extra, rewrite=self._rewriter(request, plan)
-                    )
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                raise translate(exc) from exc
-            finally:
-                resp.release()
-            retries += 1
-            self._metrics.child(self._metrics.upstream_retries, plan.group).inc()
-            log.info("upstream answered 429 on %s %s; retrying in %.2fs", request.method, request.path, delay)
-            await self._clock.sleep(delay)
+            if resp.status == 429 and self._may_retry(plan, retries):
+                delay = upstream_retry_delay(resp.headers)
+                if self._clock.now() + delay < deadline:
+                    resp.release()
+                    retries += 1
+                    self._metrics.child(self._metrics.upstream_retries, plan.group).inc()
+                    log.info("upstream answered 429 on %s %s; retrying in %.2fs", method, url.path, delay)
+                    await self._clock.sleep(delay)
+                    continue
+            return resp, grant
 
     async def _admit(self, plan: Plan, deadline: float) -> Grant | None:
         if not plan.limits:
@@ -174,14 +220,21 @@ class ProxyHandler:
         return plan.body or None
 
     def _rewriter(self, request: web.Request, plan: Plan) -> Callable[[bytes], bytes] | None:
-        if not plan.rewrite_urls:
+        if not plan.rewrite_urls and plan.rewrite is None:
             return None
         base = gateway_base(
             request, public_url=self._cfg.public_url, trust_forwarded=self._cfg.proxy.trust_forwarded_headers
         )
-        api_url = plan.base_url
+        api_url, change = plan.base_url, plan.rewrite
 
         def rewrite(body: bytes) -> bytes:
-            return rewrite_page_details(body, api_url=api_url, base=base)
+            if change is not None:
+                try:
+                    body = json.dumps(change(json.loads(body))).encode()
+                except (UnicodeDecodeError, json.JSONDecodeError):
+                    pass  # not JSON after all: passed on as it is
+            if plan.rewrite_urls:
+                body = rewrite_page_details(body, api_url=api_url, base=base)
+            return body
 
         return rewrite

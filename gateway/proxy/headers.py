@@ -43,11 +43,10 @@ def admitted_headers(limits: Sequence[Limit], states: Sequence[LimitState]) -> d
     if not limits or len(states) != len(limits):
         return {}
     limit, state = min(zip(limits, states, strict=True), key=lambda p: (p[1].remaining, -p[1].reset_ms))
-    reset = max(0, math.ceil(state.reset_ms / 1000))
-    return {
-        "RateLimit-Policy": policy(limit),
-        "RateLimit": f"{_item(limit.name)};r={max(0, state.remaining)};t={reset}",
-    }
+    value = f"{_item(limit.name)};r={max(0, state.remaining)}"
+    if limit.kind is Kind.WINDOW:  # a concurrency token comes back when work ends, not at a time
+        value += f";t={max(0, math.ceil(state.reset_ms / 1000))}"
+    return {"RateLimit-Policy": policy(limit), "RateLimit": value}
 
 
 def refused_headers(limit: Limit, retry_after_s: float) -> dict[str, str]:

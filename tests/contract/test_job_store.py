@@ -63,7 +63,7 @@ async def test_a_job_round_trips(jobs: tuple[JobStore, Wall]) -> None:
     job.extra = {"webhook": {"url": "https://c/hook?customer_id=1"}}
     await store.create(job)
     got = await store.get(job.id)
-    assert got == job
+    assert got == job and job.seq > 0
     assert await store.get("nope") is None
 
 
@@ -172,9 +172,9 @@ async def test_extra_items_update_independently(jobs: tuple[JobStore, Wall]) -> 
     assert job is not None and job.extra == {"a": 1, "b": {"c": [1, 2]}}
 
 
-async def test_seq_recorded(jobs: tuple[JobStore, Wall]) -> None:
+async def test_jobs_take_their_place_in_line_when_created(jobs: tuple[JobStore, Wall]) -> None:
     store, _ = jobs
-    await store.create(new_job())
-    await store.set_seq("job-0", 42)
-    job = await store.get("job-0")
-    assert job is not None and job.seq == 42
+    seqs = [(await store.create(new_job(i))).seq for i in range(3)]
+    assert seqs == sorted(seqs) and len(set(seqs)) == 3
+    stored = [(await store.get(f"job-{i}")).seq for i in range(3)]  # type: ignore[union-attr]
+    assert stored == seqs

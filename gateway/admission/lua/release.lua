@@ -10,8 +10,8 @@
 -- ARGV[4]            n, the number of limits
 -- ARGV[4+i]          name of limit i
 --
--- Returns the number of live entries removed (integer; a lease or reservation that already
--- lapsed does not count). Publishes the name of every limit on which something live was
+-- Returns the number of live entries removed (integer; a lease, reservation or waiting ticket
+-- that already lapsed does not count: lapsed entries are purged first, as acquire does). Publishes the name of every limit on which something live was
 -- removed: capacity, or a place in a queue, may now be owed to a waiter.
 
 local t = redis.call('TIME')
@@ -24,6 +24,15 @@ local n = tonumber(ARGV[4])
 local removed = 0
 for i = 1, n do
   redis.call('ZREMRANGEBYSCORE', KEYS[4 * i - 1], '-inf', now)
+  local dead = redis.call('ZRANGEBYSCORE', KEYS[4 * i + 1], '-inf', now)
+  if #dead > 0 then
+    for _, d in ipairs(dead) do
+      redis.call('ZREM', KEYS[4 * i], d)
+      for j = 1, i - 1 do redis.call('ZREM', KEYS[4 * j + 2], d) end
+    end
+    redis.call('ZREMRANGEBYSCORE', KEYS[4 * i + 1], '-inf', now)
+    redis.call(pubcmd, KEYS[2], ARGV[4 + i])
+  end
   local got = redis.call('ZREM', KEYS[4 * i - 1], ticket, ticket .. ':r')
     + redis.call('ZREM', KEYS[4 * i], ticket)
   redis.call('ZREM', KEYS[4 * i + 1], ticket)

@@ -73,13 +73,13 @@ class RedisJobStore:
         idem_key = k.idempotency(idempotency) if idempotency else k.job(job.id)
         ttl = idem_ttl_s * 1000 if idempotency else 0
         args: list[Any] = [job.id, queue_score(job.priority, job.created_ms), ttl, *_flat(job.to_fields())]
-        existing = await self._call(
-            "create", self._create(keys=[k.job(job.id), k.jobs_queued, idem_key], args=args)
-        )
+        keys = [k.job(job.id), k.jobs_queued, idem_key, k.seq]
+        existing, seq = await self._call("create", self._create(keys=keys, args=args))
         if existing:
             found = await self.get(existing.decode() if isinstance(existing, bytes) else str(existing))
             if found is not None:
                 return found
+        job.seq = int(seq)
         return job
 
     async def get(self, job_id: str) -> Job | None:

@@ -29,6 +29,7 @@ CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, queue_score);
 CREATE TABLE IF NOT EXISTS upstream_ids (
     upstream_id TEXT PRIMARY KEY, job_id TEXT NOT NULL, expires_ms INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS idempotency (
     key TEXT PRIMARY KEY, job_id TEXT NOT NULL, expires_ms INTEGER NOT NULL
 );
@@ -104,6 +105,12 @@ class SqliteJobStore:
                     "INSERT OR REPLACE INTO idempotency (key, job_id, expires_ms) VALUES (?, ?, ?)",
                     (idempotency, job.id, now + idem_ttl_s * 1000),
                 )
+            # The job takes its place in line now (its arrival sequence, kept for life).
+            db.execute(
+                "INSERT INTO counters (name, value) VALUES ('seq', 1) "
+                "ON CONFLICT(name) DO UPDATE SET value = value + 1"
+            )
+            job.seq = db.execute("SELECT value FROM counters WHERE name = 'seq'").fetchone()[0]
             self._save(db, job)
             return job
 

@@ -1,0 +1,262 @@
+"""The dispatcher: submits queued jobs upstream, in order, as the account's concurrency frees.
+
+Every instance runs one. It waits, through the admission engine, on the first jobs of the
+durable queue (the engine orders them by arrival across instances and wakes the right one
+when a lease frees); the instance whose wait ends first claims the job (compare-and-set)
+and POSTs it upstream with the job's own credential. The job's concurrency lease is held
+under its ticket until the job ends; its window token is a fresh one per attempt.
+
+Outcomes of a POST:
+- 200: the upstream id is recorded (the job is now running); the lease is renewed from the
+  short claim-time TTL to ``lease_ttl_s``;
+- the connect failed (nothing left): both leases are given back, the job is requeued;
+- 429, 5xx or a timeout: requeued under a new attempt (the window token stays spent);
+- upstream's negative-balance 400: requeued, and dispatching pauses, retried periodically;
+- any other 4xx (a body upstream refuses): the job ends in error with upstream's message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, NamedTuple
+
+from aiohttp import hdrs
+from yarl import URL
+
+from ...admission.engine import AdmissionEngine, Grant
+from ...admission.limits import Limit
+from ...clock import Clock
+from ...config import Config
+from ...errors import GatewayError, StoreUnavailable, WaitTimeout
+from ...proxy.forward import NeverLeft, Upstream
+from ...vault import Vault
+from ..catalog import Catalog
+from .jobs import Job, JobStore, State
+
+log = logging.getLogger(__name__)
+
+NEGATIVE_BALANCE = "balance is negative"
+PAUSE_S = 30.0
+SCAN_S = 1.0
+
+OnEnd = Callable[[Job, dict[str, Any] | None, str], Awaitable[None]]
+
+
+class Submitted(NamedTuple):
+    """What upstream answered a POST: its status and body, and the job as recorded (None
+    when upstream refused it and the job ended)."""
+
+    status: int
+    doc: dict[str, Any]
+    job: Job | None
+    grant: Grant | None = None
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        jobs: JobStore,
+        engine: AdmissionEngine,
+        catalog: Catalog,
+        upstream: Upstream,
+        vault: Vault,
+        clock: Clock,
+        wall: Callable[[], float] = time.time,
+        on_end: OnEnd,
+    ) -> None:
+        self._cfg = cfg
+        self._t = cfg.transcripts
+        self._jobs = jobs
+        self._engine = engine
+        self._catalog = catalog
+        self._upstream = upstream
+        self._vault = vault
+        self._clock = clock
+        self._wall = wall
+        self._on_end = on_end
+        self._waiting: dict[str, asyncio.Task[None]] = {}
+        self._loop_task: asyncio.Task[None] | None = None
+        self._kick = asyncio.Event()
+        self.paused_until = 0.0  # wall seconds; upstream reported a negative balance
+        self.pause_reason = ""
+
+    @property
+    def limits(self) -> list[Limit]:
+        return [self._catalog.async_jobs, *self._catalog.account_window("rest", "POST")]
+
+    @property
+    def _lookahead(self) -> int:
+        return max(1, min(2 * self._catalog.async_jobs.capacity, 500))
+
+    async def start(self) -> None:
+        if self._engine.store.kind == "memory":
+            await self._restore_leases()
+        self._loop_task = asyncio.create_task(self._run(), name="aai-gateway-dispatcher")
+
+    async def close(self) -> None:
+        tasks = [t for t in (self._loop_task, *self._waiting.values()) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    async def _restore_leases(self) -> None:
+        """The embedded store forgets leases on restart; jobs still running upstream keep theirs."""
+        now_ms = int(self._wall() * 1000) + 1
+        for job_id in await self._jobs.running(now_ms, 100_000):
+            job = await self._jobs.get(job_id)
+            if job is not None:
+                ttl = int(self._t.lease_ttl_s * 1000)
+                await self._engine.store.renew(job.ticket, self._catalog.async_jobs, ttl, create=True)
+
+    # -- the POST path: submit at once when the job's turn is now ---------------------------
+    async def try_now(self, job: Job) -> Submitted | None:
+        """Submit a just-created job now if it is first in line and a lease is free: what
+        upstream answered, or None when the job stays queued (the client hears "queued")."""
+        if self.paused or await self._jobs.queued(1) != [job.id]:
+            self._kick.set()
+            return None
+        try:
+            grant = await self._admit(job, max_wait_s=0.0)
+        except (WaitTimeout, StoreUnavailable):
+            self._kick.set()
+            return None
+        answer = await self._claim_and_submit(job.id, grant)
+        return answer._replace(grant=grant) if answer is not None else None
+
+    # -- the loop ------------------------------------------------------------------------------
+    @property
+    def paused(self) -> bool:
+        return self._wall() < self.paused_until
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self._scan()
+            except StoreUnavailable as exc:
+                log.warning("dispatcher: store unavailable (%s)", exc.detail)
+            except Exception:
+                log.exception("dispatcher scan failed")
+            self._kick.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kick.wait(), SCAN_S)
+
+    async def _scan(self) -> None:
+        if self.paused:
+            return
+        for job_id in await self._jobs.queued(self._lookahead):
+            if job_id not in self._waiting:
+                self._waiting[job_id] = asyncio.create_task(self._wait_and_submit(job_id))
+
+    async def _wait_and_submit(self, job_id: str) -> None:
+        try:
+            job = await self._jobs.get(job_id)
+            if job is None or job.state is not State.QUEUED:
+                return
+            age_s = self._wall() - job.created_ms / 1000
+            if age_s > self._t.max_queue_age_s:
+                await self._on_end(
+                    job, None, f"Queued in the gateway for more than {self._t.max_queue_age_s:g}s"
+                )
+                return
+            grant = await self._admit(job, max_wait_s=self._t.max_queue_age_s - age_s)
+            await self._claim_and_submit(job_id, grant)
+        except WaitTimeout:
+            self._kick.set()
+        except GatewayError as exc:
+            log.debug("dispatcher stopped waiting for %s: %s", job_id, exc)
+        finally:
+            self._waiting.pop(job_id, None)
+
+    async def _admit(self, job: Job, *, max_wait_s: float) -> Grant:
+        return await self._engine.admit(
+            self.limits,
+            ticket=job.ticket,
+            seq=job.seq,
+            priority=job.priority,
+            durable=True,
+            max_wait_s=max_wait_s,
+            max_depth=10**9,
+            group="transcripts",
+        )
+
+    async def _claim_and_submit(self, job_id: str, grant: Grant) -> Submitted | None:
+        claim_ms = int(self._t.claim_s * 1000)
+        job = await self._jobs.claim(job_id, self._engine.instance, claim_ms)
+        if job is None:
+            return None  # claimed elsewhere, cancelled, or ended: that owner holds the leases
+        return await self._submit(job, grant)
+
+    # -- submitting ------------------------------------------------------------------------
+    async def _submit(self, job: Job, grant: Grant) -> Submitted | None:
+        if job.cred is None:
+            await self._on_end(job, None, "The job's credential is gone; it cannot be submitted")
+            return None
+        headers = {hdrs.AUTHORIZATION: self._vault.decrypt(job.cred), hdrs.CONTENT_TYPE: "application/json"}
+        url = URL(self._cfg.upstream.api_url + "/v2/transcript", encoded=True)
+        try:
+            resp = await self._upstream.send(
+                "POST", url, headers=headers, data=json.dumps(job.body).encode(), group="rest",  # type: ignore[arg-type]
+                admitted_at=time.perf_counter(),
+            )  # fmt: skip
+        except NeverLeft:
+            await self._engine.release(grant)  # nothing reached upstream: both tokens back
+            await self._requeue(job)
+            return None
+        except GatewayError as exc:
+            log.warning("job %s: upstream POST failed (%s); requeued", job.id, exc)
+            await self._requeue(job)
+            return None
+        try:
+            status, data = resp.status, await resp.read()
+        finally:
+            resp.release()
+        return await self._outcome(job, status, data)
+
+    async def _outcome(self, job: Job, status: int, data: bytes) -> Submitted | None:
+        doc = _json(data)
+        if status == 200 and isinstance(doc.get("id"), str):
+            await self._jobs.submitted(job.id, doc["id"], doc)
+            ttl = int(self._t.lease_ttl_s * 1000)
+            await self._engine.store.renew(job.ticket, self._catalog.async_jobs, ttl)
+            submitted = await self._jobs.get(job.id)
+            if doc.get("status") in ("completed", "error") and submitted is not None:
+                await self._on_end(submitted, doc, "")
+            return Submitted(status, doc, submitted)
+        message = str(doc.get("error") or doc.get("message") or f"upstream answered {status}")
+        if status == 400 and NEGATIVE_BALANCE in message:
+            self.paused_until = self._wall() + PAUSE_S
+            self.pause_reason = message
+            log.error(
+                "upstream reports a negative balance: dispatching paused, jobs stay queued (%s)", message
+            )
+            await self._requeue(job)
+            return None
+        if status == 429 or status >= 500:
+            log.warning("job %s: upstream answered %s; requeued", job.id, status)
+            await self._requeue(job)
+            return None
+        await self._on_end(job, {"id": job.id, "status": "error", "error": message}, message)
+        return Submitted(status, doc, None)
+
+    async def _requeue(self, job: Job) -> None:
+        """Back in line under a new attempt; the old attempt's concurrency lease goes back."""
+        await self._jobs.requeue(job.id, attempt=job.attempt + 1)
+        await self._engine.store.release(job.ticket, [self._catalog.async_jobs], tombstone=True)
+        self._kick.set()
+
+
+def _json(data: bytes) -> dict[str, Any]:
+    try:
+        doc = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return doc if isinstance(doc, dict) else {}

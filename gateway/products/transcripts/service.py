@@ -1,0 +1,301 @@
+"""Pre-recorded transcription through the gateway: the account's concurrency held until each
+job ends, a durable queue in front of it, and polling coalesced.
+
+``POST /v2/transcript`` records a job (jobs.py) before anything else. When the account has a
+free concurrency lease and no older job waits, the job is submitted at once and the client
+gets upstream's answer; otherwise the client gets, at once, what upstream answers for a
+queued job (200, ``status: "queued"``), and a dispatcher on some instance submits it when
+its turn comes. Either way the client only ever sees the gateway's job id.
+
+While a job runs, a client's GET is answered from what the gateway knows, refreshed from
+upstream at most once per ``transcripts.poll_refresh_s`` per job; when upstream reports the
+job ended, its concurrency lease is released and the client gets upstream's real response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlencode
+
+from aiohttp import hdrs, web
+
+from ...admission.engine import AdmissionEngine
+from ...admission.limits import Limit
+from ...clock import Clock
+from ...config import Config
+from ...errors import BadRequest, GatewayError, NotFound
+from ...metrics import Metrics
+from ...proxy.forward import Upstream
+from ...proxy.handler import ProxyHandler
+from ...proxy.headers import admitted_headers, policy
+from ...proxy.urls import gateway_base, rewrite_page_details
+from ...vault import Vault
+from ..catalog import Catalog
+from ..plan import Plan, held_body, parse_object
+from .dispatch import Dispatcher
+from .ids import listed_ids, swap
+from .jobs import Job, JobStore, State
+
+log = logging.getLogger(__name__)
+
+ENDED = frozenset({"completed", "error"})
+SUB_RESOURCES = frozenset({"sentences", "paragraphs", "srt", "vtt", "word-search", "redacted-audio"})
+PRIORITY_HEADER = "X-AAI-Gateway-Priority"
+HIDDEN_FIELDS = frozenset({"webhook_auth_header_value"})  # upstream never echoes it either
+
+
+class Transcripts:
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        jobs: JobStore,
+        engine: AdmissionEngine,
+        catalog: Catalog,
+        handler: ProxyHandler,
+        upstream: Upstream,
+        vault: Vault,
+        metrics: Metrics,
+        clock: Clock,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self._cfg = cfg
+        self._t = cfg.transcripts
+        self.jobs = jobs
+        self._engine = engine
+        self._catalog = catalog
+        self._handler = handler
+        self._vault = vault
+        self._metrics = metrics
+        self._clock = clock
+        self._wall = wall
+        self._refreshing: dict[str, asyncio.Future[dict[str, Any] | None]] = {}
+        self.dispatcher = Dispatcher(
+            cfg, jobs=jobs, engine=engine, catalog=catalog, upstream=upstream, vault=vault, clock=clock,
+            wall=wall, on_end=self.finish,
+        )  # fmt: skip
+
+    async def start(self) -> None:
+        await self.dispatcher.start()
+
+    async def close(self) -> None:
+        await self.dispatcher.close()
+
+    # -- ids and ownership ---------------------------------------------------------------
+    def _owned(self, job: Job, request: web.Request) -> bool:
+        key = request.headers.get(hdrs.AUTHORIZATION, "")
+        return bool(key) and self._vault.same(job.key_fp, self._vault.fingerprint(key))
+
+    async def _job(self, request: web.Request, job_id: str) -> Job | None:
+        """The gateway's job for ``job_id`` if the caller's key created it; None when the id
+        is not the gateway's (an upstream id: forwarded as is); 404 for someone else's."""
+        job = await self.jobs.get(job_id)
+        if job is None:
+            return None
+        if not self._owned(job, request):
+            raise NotFound("Transcript not found")
+        return job
+
+    def _to_client(self, job: Job) -> dict[str, str]:
+        return {job.upstream_id: job.id} if job.upstream_id else {}
+
+    # -- POST /v2/transcript -------------------------------------------------------------
+    async def create(self, request: web.Request) -> web.StreamResponse:
+        raw = await held_body(request, self._cfg.proxy.max_json_body_bytes)
+        body = parse_object(raw or b"")
+        if not isinstance(body.get("audio_url"), str) or not body["audio_url"].strip():
+            raise BadRequest("`audio_url` is required: the URL of the audio or video file to transcribe")
+        key = request.headers[hdrs.AUTHORIZATION]
+        fingerprint = self._vault.fingerprint(key)
+        job = Job(
+            id=str(uuid.uuid4()),
+            key_fp=fingerprint,
+            body=body,
+            created_ms=int(self._wall() * 1000),
+            priority=self._priority(request),
+            cred=self._vault.encrypt(key),
+        )
+        idem = request.headers.get("Idempotency-Key")
+        created = await self.jobs.create(job, idempotency=f"{fingerprint}:{idem}" if idem else None)
+        if created.id != job.id:  # the same Idempotency-Key again: the same job
+            return await self.get(request, created.id) or web.json_response(self.view(created))
+        self._metrics.child(self._metrics.jobs_created).inc()
+        answer = await self.dispatcher.try_now(created)
+        if answer is None:  # queued in the gateway: answered the way upstream answers a queued job
+            limit = self._catalog.async_jobs
+            return web.json_response(self.view(created), headers={"RateLimit-Policy": policy(limit)})
+        headers = admitted_headers(answer.grant.limits, answer.grant.states) if answer.grant else {}
+        if answer.job is None:  # upstream refused it at once: the client sees upstream's answer
+            return web.json_response(answer.doc, status=answer.status, headers=headers)
+        return web.json_response(self.view(answer.job), headers=headers)
+
+    def _priority(self, request: web.Request) -> int:
+        if not self._t.trust_priority_header:
+            return 0
+        try:
+            return min(max(int(request.headers.get(PRIORITY_HEADER, "0")), 0), 99)
+        except ValueError:
+            raise BadRequest(f"{PRIORITY_HEADER} must be an integer from 0 to 99") from None
+
+    def view(self, job: Job) -> dict[str, Any]:
+        """What the client sees: upstream's last view under the client's id, or, before
+        upstream knows the job, the shape upstream gives a queued transcript."""
+        if job.snapshot is not None:
+            return dict(swap(job.snapshot, self._to_client(job)))
+        out: dict[str, Any] = {k: v for k, v in job.body.items() if k not in HIDDEN_FIELDS}
+        out.update(id=job.id, status=job.status, text=None, words=None, utterances=None, confidence=None)
+        out.update(audio_duration=None, error=job.error or None, webhook_status_code=None)
+        out["webhook_auth"] = bool(job.body.get("webhook_auth_header_name"))
+        return out
+
+    # -- GET /v2/transcript/{id} ---------------------------------------------------------
+    async def get(self, request: web.Request, job_id: str) -> web.StreamResponse | None:
+        job = await self._job(request, job_id)
+        if job is None:
+            return None
+        self._metrics.child(self._metrics.job_polls).inc()
+        if job.state is State.SUBMITTED:
+            stale = self._wall() * 1000 - job.refreshed_ms >= self._t.poll_refresh_s * 1000
+            if stale:
+                snapshot = await self._refresh(job, request)
+                if snapshot is not None:
+                    job.snapshot = snapshot
+            return web.json_response(self.view(job))
+        if job.state is State.ENDED and job.upstream_id:
+            return await self._forward(request, job, f"/v2/transcript/{job.upstream_id}")
+        return web.json_response(self.view(job))
+
+    async def _refresh(self, job: Job, request: web.Request) -> dict[str, Any] | None:
+        """Upstream's view of a running job, once for every poll that asks meanwhile."""
+        pending = self._refreshing.get(job.id)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        fut: asyncio.Future[dict[str, Any] | None] = asyncio.get_running_loop().create_future()
+        self._refreshing[job.id] = fut
+        snapshot = None
+        try:
+            snapshot = await self.lookup(job, request.headers[hdrs.AUTHORIZATION])
+            if snapshot is not None:
+                if snapshot.get("status") in ENDED:
+                    await self.finish(job, snapshot)
+                else:
+                    await self.jobs.refreshed(job.id, snapshot)
+        except GatewayError as exc:
+            log.info("refreshing job %s failed (%s); answering from what the gateway knows", job.id, exc)
+        finally:
+            del self._refreshing[job.id]
+            fut.set_result(snapshot)
+        return snapshot
+
+    async def lookup(self, job: Job, key: str) -> dict[str, Any] | None:
+        """GET the job upstream (a window token like any request); None if that failed."""
+        self._metrics.child(self._metrics.job_refreshes).inc()
+        plan = Plan(
+            "rest", self._cfg.upstream.api_url, self._catalog.account_window("rest", "GET"), 10.0, b""
+        )
+        status, _, data = await self._handler.fetch(
+            plan, "GET", f"/v2/transcript/{job.upstream_id}", {hdrs.AUTHORIZATION: key}
+        )
+        if status != 200:
+            return None
+        doc = json.loads(data)
+        return doc if isinstance(doc, dict) else None
+
+    async def finish(self, job: Job, snapshot: dict[str, Any] | None, error: str = "") -> None:
+        """The job ended (upstream says so, or it never will run): release its lease, once."""
+        before = await self.jobs.end(
+            job.id, snapshot=snapshot, error=error, retention_s=int(self._t.retention_days * 86400)
+        )
+        if before is None:
+            return
+        await self._engine.store.release(before.ticket, [self._catalog.async_jobs], tombstone=True)
+        self._metrics.child(self._metrics.jobs_ended, (snapshot or {}).get("status", "error")).inc()
+        if before.created_ms:
+            self._metrics.job_duration.observe(max(0.0, self._wall() - before.created_ms / 1000))
+
+    # -- the other transcript routes ----------------------------------------------------
+    async def delete(self, request: web.Request, job_id: str) -> web.StreamResponse | None:
+        job = await self._job(request, job_id)
+        if job is None:
+            return None
+        if job.state is State.QUEUED:
+            await self.finish(job, None, error="Deleted while queued in the gateway: it was never submitted")
+            ended = await self.jobs.get(job.id)
+            return web.json_response(self.view(ended or job))
+        if job.state is State.CLAIMED:
+            raise GatewayError("The transcript is being submitted right now; delete it again in a moment")
+        return await self._forward(request, job, f"/v2/transcript/{job.upstream_id}")
+
+    async def sub_resource(self, request: web.Request, job_id: str, sub: str) -> web.StreamResponse | None:
+        job = await self._job(request, job_id)
+        if job is None:
+            return None
+        if not job.upstream_id:
+            raise BadRequest(f"Transcript is not completed (status: {job.status})")
+        query = f"?{request.query_string}" if request.query_string else ""
+        return await self._forward(request, job, f"/v2/transcript/{job.upstream_id}/{sub}{query}")
+
+    async def list_transcripts(self, request: web.Request) -> web.StreamResponse:
+        """The list, with every upstream id the gateway knows shown as the client's id."""
+        query = dict(request.query)
+        for cursor in ("before_id", "after_id"):
+            if cursor in query:
+                job = await self.jobs.get(query[cursor])
+                if job is not None and job.upstream_id:
+                    query[cursor] = job.upstream_id
+        path = "/v2/transcript" + (f"?{urlencode(query)}" if query else "")
+        plan = Plan("rest", self._cfg.upstream.api_url, self._catalog.account_window("rest", "GET"),
+                    self._cfg.queue.max_wait_s, b"")  # fmt: skip
+        status, headers, data = await self._handler.fetch(
+            plan, "GET", path, {hdrs.AUTHORIZATION: request.headers[hdrs.AUTHORIZATION]}
+        )
+        try:
+            doc = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return web.Response(status=status, body=data, content_type=headers.get(hdrs.CONTENT_TYPE))
+        doc = swap(doc, await self.jobs.by_upstream(listed_ids(doc)))
+        body = rewrite_page_details(
+            json.dumps(doc).encode(),
+            api_url=self._cfg.upstream.api_url,
+            base=gateway_base(
+                request,
+                public_url=self._cfg.public_url,
+                trust_forwarded=self._cfg.proxy.trust_forwarded_headers,
+            ),
+        )
+        return web.Response(status=status, body=body, content_type="application/json")
+
+    async def _forward(self, request: web.Request, job: Job, path: str) -> web.StreamResponse:
+        mapping = self._to_client(job)
+        plan = Plan(
+            "rest", self._cfg.upstream.api_url,
+            self._catalog.account_window("rest", request.method), self._cfg.queue.max_wait_s, b"",
+            path=path, rewrite=lambda doc: swap(doc, mapping),
+        )  # fmt: skip
+        resp = await self._handler.forward(request, plan)
+        if request.method == hdrs.METH_DELETE and resp.status == 200 and job.state is not State.ENDED:
+            await self.finish(job, None)
+        return resp
+
+    # -- ids in other products' bodies (LLM Gateway) -------------------------------------
+    async def to_upstream(self, ids: list[str], key: str) -> dict[str, str]:
+        """Job ids in a request body -> upstream ids. A job not submitted yet is a 400."""
+        out: dict[str, str] = {}
+        for job_id in ids:
+            job = await self.jobs.get(job_id)
+            if job is None or not self._vault.same(job.key_fp, self._vault.fingerprint(key)):
+                continue
+            if not job.upstream_id:
+                raise BadRequest(f"Transcript {job_id} is still queued in the gateway (status: {job.status})")
+            out[job_id] = job.upstream_id
+        return out
+
+
+def limits_for_job(catalog: Catalog) -> list[Limit]:
+    return [catalog.async_jobs, *catalog.account_window("rest", "POST")]
