@@ -198,6 +198,8 @@ class Transcripts(_Model):
     reconcile_after_s: float = Field(60.0, gt=0)
     # Honour X-AAI-Gateway-Priority (0-99, higher first); only behind trusted clients.
     trust_priority_header: bool = False
+    # After upstream reports a negative balance, dispatching pauses this long, then retries.
+    balance_retry_s: float = Field(30.0, gt=0)
 
 
 class Log(_Model):

@@ -137,13 +137,20 @@ class Upstream:
         data: Any,
         group: str,
         admitted_at: float,
+        timeout_s: float | None = None,
     ) -> aiohttp.ClientResponse:
-        """Send one request; return the response with its body unread (the caller releases it)."""
+        """Send one request; return the response with its body unread (the caller releases it).
+        ``timeout_s`` bounds the whole exchange (a dispatch must end within its claim)."""
         m = self._metrics
         _SENDING.set((admitted_at, m.admission_to_send))
         started = time.perf_counter()
+        extra: dict[str, Any] = {}
+        if timeout_s is not None:
+            extra["timeout"] = aiohttp.ClientTimeout(total=timeout_s, connect=self._cfg.connect_timeout_s)
         try:
-            resp = await self.session.request(method, url, headers=headers, data=data, allow_redirects=False)
+            resp = await self.session.request(
+                method, url, headers=headers, data=data, allow_redirects=False, **extra
+            )
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise translate(exc) from exc
         m.child(m.upstream_latency, group).observe(time.perf_counter() - started)

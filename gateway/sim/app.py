@@ -223,6 +223,8 @@ async def _create(request: web.Request) -> web.Response:
         return _error(400, NEGATIVE_BALANCE)
     if not isinstance(body.get("audio_url"), str) or not body["audio_url"]:
         return _error(400, "audio_url is required")
+    if body.get("speech_model") not in (None, "best", "nano", "slam-1", "universal"):
+        return _error(400, f"Invalid speech_model: {body['speech_model']!r}")
     job = sim.transcripts.create(request[KEY], body)
     return web.json_response(job.view())
 

@@ -178,3 +178,15 @@ async def test_jobs_take_their_place_in_line_when_created(jobs: tuple[JobStore, 
     assert seqs == sorted(seqs) and len(set(seqs)) == 3
     stored = [(await store.get(f"job-{i}")).seq for i in range(3)]  # type: ignore[union-attr]
     assert stored == seqs
+
+
+async def test_heard_lets_one_caller_look_a_job_up(jobs: tuple[JobStore, Wall]) -> None:
+    store, wall = jobs
+    await store.create(new_job())
+    await store.claim("job-0", "a", 30_000)
+    wall.t += 60
+    now = int(wall.t * 1000)
+    assert await store.heard("job-0", before_ms=now - 30_000, now_ms=now)
+    assert not await store.heard("job-0", before_ms=now - 30_000, now_ms=now)  # just marked
+    assert await store.running(now - 30_000, 10) == []
+    assert not await store.heard("nope", before_ms=now, now_ms=now)

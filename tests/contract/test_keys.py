@@ -13,7 +13,7 @@ from gateway.admission.keys import Keys
 
 SCRIPTS = [
     *(("gateway.admission", s) for s in ["acquire", "release", "refresh", "usage", "renew"]),
-    *(("gateway.products.transcripts", s) for s in ["create", "claim", "requeue", "update", "end"]),
+    *(("gateway.products.transcripts", s) for s in ["create", "claim", "requeue", "update", "end", "heard"]),
 ]
 # Commands that take no key.
 KEYLESS = {"TIME"}

@@ -41,7 +41,7 @@ from .jobs import Job, JobStore, State
 log = logging.getLogger(__name__)
 
 NEGATIVE_BALANCE = "balance is negative"
-PAUSE_S = 30.0
+CLAIM_MARGIN_S = 2.0  # the reconciler waits this long past a claim's end; the POST ends before
 SCAN_S = 1.0
 
 OnEnd = Callable[[Job, dict[str, Any] | None, str], Awaitable[None]]
@@ -189,31 +189,43 @@ class Dispatcher:
         )
 
     async def _claim_and_submit(self, job_id: str, grant: Grant) -> Submitted | None:
+        if self.paused:  # admitted meanwhile, but upstream refuses new work for now
+            await self._engine.release(grant)
+            self._kick.set()
+            return None
         claim_ms = int(self._t.claim_s * 1000)
+        claimed_at = self._clock.now()
         job = await self._jobs.claim(job_id, self._engine.instance, claim_ms)
         if job is None:
             return None  # claimed elsewhere, cancelled, or ended: that owner holds the leases
-        return await self._submit(job, grant)
+        return await self._submit(job, grant, claimed_at)
 
     # -- submitting ------------------------------------------------------------------------
-    async def _submit(self, job: Job, grant: Grant) -> Submitted | None:
+    async def _submit(self, job: Job, grant: Grant, claimed_at: float) -> Submitted | None:
         if job.cred is None:
             await self._on_end(job, None, "The job's credential is gone; it cannot be submitted")
+            return None
+        # The POST must be over before the claim lapses (the reconciler then takes the job):
+        # give up rather than POST with too little of the claim left.
+        left = self._t.claim_s - (self._clock.now() - claimed_at) - CLAIM_MARGIN_S
+        if left < CLAIM_MARGIN_S:
+            await self._engine.release(grant)
+            await self.requeue(job)
             return None
         headers = {hdrs.AUTHORIZATION: self._vault.decrypt(job.cred), hdrs.CONTENT_TYPE: "application/json"}
         url = URL(self._cfg.upstream.api_url + "/v2/transcript", encoded=True)
         try:
             resp = await self._upstream.send(
                 "POST", url, headers=headers, data=json.dumps(job.body).encode(), group="rest",  # type: ignore[arg-type]
-                admitted_at=time.perf_counter(),
+                admitted_at=time.perf_counter(), timeout_s=left,
             )  # fmt: skip
         except NeverLeft:
             await self._engine.release(grant)  # nothing reached upstream: both tokens back
-            await self._requeue(job)
+            await self.requeue(job)
             return None
         except GatewayError as exc:
             log.warning("job %s: upstream POST failed (%s); requeued", job.id, exc)
-            await self._requeue(job)
+            await self.requeue(job)
             return None
         try:
             status, data = resp.status, await resp.read()
@@ -233,21 +245,21 @@ class Dispatcher:
             return Submitted(status, doc, submitted)
         message = str(doc.get("error") or doc.get("message") or f"upstream answered {status}")
         if status == 400 and NEGATIVE_BALANCE in message:
-            self.paused_until = self._wall() + PAUSE_S
+            self.paused_until = self._wall() + self._t.balance_retry_s
             self.pause_reason = message
             log.error(
                 "upstream reports a negative balance: dispatching paused, jobs stay queued (%s)", message
             )
-            await self._requeue(job)
+            await self.requeue(job)
             return None
         if status == 429 or status >= 500:
             log.warning("job %s: upstream answered %s; requeued", job.id, status)
-            await self._requeue(job)
+            await self.requeue(job)
             return None
         await self._on_end(job, {"id": job.id, "status": "error", "error": message}, message)
         return Submitted(status, doc, None)
 
-    async def _requeue(self, job: Job) -> None:
+    async def requeue(self, job: Job) -> None:
         """Back in line under a new attempt; the old attempt's concurrency lease goes back."""
         await self._jobs.requeue(job.id, attempt=job.attempt + 1)
         await self._engine.store.release(job.ticket, [self._catalog.async_jobs], tombstone=True)

@@ -156,6 +156,11 @@ class JobStore(Protocol):
         """Claimed or submitted jobs last refreshed before ``heard_before_ms`` (wall ms)."""
         ...
 
+    async def heard(self, job_id: str, *, before_ms: int, now_ms: int) -> bool:
+        """Mark a running job heard of now, if nobody did since ``before_ms``: True for the
+        one instance that should look it up (compare-and-set on the last-heard time)."""
+        ...
+
     async def counts(self) -> dict[str, int]:
         """Jobs per live state (for metrics and /readyz)."""
         ...

@@ -57,6 +57,7 @@ class RedisJobStore:
         self._requeue = client.register_script(head + _script("requeue"))
         self._update = client.register_script(head + _script("update"))
         self._end = client.register_script(head + _script("end"))
+        self._heard = client.register_script(head + _script("heard"))
 
     def _now(self) -> int:
         return int(self._wall() * 1000)
@@ -157,6 +158,10 @@ class RedisJobStore:
             self._r.zrangebyscore(self._k.jobs_running, "-inf", f"({heard_before_ms}", start=0, num=limit),
         )
         return [i.decode() for i in ids]
+
+    async def heard(self, job_id: str, *, before_ms: int, now_ms: int) -> bool:
+        keys = [self._k.jobs_running]
+        return bool(await self._call("heard", self._heard(keys=keys, args=[job_id, before_ms, now_ms])))
 
     async def counts(self) -> dict[str, int]:
         queued = await self._call("counts", self._r.zcard(self._k.jobs_queued))

@@ -41,6 +41,7 @@ from ..plan import Plan, held_body, parse_object
 from .dispatch import Dispatcher
 from .ids import listed_ids, swap
 from .jobs import Job, JobStore, State
+from .reconcile import Reconciler
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +81,22 @@ class Transcripts:
             cfg, jobs=jobs, engine=engine, catalog=catalog, upstream=upstream, vault=vault, clock=clock,
             wall=wall, on_end=self.finish,
         )  # fmt: skip
+        self.reconciler = Reconciler(
+            cfg, jobs=jobs, catalog=catalog, handler=handler, vault=vault, dispatcher=self.dispatcher,
+            metrics=metrics, lookup=self.lookup, finish=self.finish, renew=self.renew, wall=wall,
+        )  # fmt: skip
 
     async def start(self) -> None:
         await self.dispatcher.start()
+        await self.reconciler.start()
 
     async def close(self) -> None:
+        await self.reconciler.close()
         await self.dispatcher.close()
+
+    async def renew(self, job: Job) -> None:
+        """The job still runs: its concurrency lease lasts another ``lease_ttl_s``."""
+        await self._engine.store.renew(job.ticket, self._catalog.async_jobs, int(self._t.lease_ttl_s * 1000))
 
     # -- ids and ownership ---------------------------------------------------------------
     def _owned(self, job: Job, request: web.Request) -> bool:
@@ -186,6 +197,7 @@ class Transcripts:
                     await self.finish(job, snapshot)
                 else:
                     await self.jobs.refreshed(job.id, snapshot)
+                    await self.renew(job)
         except GatewayError as exc:
             log.info("refreshing job %s failed (%s); answering from what the gateway knows", job.id, exc)
         finally:

@@ -244,6 +244,13 @@ class SqliteJobStore:
         ).fetchall()
         return [r[0] for r in rows]
 
+    async def heard(self, job_id: str, *, before_ms: int, now_ms: int) -> bool:
+        cur = self._db.execute(
+            "UPDATE jobs SET heard_ms = ? WHERE id = ? AND state IN (?, ?) AND heard_ms < ?",
+            (now_ms, job_id, *LIVE, before_ms),
+        )
+        return cur.rowcount == 1
+
     async def counts(self) -> dict[str, int]:
         rows = dict(
             self._db.execute(

@@ -1,0 +1,194 @@
+"""The reconciler: knowing that a job ended when nobody told the gateway.
+
+Client polls and webhooks usually say when a job ends. For the rest, every instance runs a
+reconciler that looks at running jobs nobody has heard of for ``reconcile_after_s`` (one
+instance takes each, by compare-and-set on the job's last-heard time):
+
+- a submitted job is looked up upstream with its own credential (a window token like any
+  request): ended -> its lease is released; still running -> its lease is renewed; unknown
+  upstream -> it ends in error;
+- a claimed job whose claim lapsed before its upstream id was recorded (its dispatcher died
+  mid-POST) is not requeued blindly: upstream's recent transcripts are searched for it (the
+  same audio, created during the claim). Found once -> adopted; not found -> requeued; found
+  more than once -> it cannot be decided: counted, and the job ends in error saying so.
+
+The last resort is the lease's own expiry (``lease_ttl_s``): a lease never leaks forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import hdrs
+
+from ...config import Config
+from ...errors import GatewayError, StoreUnavailable
+from ...metrics import Metrics
+from ...proxy.handler import ProxyHandler
+from ...vault import SecretError, Vault
+from ..catalog import Catalog
+from ..plan import Plan
+from .dispatch import Dispatcher
+from .jobs import Job, JobStore, State
+
+log = logging.getLogger(__name__)
+
+ENDED = frozenset({"completed", "error"})
+CLAIM_MARGIN_S = 2.0  # after a claim's deadline, its POST has surely finished or failed
+SEARCH_PAGE = 100
+
+Lookup = Callable[[Job, str], Awaitable["dict[str, Any] | None"]]
+Finish = Callable[[Job, "dict[str, Any] | None", str], Awaitable[None]]
+
+
+class Reconciler:
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        jobs: JobStore,
+        catalog: Catalog,
+        handler: ProxyHandler,
+        vault: Vault,
+        dispatcher: Dispatcher,
+        metrics: Metrics,
+        lookup: Lookup,
+        finish: Finish,
+        renew: Callable[[Job], Awaitable[None]],
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self._cfg = cfg
+        self._t = cfg.transcripts
+        self._jobs = jobs
+        self._catalog = catalog
+        self._handler = handler
+        self._vault = vault
+        self._dispatcher = dispatcher
+        self._metrics = metrics
+        self._lookup = lookup
+        self._finish = finish
+        self._renew = renew
+        self._wall = wall
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def every_s(self) -> float:
+        return min(max(self._t.reconcile_after_s / 2, 0.05), 5.0)
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="aai-gateway-reconciler")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.every_s)
+            try:
+                await self.sweep()
+            except StoreUnavailable as exc:
+                log.warning("reconciler: store unavailable (%s)", exc.detail)
+            except Exception:
+                log.exception("reconciler sweep failed")
+
+    async def sweep(self) -> int:
+        """Look up the running jobs nobody heard of lately; how many this instance took."""
+        now = int(self._wall() * 1000)
+        before = now - int(self._t.reconcile_after_s * 1000)
+        taken = 0
+        for job_id in await self._jobs.running(before, 50):
+            if not await self._jobs.heard(job_id, before_ms=before, now_ms=now):
+                continue  # another instance has it
+            job = await self._jobs.get(job_id)
+            if job is None or job.cred is None:
+                continue
+            taken += 1
+            try:
+                if job.state is State.SUBMITTED:
+                    await self._check_running(job)
+                elif job.state is State.CLAIMED and now > job.claim_until_ms + CLAIM_MARGIN_S * 1000:
+                    await self._resolve_claim(job)
+            except (GatewayError, SecretError) as exc:
+                log.info("reconciler: job %s not resolved this round (%s)", job.id, exc)
+        return taken
+
+    def _outcome(self, outcome: str) -> None:
+        self._metrics.child(self._metrics.reconciler_polls, outcome).inc()
+
+    async def _check_running(self, job: Job) -> None:
+        key = self._vault.decrypt(job.cred or "")
+        snapshot = await self._lookup(job, key)
+        if snapshot is None:
+            self._outcome("unreachable")
+            return
+        if snapshot.get("status") in ENDED:
+            self._outcome("ended")
+            await self._finish(job, snapshot, "")
+        else:
+            self._outcome("running")
+            await self._jobs.refreshed(job.id, snapshot)
+            await self._renew(job)
+
+    async def _resolve_claim(self, job: Job) -> None:
+        """Its dispatcher vanished mid-POST: did the POST reach upstream?"""
+        key = self._vault.decrypt(job.cred or "")
+        found = await self._search(job, key)
+        if len(found) == 1:
+            self._outcome("adopted")
+            log.warning(
+                "job %s: its dispatcher vanished after POSTing; adopted upstream %s", job.id, found[0]
+            )
+            doc = {"id": found[0], "status": "processing"}
+            await self._jobs.submitted(job.id, found[0], doc)
+            adopted = await self._jobs.get(job.id)
+            if adopted is not None:
+                await self._renew(adopted)
+        elif not found:
+            self._outcome("requeued")
+            await self._dispatcher.requeue(job)
+        else:
+            self._outcome("undecidable")
+            message = (
+                "The gateway could not tell whether this transcript reached AssemblyAI "
+                f"({len(found)} candidates); submit it again if it does not appear in your list"
+            )
+            await self._finish(job, None, message)
+
+    async def _search(self, job: Job, key: str) -> list[str]:
+        plan = Plan(
+            "rest", self._cfg.upstream.api_url, self._catalog.account_window("rest", "GET"), 10.0, b""
+        )
+        status, _, data = await self._handler.fetch(
+            plan, "GET", f"/v2/transcript?limit={SEARCH_PAGE}", {hdrs.AUTHORIZATION: key}
+        )
+        if status != 200:
+            raise GatewayError(f"upstream list answered {status}")
+        items = json.loads(data).get("transcripts", [])
+        start_s = (job.claim_until_ms / 1000) - self._t.claim_s - 2
+        end_s = job.claim_until_ms / 1000 + CLAIM_MARGIN_S
+        candidates = [
+            item["id"]
+            for item in items
+            if item.get("audio_url") == job.body.get("audio_url") and start_s <= _created(item) <= end_s
+        ]
+        known = await self._jobs.by_upstream(candidates)
+        return [c for c in candidates if c not in known]
+
+
+def _created(item: dict[str, Any]) -> float:
+    """Upstream's ``created`` (ISO 8601, UTC, with or without a fraction) as epoch seconds."""
+    text = str(item.get("created") or "")[:19]
+    try:
+        return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=dt.UTC).timestamp()
+    except ValueError:
+        return 0.0
