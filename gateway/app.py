@@ -38,6 +38,7 @@ from .products.transcripts.jobs import JobStore
 from .products.transcripts.redis_jobs import RedisJobStore
 from .products.transcripts.service import Transcripts
 from .products.transcripts.sqlite_jobs import SqliteJobStore
+from .products.transcripts.webhooks import RECEIVER_PATH
 from .proxy.forward import Upstream
 from .proxy.handler import GROUP, ClientGone, ProxyHandler
 from .vault import load_vault
@@ -48,6 +49,7 @@ CONFIG: web.AppKey[Config] = web.AppKey("config", Config)
 ENGINE: web.AppKey[AdmissionEngine] = web.AppKey("engine", AdmissionEngine)
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
 STORE: web.AppKey[Store] = web.AppKey("store", object)  # type: ignore[arg-type]
+TRANSCRIPTS: web.AppKey[Transcripts] = web.AppKey("transcripts", Transcripts)
 
 SAMPLE_EVERY_S = 5.0
 
@@ -143,6 +145,7 @@ def build_app(
     app[ENGINE] = engine
     app[METRICS] = metrics
     app[STORE] = store
+    app[TRANSCRIPTS] = transcripts
     metrics.store_info.labels(store.kind).set(1)
     for limit in catalog.fixed_limits():
         metrics.tokens_capacity.labels(limit.metric_label).set(limit.capacity)
@@ -191,6 +194,10 @@ def build_app(
     async def not_found(request: web.Request) -> web.Response:
         raise NotFound()
 
+    async def webhook(request: web.Request) -> web.Response:
+        return await transcripts.webhook(request, request.match_info["id"], request.match_info["token"])
+
+    app.router.add_post(RECEIVER_PATH + "/{id}/{token}", webhook)
     app.router.add_get("/metrics", metrics_view)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -200,6 +200,13 @@ class Transcripts(_Model):
     trust_priority_header: bool = False
     # After upstream reports a negative balance, dispatching pauses this long, then retries.
     balance_retry_s: float = Field(30.0, gt=0)
+    # With public_url set, upstream's webhooks tell the gateway when a job ends, so running
+    # jobs are refreshed from upstream far less often.
+    poll_refresh_with_webhooks_s: float = Field(60.0, gt=0)
+    # Delivery to the client's webhook: upstream's rules (2xx or 4xx end it, else retry).
+    webhook_attempts: int = Field(10, ge=1)
+    webhook_retry_s: float = Field(10.0, ge=0)
+    webhook_timeout_s: float = Field(10.0, gt=0)
 
 
 class Log(_Model):

@@ -76,11 +76,11 @@ async def running_sim(config: SimConfig | None = None) -> AsyncIterator[tuple[Si
 
 @asynccontextmanager
 async def running_gateway(
-    config: Config, *, store: Store | None = None
+    config: Config, *, store: Store | None = None, port: int | None = None
 ) -> AsyncIterator[tuple[str, web.Application, CollectorRegistry]]:
     registry = CollectorRegistry()
     app = build_app(config, store=store, registry=registry)
-    server = TestServer(app, host="127.0.0.1", handler_cancellation=True)
+    server = TestServer(app, host="127.0.0.1", port=port, handler_cancellation=True)
     await server.start_server()
     try:
         yield str(server.make_url("")).rstrip("/"), app, registry

@@ -78,7 +78,7 @@ async def run_sdk(gateway_url: str, key: str = "sdk-test-key") -> dict:  # type:
 
 
 async def test_sdk_through_the_gateway() -> None:
-    async with stack(SimConfig(job_seconds=0.3)) as s:
+    async with stack(SimConfig(job_seconds=0.3), transcripts={"poll_refresh_s": 0.1}) as s:
         out = await run_sdk(s.url)
         assert out["upload_status"] == "completed"
         assert out["status"] == "completed" and out["text"].startswith("Simulated transcript")

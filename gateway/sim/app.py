@@ -43,6 +43,7 @@ class SimConfig:
     streaming_limit: int = 100
     streaming_window_s: float = 60.0
     job_seconds: float = 2.0
+    post_latency_s: float = 0.0  # how long POST /v2/transcript takes to answer
     llm_latency_s: float = 0.0
     keys: list[str] | None = None  # None: any non-empty key is valid
     public_api_url: str | None = None  # absolute URLs in page_details; default: this server
@@ -226,6 +227,8 @@ async def _create(request: web.Request) -> web.Response:
     if body.get("speech_model") not in (None, "best", "nano", "slam-1", "universal"):
         return _error(400, f"Invalid speech_model: {body['speech_model']!r}")
     job = sim.transcripts.create(request[KEY], body)
+    if sim.config.post_latency_s:
+        await asyncio.sleep(sim.config.post_latency_s)
     return web.json_response(job.view())
 
 

@@ -190,3 +190,21 @@ async def test_heard_lets_one_caller_look_a_job_up(jobs: tuple[JobStore, Wall]) 
     assert not await store.heard("job-0", before_ms=now - 30_000, now_ms=now)  # just marked
     assert await store.running(now - 30_000, 10) == []
     assert not await store.heard("nope", before_ms=now, now_ms=now)
+
+
+async def test_an_early_webhook_ends_a_claimed_job_and_records_its_upstream_id(
+    jobs: tuple[JobStore, Wall],
+) -> None:
+    store, _ = jobs
+    await store.create(new_job())
+    await store.claim("job-0", "a", 30_000)
+    before = await store.end(
+        "job-0", snapshot={"id": "up-9", "status": "error"}, error="", retention_s=3600, upstream_id="up-9"
+    )
+    assert before is not None and before.state is State.CLAIMED
+    await store.submitted("job-0", "up-9", {"id": "up-9", "status": "queued"})  # the dispatcher, late
+    job = await store.get("job-0")
+    assert (
+        job is not None and job.state is State.ENDED and job.upstream_id == "up-9" and job.status == "error"
+    )
+    assert await store.by_upstream(["up-9"]) == {"up-9": "job-0"}

@@ -37,6 +37,7 @@ from ...proxy.forward import NeverLeft, Upstream
 from ...vault import Vault
 from ..catalog import Catalog
 from .jobs import Job, JobStore, State
+from .webhooks import receiver_url
 
 log = logging.getLogger(__name__)
 
@@ -213,10 +214,14 @@ class Dispatcher:
             await self.requeue(job)
             return None
         headers = {hdrs.AUTHORIZATION: self._vault.decrypt(job.cred), hdrs.CONTENT_TYPE: "application/json"}
+        body = dict(job.body)
+        receiver = receiver_url(self._cfg, job.id, self._vault)
+        if receiver is not None:  # upstream tells the gateway; the gateway tells the client
+            body["webhook_url"] = receiver
         url = URL(self._cfg.upstream.api_url + "/v2/transcript", encoded=True)
         try:
             resp = await self._upstream.send(
-                "POST", url, headers=headers, data=json.dumps(job.body).encode(), group="rest",  # type: ignore[arg-type]
+                "POST", url, headers=headers, data=json.dumps(body).encode(), group="rest",  # type: ignore[arg-type]
                 admitted_at=time.perf_counter(), timeout_s=left,
             )  # fmt: skip
         except NeverLeft:

@@ -140,9 +140,16 @@ class JobStore(Protocol):
     async def refreshed(self, job_id: str, snapshot: dict[str, Any]) -> None: ...
 
     async def end(
-        self, job_id: str, *, snapshot: dict[str, Any] | None, error: str, retention_s: int
+        self,
+        job_id: str,
+        *,
+        snapshot: dict[str, Any] | None,
+        error: str,
+        retention_s: int,
+        upstream_id: str = "",
     ) -> Job | None:
         """-> ended (once): the credential is deleted, the record kept ``retention_s``.
+        ``upstream_id`` records (and indexes) an id first learnt now, from an early webhook.
         Returns the job as it was, or None if it had already ended (or is unknown)."""
         ...
 

@@ -130,19 +130,30 @@ class RedisJobStore:
         await self._set(job_id, {"snapshot": json.dumps(snapshot), "refreshed_ms": self._now()}, heard=True)
 
     async def end(
-        self, job_id: str, *, snapshot: dict[str, Any] | None, error: str, retention_s: int
+        self,
+        job_id: str,
+        *,
+        snapshot: dict[str, Any] | None,
+        error: str,
+        retention_s: int,
+        upstream_id: str = "",
     ) -> Job | None:
         job = await self.get(job_id)
         if job is None:
             return None
         k = self._k
-        index = k.upstream_id(job.upstream_id) if job.upstream_id else k.job(job_id)
         now = self._now()
         fields: dict[str, Any] = {"ended_ms": now, "error": error}
         if snapshot is not None:
             fields.update(snapshot=json.dumps(snapshot), refreshed_ms=now)
+        new_index = bool(upstream_id and not job.upstream_id)
+        if new_index:
+            fields["upstream_id"] = upstream_id
+        known = job.upstream_id or upstream_id
+        index = k.upstream_id(known) if known else k.job(job_id)
         keys = [k.job(job_id), k.jobs_queued, k.jobs_running, index]
-        raw = await self._call("end", self._end(keys=keys, args=[job_id, retention_s * 1000, *_flat(fields)]))
+        args: list[Any] = [job_id, retention_s * 1000, int(new_index), *_flat(fields)]
+        raw = await self._call("end", self._end(keys=keys, args=args))
         return Job.from_fields(_decode(raw)) if raw else None
 
     async def update_extra(self, job_id: str, extra: dict[str, Any]) -> None:

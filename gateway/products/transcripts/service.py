@@ -42,13 +42,13 @@ from .dispatch import Dispatcher
 from .ids import listed_ids, swap
 from .jobs import Job, JobStore, State
 from .reconcile import Reconciler
+from .webhooks import Relay, client_fields, receiver_token, split_webhook
 
 log = logging.getLogger(__name__)
 
 ENDED = frozenset({"completed", "error"})
 SUB_RESOURCES = frozenset({"sentences", "paragraphs", "srt", "vtt", "word-search", "redacted-audio"})
 PRIORITY_HEADER = "X-AAI-Gateway-Priority"
-HIDDEN_FIELDS = frozenset({"webhook_auth_header_value"})  # upstream never echoes it either
 
 
 class Transcripts:
@@ -77,6 +77,7 @@ class Transcripts:
         self._clock = clock
         self._wall = wall
         self._refreshing: dict[str, asyncio.Future[dict[str, Any] | None]] = {}
+        self.relay = Relay(cfg, vault, metrics)
         self.dispatcher = Dispatcher(
             cfg, jobs=jobs, engine=engine, catalog=catalog, upstream=upstream, vault=vault, clock=clock,
             wall=wall, on_end=self.finish,
@@ -87,12 +88,14 @@ class Transcripts:
         )  # fmt: skip
 
     async def start(self) -> None:
+        await self.relay.start()
         await self.dispatcher.start()
         await self.reconciler.start()
 
     async def close(self) -> None:
         await self.reconciler.close()
         await self.dispatcher.close()
+        await self.relay.close()
 
     async def renew(self, job: Job) -> None:
         """The job still runs: its concurrency lease lasts another ``lease_ttl_s``."""
@@ -124,13 +127,15 @@ class Transcripts:
             raise BadRequest("`audio_url` is required: the URL of the audio or video file to transcribe")
         key = request.headers[hdrs.AUTHORIZATION]
         fingerprint = self._vault.fingerprint(key)
+        upstream_body, hook = split_webhook(body, self._vault)  # the client's webhook stays here
         job = Job(
             id=str(uuid.uuid4()),
             key_fp=fingerprint,
-            body=body,
+            body=upstream_body,
             created_ms=int(self._wall() * 1000),
             priority=self._priority(request),
             cred=self._vault.encrypt(key),
+            extra={"webhook": hook} if hook else {},
         )
         idem = request.headers.get("Idempotency-Key")
         created = await self.jobs.create(job, idempotency=f"{fingerprint}:{idem}" if idem else None)
@@ -158,12 +163,19 @@ class Transcripts:
         """What the client sees: upstream's last view under the client's id, or, before
         upstream knows the job, the shape upstream gives a queued transcript."""
         if job.snapshot is not None:
-            return dict(swap(job.snapshot, self._to_client(job)))
-        out: dict[str, Any] = {k: v for k, v in job.body.items() if k not in HIDDEN_FIELDS}
+            return dict(self.client_doc(job, job.snapshot))
+        out: dict[str, Any] = dict(job.body)
         out.update(id=job.id, status=job.status, text=None, words=None, utterances=None, confidence=None)
         out.update(audio_duration=None, error=job.error or None, webhook_status_code=None)
-        out["webhook_auth"] = bool(job.body.get("webhook_auth_header_name"))
+        out.update(client_fields(job))
         return out
+
+    def client_doc(self, job: Job, doc: Any) -> Any:
+        """An upstream document as the client should see it: its ids, its own webhook."""
+        doc = swap(doc, self._to_client(job))
+        if isinstance(doc, dict) and "webhook_url" in doc:
+            doc.update(client_fields(job))
+        return doc
 
     # -- GET /v2/transcript/{id} ---------------------------------------------------------
     async def get(self, request: web.Request, job_id: str) -> web.StreamResponse | None:
@@ -172,7 +184,8 @@ class Transcripts:
             return None
         self._metrics.child(self._metrics.job_polls).inc()
         if job.state is State.SUBMITTED:
-            stale = self._wall() * 1000 - job.refreshed_ms >= self._t.poll_refresh_s * 1000
+            every_s = self._t.poll_refresh_with_webhooks_s if self._cfg.public_url else self._t.poll_refresh_s
+            stale = self._wall() * 1000 - job.refreshed_ms >= every_s * 1000
             if stale:
                 snapshot = await self._refresh(job, request)
                 if snapshot is not None:
@@ -219,17 +232,56 @@ class Transcripts:
         doc = json.loads(data)
         return doc if isinstance(doc, dict) else None
 
-    async def finish(self, job: Job, snapshot: dict[str, Any] | None, error: str = "") -> None:
-        """The job ended (upstream says so, or it never will run): release its lease, once."""
+    async def finish(
+        self,
+        job: Job,
+        snapshot: dict[str, Any] | None,
+        error: str = "",
+        *,
+        notify: bool = True,
+        upstream_id: str = "",
+    ) -> None:
+        """The job ended (upstream says so, or it never will run): release its lease and
+        tell the client's webhook, once, whoever learnt it first."""
         before = await self.jobs.end(
-            job.id, snapshot=snapshot, error=error, retention_s=int(self._t.retention_days * 86400)
+            job.id,
+            snapshot=snapshot,
+            error=error,
+            retention_s=int(self._t.retention_days * 86400),
+            upstream_id=upstream_id,
         )
         if before is None:
             return
         await self._engine.store.release(before.ticket, [self._catalog.async_jobs], tombstone=True)
-        self._metrics.child(self._metrics.jobs_ended, (snapshot or {}).get("status", "error")).inc()
+        status = str((snapshot or {}).get("status") or "error")
+        self._metrics.child(self._metrics.jobs_ended, status).inc()
         if before.created_ms:
             self._metrics.job_duration.observe(max(0.0, self._wall() - before.created_ms / 1000))
+        if notify:
+            self.relay.send(before, {"transcript_id": before.id, "status": status})
+
+    async def webhook(self, request: web.Request, job_id: str, token: str) -> web.Response:
+        """Upstream's webhook for a job: end it now, relay to the client. Only upstream knows
+        the receiver's token; anything else is refused without a trace of the job."""
+        if not self._vault.same(token, receiver_token(job_id, self._vault)):
+            raise NotFound()
+        job = await self.jobs.get(job_id)
+        if job is None:
+            raise NotFound()
+        try:
+            event = parse_object(await request.read())
+        except BadRequest:
+            event = {}
+        status, upstream_id = event.get("status"), event.get("transcript_id")
+        upstream_id = upstream_id if isinstance(upstream_id, str) else ""
+        if status in ENDED:
+            # Possibly before the dispatcher recorded the upstream id (a job that failed at
+            # once): the id comes with the event, and the job ends all the same.
+            snapshot = {"id": upstream_id or job.upstream_id, "status": status}
+            await self.finish(job, snapshot, upstream_id=upstream_id)
+        elif isinstance(status, str):  # e.g. redacted_audio_ready: relayed as it came
+            self.relay.send(job, self.client_doc(job, event))
+        return web.json_response({"status": "ok"})
 
     # -- the other transcript routes ----------------------------------------------------
     async def delete(self, request: web.Request, job_id: str) -> web.StreamResponse | None:
@@ -237,7 +289,8 @@ class Transcripts:
         if job is None:
             return None
         if job.state is State.QUEUED:
-            await self.finish(job, None, error="Deleted while queued in the gateway: it was never submitted")
+            message = "Deleted while queued in the gateway: it was never submitted"
+            await self.finish(job, None, error=message, notify=False)
             ended = await self.jobs.get(job.id)
             return web.json_response(self.view(ended or job))
         if job.state is State.CLAIMED:
@@ -284,11 +337,10 @@ class Transcripts:
         return web.Response(status=status, body=body, content_type="application/json")
 
     async def _forward(self, request: web.Request, job: Job, path: str) -> web.StreamResponse:
-        mapping = self._to_client(job)
         plan = Plan(
             "rest", self._cfg.upstream.api_url,
             self._catalog.account_window("rest", request.method), self._cfg.queue.max_wait_s, b"",
-            path=path, rewrite=lambda doc: swap(doc, mapping),
+            path=path, rewrite=lambda doc: self.client_doc(job, doc),
         )  # fmt: skip
         resp = await self._handler.forward(request, plan)
         if request.method == hdrs.METH_DELETE and resp.status == 200 and job.state is not State.ENDED:

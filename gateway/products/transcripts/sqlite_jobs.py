@@ -201,7 +201,13 @@ class SqliteJobStore:
         self._update(job_id, change, heard_ms=now)
 
     async def end(
-        self, job_id: str, *, snapshot: dict[str, Any] | None, error: str, retention_s: int
+        self,
+        job_id: str,
+        *,
+        snapshot: dict[str, Any] | None,
+        error: str,
+        retention_s: int,
+        upstream_id: str = "",
     ) -> Job | None:
         now = self._now()
         before: list[Job] = []
@@ -213,6 +219,12 @@ class SqliteJobStore:
             job.state, job.ended_ms, job.cred, job.error = State.ENDED, now, None, error
             if snapshot is not None:
                 job.snapshot, job.refreshed_ms = snapshot, now
+            if upstream_id and not job.upstream_id:  # first learnt now (an early webhook)
+                job.upstream_id = upstream_id
+                self._db.execute(
+                    "INSERT OR REPLACE INTO upstream_ids (upstream_id, job_id, expires_ms) VALUES (?, ?, ?)",
+                    (upstream_id, job_id, 2**62),
+                )
             if job.upstream_id:
                 self._db.execute(
                     "UPDATE upstream_ids SET expires_ms = ? WHERE upstream_id = ?",
