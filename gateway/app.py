@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -214,7 +215,9 @@ def build_app(
     app.router.add_delete("/v2/transcript/{id}", job_route(transcripts.delete))
     app.router.add_get("/v2/transcript/{id}/{sub}", job_route(transcripts.sub_resource))
     app.router.add_route("*", "/v2/{tail:.*}", handler.route(rest.plan))
-    app.router.add_route("*", "/v1/{tail:.*}", handler.route(llm.plan, public=llm.PUBLIC))
+    app.router.add_route(
+        "*", "/v1/{tail:.*}", handler.route(partial(llm.plan, ids=transcripts), public=llm.PUBLIC)
+    )
     app.router.add_route("*", "/v3/{tail:.*}", handler.route(streaming.plan))
     app.router.add_route("*", "/{tail:.*}", not_found)
     return app

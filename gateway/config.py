@@ -189,7 +189,7 @@ class Transcripts(_Model):
     # its clients poll; the SDK polls every 3 s.
     poll_refresh_s: float = Field(10.0, gt=0)
     # How long a dispatcher owns a job it is submitting before others may reconcile it.
-    claim_s: float = Field(30.0, gt=0)
+    claim_s: float = Field(30.0, ge=1)
     # Last resort: a running job's concurrency lease ends after this unless renewed.
     lease_ttl_s: float = Field(4 * 3600.0, gt=0)
     # A job queued in the gateway longer than this ends in error.

@@ -284,3 +284,22 @@ async def test_another_key_cannot_see_a_job() -> None:
         job = await post(http, url, {"audio_url": "https://x/1.mp3"})
         async with http.get(url + f"/v2/transcript/{job['id']}", headers={"Authorization": "other-key"}) as r:
             assert r.status == 404 and (await r.json()) == {"error": "Transcript not found"}
+
+
+async def test_llm_bodies_name_transcripts_by_the_gateways_id() -> None:
+    async with gateways(SimConfig(job_seconds=0.2), **FAST) as (sim, gws), aiohttp.ClientSession() as http:
+        url = gws[0][0]
+        job = await post(http, url, {"audio_url": "https://x/1.mp3"})
+        queued = await post(http, url, {"audio_url": "https://x/2.mp3"})  # one lease: this one waits
+        ask = {"transcript_id": queued["id"], "speech_understanding": {"request": {}}}
+        async with http.post(url + "/v1/understanding", json=ask, headers=KEY) as r:
+            assert r.status == 400 and "still queued in the gateway" in (await r.json())["error"]
+        await wait_for(lambda: _status(http, url, job["id"], "completed"))
+        ask["transcript_id"] = job["id"]
+        async with http.post(url + "/v1/understanding", json=ask, headers=KEY) as r:
+            assert r.status == 200, await r.text()
+            answer = await r.json()
+        assert answer["speech_understanding"]["response"]["transcript_id"] == job["id"]
+        chat = {"model": "gpt-5", "messages": [], "transcript_id": job["id"]}
+        async with http.post(url + "/v1/chat/completions", json=chat, headers=KEY) as r:
+            assert r.status == 200

@@ -6,9 +6,15 @@
 - ``POST /v1/understanding``: its own bucket (``llm_requests.understanding``), no model.
 - ``GET /v1/models`` and anything else: the account window only.
 - On the free plan the LLM Gateway does not exist: 403 without calling upstream.
+- A ``transcript_id`` in a chat or understanding body names a transcript by the gateway's
+  id: it is swapped for upstream's on the way out, and back in the response.
 """
 
 from __future__ import annotations
+
+import json
+from functools import partial
+from typing import Protocol
 
 from aiohttp import hdrs, web
 
@@ -16,13 +22,20 @@ from ..config import Config
 from ..errors import BadRequest, Forbidden
 from .catalog import Catalog, valid_model_name
 from .plan import Plan, held_body, parse_object, read_capped
+from .transcripts.ids import swap, transcript_ids
 
 CHAT = "/v1/chat/completions"
 UNDERSTANDING = "/v1/understanding"
 PUBLIC = frozenset({("GET", "/v1/models")})  # served upstream without a key
 
 
-async def plan(request: web.Request, cfg: Config, catalog: Catalog) -> Plan:
+class TranscriptIds(Protocol):
+    async def to_upstream(self, ids: list[str], key: str) -> dict[str, str]: ...
+
+
+async def plan(
+    request: web.Request, cfg: Config, catalog: Catalog, *, ids: TranscriptIds | None = None
+) -> Plan:
     if not cfg.limits.llm_available:
         raise Forbidden(
             "The LLM Gateway is not available on the free plan; "
@@ -31,18 +44,26 @@ async def plan(request: web.Request, cfg: Config, catalog: Catalog) -> Plan:
     method, path = request.method, request.path.rstrip("/")
     window = catalog.account_window("llm", method)
     cap = cfg.proxy.max_json_body_bytes
-    if method == hdrs.METH_POST and path == CHAT:
+    if method == hdrs.METH_POST and path in (CHAT, UNDERSTANDING):
         body = await read_capped(request, cap)
-        model = parse_object(body).get("model")
-        if not isinstance(model, str) or not model.strip():
-            raise BadRequest("`model` is required: a non-empty string naming the model")
-        if not valid_model_name(model):
-            raise BadRequest(f"`model` is not a valid model name: {model[:80]!r}")
-        return Plan(
-            "llm", cfg.upstream.llm_url, [catalog.model(model), *window], cfg.queue.llm_max_wait_s, body
-        )
-    if method == hdrs.METH_POST and path == UNDERSTANDING:
-        body = await read_capped(request, cap)
-        parse_object(body)
-        return Plan("llm", cfg.upstream.llm_url, [catalog.understanding, *window], cfg.queue.max_wait_s, body)
+        doc = parse_object(body)
+        if path == CHAT:
+            model = doc.get("model")
+            if not isinstance(model, str) or not model.strip():
+                raise BadRequest("`model` is required: a non-empty string naming the model")
+            if not valid_model_name(model):
+                raise BadRequest(f"`model` is not a valid model name: {model[:80]!r}")
+            limits, max_wait = [catalog.model(model), *window], cfg.queue.llm_max_wait_s
+        else:
+            limits, max_wait = [catalog.understanding, *window], cfg.queue.max_wait_s
+        rewrite = None
+        wanted = list(dict.fromkeys(transcript_ids(doc)))
+        if ids is not None and wanted:
+            # The client names transcripts by the gateway's ids; upstream knows its own.
+            mapping = await ids.to_upstream(wanted, request.headers.get(hdrs.AUTHORIZATION, ""))
+            if mapping:
+                body = json.dumps(swap(doc, mapping)).encode()
+                back = {up: mine for mine, up in mapping.items()}
+                rewrite = partial(swap, mapping=back)
+        return Plan("llm", cfg.upstream.llm_url, limits, max_wait, body, rewrite=rewrite)
     return Plan("llm", cfg.upstream.llm_url, window, cfg.queue.llm_max_wait_s, await held_body(request, cap))

@@ -18,6 +18,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
+from urllib.parse import parse_qs, urlparse
 
 from aiohttp import hdrs, web
 
@@ -227,8 +228,10 @@ async def _create(request: web.Request) -> web.Response:
     if body.get("speech_model") not in (None, "best", "nano", "slam-1", "universal"):
         return _error(400, f"Invalid speech_model: {body['speech_model']!r}")
     job = sim.transcripts.create(request[KEY], body)
-    if sim.config.post_latency_s:
-        await asyncio.sleep(sim.config.post_latency_s)
+    hint = parse_qs(urlparse(body["audio_url"]).query).get("sim_post_seconds")
+    delay = float(hint[0]) if hint else sim.config.post_latency_s
+    if delay:
+        await asyncio.sleep(delay)  # the job exists upstream; its creator has not heard yet
     return web.json_response(job.view())
 
 
@@ -420,6 +423,9 @@ async def _understanding(request: web.Request) -> web.Response:
     body = await _json(request)
     if isinstance(body, web.Response):
         return body
+    transcript_id = body.get("transcript_id")
+    if transcript_id is not None and transcript_id not in sim.transcripts.jobs:
+        return _llm_error(400, "invalid_request", f"Transcript {transcript_id} not found")
     now = time.monotonic()
     if not sim.understanding.arrive(now):
         sim.recorder.violate("understanding", "understanding", now)

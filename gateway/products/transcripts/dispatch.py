@@ -33,6 +33,7 @@ from ...admission.limits import Limit
 from ...clock import Clock
 from ...config import Config
 from ...errors import GatewayError, StoreUnavailable, WaitTimeout
+from ...metrics import Metrics
 from ...proxy.forward import NeverLeft, Upstream
 from ...vault import Vault
 from ..catalog import Catalog
@@ -42,7 +43,14 @@ from .webhooks import receiver_url
 log = logging.getLogger(__name__)
 
 NEGATIVE_BALANCE = "balance is negative"
-CLAIM_MARGIN_S = 2.0  # the reconciler waits this long past a claim's end; the POST ends before
+
+
+def claim_margin_s(claim_s: float) -> float:
+    """Slack around a claim's deadline: a dispatch's POST ends this long before it, and the
+    reconciler waits this long after it."""
+    return min(2.0, claim_s / 5)
+
+
 SCAN_S = 1.0
 
 OnEnd = Callable[[Job, dict[str, Any] | None, str], Awaitable[None]]
@@ -69,6 +77,7 @@ class Dispatcher:
         upstream: Upstream,
         vault: Vault,
         clock: Clock,
+        metrics: Metrics,
         wall: Callable[[], float] = time.time,
         on_end: OnEnd,
     ) -> None:
@@ -82,6 +91,7 @@ class Dispatcher:
         self._clock = clock
         self._wall = wall
         self._on_end = on_end
+        self._metrics = metrics
         self._waiting: dict[str, asyncio.Task[None]] = {}
         self._loop_task: asyncio.Task[None] | None = None
         self._kick = asyncio.Event()
@@ -208,8 +218,9 @@ class Dispatcher:
             return None
         # The POST must be over before the claim lapses (the reconciler then takes the job):
         # give up rather than POST with too little of the claim left.
-        left = self._t.claim_s - (self._clock.now() - claimed_at) - CLAIM_MARGIN_S
-        if left < CLAIM_MARGIN_S:
+        margin = claim_margin_s(self._t.claim_s)
+        left = self._t.claim_s - (self._clock.now() - claimed_at) - margin
+        if left < margin:
             await self._engine.release(grant)
             await self.requeue(job)
             return None
@@ -242,6 +253,7 @@ class Dispatcher:
         doc = _json(data)
         if status == 200 and isinstance(doc.get("id"), str):
             await self._jobs.submitted(job.id, doc["id"], doc)
+            self._metrics.job_queue_wait.observe(max(0.0, self._wall() - job.created_ms / 1000))
             ttl = int(self._t.lease_ttl_s * 1000)
             await self._engine.store.renew(job.ticket, self._catalog.async_jobs, ttl)
             submitted = await self._jobs.get(job.id)

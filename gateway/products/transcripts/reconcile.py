@@ -35,13 +35,12 @@ from ...proxy.handler import ProxyHandler
 from ...vault import SecretError, Vault
 from ..catalog import Catalog
 from ..plan import Plan
-from .dispatch import Dispatcher
+from .dispatch import Dispatcher, claim_margin_s
 from .jobs import Job, JobStore, State
 
 log = logging.getLogger(__name__)
 
 ENDED = frozenset({"completed", "error"})
-CLAIM_MARGIN_S = 2.0  # after a claim's deadline, its POST has surely finished or failed
 SEARCH_PAGE = 100
 
 Lookup = Callable[[Job, str], Awaitable["dict[str, Any] | None"]]
@@ -77,6 +76,10 @@ class Reconciler:
         self._renew = renew
         self._wall = wall
         self._task: asyncio.Task[None] | None = None
+
+    @property
+    def _margin_s(self) -> float:
+        return claim_margin_s(self._t.claim_s)
 
     @property
     def every_s(self) -> float:
@@ -116,7 +119,7 @@ class Reconciler:
             try:
                 if job.state is State.SUBMITTED:
                     await self._check_running(job)
-                elif job.state is State.CLAIMED and now > job.claim_until_ms + CLAIM_MARGIN_S * 1000:
+                elif job.state is State.CLAIMED and now > job.claim_until_ms + self._margin_s * 1000:
                     await self._resolve_claim(job)
             except (GatewayError, SecretError) as exc:
                 log.info("reconciler: job %s not resolved this round (%s)", job.id, exc)
@@ -175,7 +178,7 @@ class Reconciler:
             raise GatewayError(f"upstream list answered {status}")
         items = json.loads(data).get("transcripts", [])
         start_s = (job.claim_until_ms / 1000) - self._t.claim_s - 2
-        end_s = job.claim_until_ms / 1000 + CLAIM_MARGIN_S
+        end_s = job.claim_until_ms / 1000 + self._margin_s
         candidates = [
             item["id"]
             for item in items

@@ -80,7 +80,7 @@ class Transcripts:
         self.relay = Relay(cfg, vault, metrics)
         self.dispatcher = Dispatcher(
             cfg, jobs=jobs, engine=engine, catalog=catalog, upstream=upstream, vault=vault, clock=clock,
-            wall=wall, on_end=self.finish,
+            metrics=metrics, wall=wall, on_end=self.finish,
         )  # fmt: skip
         self.reconciler = Reconciler(
             cfg, jobs=jobs, catalog=catalog, handler=handler, vault=vault, dispatcher=self.dispatcher,
