@@ -3,6 +3,7 @@
 aai-gateway serve [--config PATH]     run the gateway (embedded store unless redis.url is set)
 aai-gateway check-config [PATH]       validate a config file; exit 1 with the key path on error
 aai-gateway demo [--port N]           the gateway in front of the upstream simulator
+aai-gateway gen-key                   print a new secret key (AAI_GATEWAY_SECRET_KEY)
 aai-gateway sim [--port N]            the upstream simulator alone (tests, benchmarks)
 """
 
@@ -22,6 +23,7 @@ from aiohttp.abc import AbstractAccessLogger
 
 from .app import build_app
 from .config import Config, ConfigError, load_config
+from .vault import SecretError
 
 log = logging.getLogger("gateway")
 
@@ -142,7 +144,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"aai-gateway: invalid config\n{exc}", file=sys.stderr)
         return 2
-    serve(config)
+    try:
+        serve(config)
+    except SecretError as exc:
+        print(f"aai-gateway: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -164,6 +170,13 @@ def _cmd_check(args: argparse.Namespace) -> int:
     streaming = f"{lim.streaming_sessions.limit}/{lim.streaming_sessions.window_s:g}s"
     print(f"  plan: {lim.plan}; requests {lim.requests.limit}/{lim.requests.window_s:g}s")
     print(f"  async {lim.async_concurrency} at once; streaming {streaming}; llm {llm}")
+    return 0
+
+
+def _cmd_gen_key(args: argparse.Namespace) -> int:
+    from .vault import generate_key
+
+    print(generate_key())
     return 0
 
 
@@ -229,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--sim-port", type=int, default=8099)
     p.set_defaults(func=_cmd_demo)
+    p = sub.add_parser("gen-key", help="print a new AAI_GATEWAY_SECRET_KEY")
+    p.set_defaults(func=_cmd_gen_key)
     p = sub.add_parser("sim", help="run the upstream simulator alone")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8099)

@@ -99,7 +99,7 @@ def errors_middleware(metrics: Metrics) -> Callable[..., Awaitable[web.StreamRes
     return middleware
 
 
-def make_store(config: Config, clock: Clock) -> Store:
+def make_store(config: Config, clock: Clock, on_call: Callable[[str], None] | None = None) -> Store:
     if config.redis.url is None:
         return MemoryStore(clock)
     client = make_client(
@@ -114,7 +114,9 @@ def make_store(config: Config, clock: Clock) -> Store:
         timeout_ms=config.redis.timeout_ms,
         connect_timeout_ms=config.redis.connect_timeout_ms,
     )
-    return RedisStore(client, keys, sharded_pubsub=config.redis.sharded_pubsub, pipelined=pipelined)
+    return RedisStore(
+        client, keys, sharded_pubsub=config.redis.sharded_pubsub, pipelined=pipelined, on_call=on_call
+    )
 
 
 def build_app(
@@ -127,14 +129,18 @@ def build_app(
     clock = clock or SystemClock()
     registry = registry if registry is not None else CollectorRegistry()
     metrics = Metrics(registry)
-    store = store or make_store(config, clock)
+    store = store or make_store(
+        config, clock, on_call=lambda op: metrics.child(metrics.store_calls, op).inc()
+    )
     catalog = Catalog(config.limits, claim_lease_s=2 * config.transcripts.claim_s)
     engine = AdmissionEngine(store, clock, ticket_ttl_ms=config.queue.ticket_ttl_ms, observer=metrics)
     upstream = Upstream(config.upstream, metrics)
     handler = ProxyHandler(
         config, catalog=catalog, engine=engine, upstream=upstream, metrics=metrics, clock=clock
     )
-    jobs = make_job_store(config, store)
+    jobs = make_job_store(
+        config, store, on_call=lambda op: metrics.child(metrics.store_calls, f"job_{op}").inc()
+    )
     vault = load_vault(shared=config.redis.url is not None, data_dir=Path(config.transcripts.data_dir))
     transcripts = Transcripts(
         config, jobs=jobs, engine=engine, catalog=catalog, handler=handler, upstream=upstream,
@@ -223,11 +229,12 @@ def build_app(
     return app
 
 
-def make_job_store(config: Config, store: Store) -> JobStore:
+def make_job_store(config: Config, store: Store, on_call: Callable[[str], None] | None = None) -> JobStore:
     """Jobs live beside the limits: in Redis when it is shared, else in a local sqlite file."""
     client = getattr(store, "_client", None)
     if config.redis.url is not None and client is not None:
-        return RedisJobStore(client, Keys(prefix=config.redis.key_prefix, account=config.account))
+        keys = Keys(prefix=config.redis.key_prefix, account=config.account)
+        return RedisJobStore(client, keys, on_call=on_call)
     return SqliteJobStore(Path(config.transcripts.data_dir) / "jobs.db")
 
 

@@ -174,6 +174,9 @@ class Metrics:
             "Upstream 429s the gateway retried.",
             ["group"],
         )
+        self.store_calls = self._make(
+            "counter", p + "store_calls_total", "Round trips to the store (Redis), by operation.", ["op"]
+        )
         self.store_errors = self._make(
             "counter",
             p + "store_errors_total",

@@ -111,6 +111,12 @@ class Sim:
             },
             "streaming": self.streaming.report(),
             "uploads": len(self.uploads),
+            "transcript_gets": sum(
+                1 for x in self.seen if x["method"] == "GET" and x["path"].startswith("/v2/transcript/")
+            ),
+            "transcript_posts": sum(
+                1 for x in self.seen if x["method"] == "POST" and x["path"] == "/v2/transcript"
+            ),
         }
 
 

@@ -47,10 +47,12 @@ class RedisJobStore:
         *,
         shebang: bool = True,
         wall: Callable[[], float] = time.time,
+        on_call: Callable[[str], None] | None = None,
     ) -> None:
         self._r = client
         self._k = keys
         self._wall = wall
+        self._on_call = on_call
         head = "#!lua\n" if shebang else ""
         self._create = client.register_script(head + _script("create"))
         self._claim = client.register_script(head + _script("claim"))
@@ -63,6 +65,8 @@ class RedisJobStore:
         return int(self._wall() * 1000)
 
     async def _call(self, op: str, awaitable: Any) -> Any:
+        if self._on_call is not None:
+            self._on_call(op)
         try:
             return await awaitable
         except (TimeoutError, OSError, redis_errors.RedisError) as exc:
