@@ -303,3 +303,58 @@ async def test_llm_bodies_name_transcripts_by_the_gateways_id() -> None:
         chat = {"model": "gpt-5", "messages": [], "transcript_id": job["id"]}
         async with http.post(url + "/v1/chat/completions", json=chat, headers=KEY) as r:
             assert r.status == 200
+
+
+async def test_a_failed_job_frees_its_lease_at_once() -> None:
+    async with (
+        gateways(SimConfig(async_concurrency=1), **FAST) as (sim, gws),
+        aiohttp.ClientSession() as http,
+    ):
+        url = gws[0][0]
+        failing = await post(http, url, {"audio_url": "https://x/bad.mp3?sim_seconds=0.2&sim_fail=1"})
+        waiting = await post(http, url, {"audio_url": "https://x/good.mp3?sim_seconds=0.2"})
+        assert waiting["status"] == "queued"
+        await wait_for(lambda: _status(http, url, waiting["id"], "completed"))
+        failed = await get(http, url, failing["id"])
+        assert failed["status"] == "error" and "Simulated failure" in failed["error"]
+        assert sim.transcripts.max_running == 1 and sim.recorder.violations == []
+
+
+async def test_trusted_priority_goes_first() -> None:
+    overrides = {**FAST, "transcripts": {**FAST["transcripts"], "trust_priority_header": True}}
+    async with (
+        gateways(SimConfig(async_concurrency=1, job_seconds=0.3), **overrides) as (sim, gws),
+        aiohttp.ClientSession() as http,
+    ):
+        url = gws[0][0]
+        first = await post(http, url, {"audio_url": "https://x/first.mp3"})
+        low = [await post(http, url, {"audio_url": f"https://x/low-{i}.mp3"}) for i in range(3)]
+        high = await post(http, url, {"audio_url": "https://x/high.mp3"}, **{"X-AAI-Gateway-Priority": "90"})
+        everyone = [first, *low, high]
+
+        async def all_done() -> bool:
+            return all([(await get(http, url, j["id"]))["status"] == "completed" for j in everyone])
+
+        await wait_for(all_done, within=20)
+        order = [job.body["audio_url"].rsplit("/", 1)[1] for job in sim.transcripts.jobs.values()]
+        assert order == ["first.mp3", "high.mp3", "low-0.mp3", "low-1.mp3", "low-2.mp3"]
+        async with http.post(
+            url + "/v2/transcript",
+            json={"audio_url": "https://x/y"},
+            headers={**KEY, "X-AAI-Gateway-Priority": "x"},
+        ) as r:
+            assert r.status == 400 and "Priority" in (await r.json())["error"]
+
+
+async def test_a_job_queued_too_long_ends_in_error() -> None:
+    overrides = {**FAST, "transcripts": {**FAST["transcripts"], "max_queue_age_s": 0.5}}
+    async with (
+        gateways(SimConfig(async_concurrency=1, job_seconds=2.0), **overrides) as (sim, gws),
+        aiohttp.ClientSession() as http,
+    ):
+        url = gws[0][0]
+        await post(http, url, {"audio_url": "https://x/1.mp3"})
+        stale = await post(http, url, {"audio_url": "https://x/2.mp3"})
+        await wait_for(lambda: _status(http, url, stale["id"], "error"), within=5)
+        assert "Queued in the gateway for more than" in (await get(http, url, stale["id"]))["error"]
+        assert sim.transcripts.submitted == 1

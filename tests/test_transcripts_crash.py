@@ -22,7 +22,10 @@ from tests.test_transcripts import KEY
 pytestmark = pytest.mark.slow
 
 
-async def test_kill_9_mid_dispatch_every_job_completes_exactly_once() -> None:
+@pytest.mark.parametrize("how", ["kill", "stop"])
+async def test_an_instance_lost_mid_dispatch_every_job_completes_exactly_once(how: str) -> None:
+    """``kill``: kill -9, then restart it. ``stop``: SIGSTOP it past its claim, then resume it
+    (it comes back to find its job adopted by another instance)."""
     await (await redis_client()).aclose()
     prefix = "crash" + uuid.uuid4().hex[:8]
     sim_cfg = SimConfig(async_concurrency=2, job_seconds=2.0)
@@ -45,11 +48,18 @@ async def test_kill_9_mid_dispatch_every_job_completes_exactly_once() -> None:
                 ids = [await _post(http, a.url, i) for i in range(1, 6)]  # queued
                 await asyncio.sleep(0.3)
                 assert sim.transcripts.submitted == 2  # job 0's POST reached upstream, unanswered; job 1 runs
-                os.kill(a.proc.pid, signal.SIGKILL)  # mid-dispatch, holding a claim
-                a.proc.wait()
-                post_first.cancel()
-                restarted = start_gateway_process(raw)
-                await restarted.ready("/readyz")
+                if how == "kill":
+                    os.kill(a.proc.pid, signal.SIGKILL)  # mid-dispatch, holding a claim
+                    a.proc.wait()
+                    post_first.cancel()
+                    restarted = start_gateway_process(raw)
+                    await restarted.ready("/readyz")
+                else:
+                    os.kill(a.proc.pid, signal.SIGSTOP)  # frozen mid-dispatch, holding a claim
+                    await asyncio.sleep(5)  # past its claim (3 s): the reconciler takes over
+                    os.kill(a.proc.pid, signal.SIGCONT)
+                    restarted = a
+                    post_first.cancel()  # its answer no longer matters to this test
                 deadline = asyncio.get_running_loop().time() + 40
                 while True:
                     statuses = [await _status(http, (b, restarted)[i % 2].url, j) for i, j in enumerate(ids)]
@@ -59,7 +69,7 @@ async def test_kill_9_mid_dispatch_every_job_completes_exactly_once() -> None:
                     assert asyncio.get_running_loop().time() < deadline, (statuses, first, b.output()[-2000:])
                     await asyncio.sleep(0.2)
         finally:
-            for p in (a, b, restarted):
+            for p in {a, b, restarted}:
                 if p is not None:
                     p.kill()
             client = await redis_client()

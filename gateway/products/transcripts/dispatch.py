@@ -277,9 +277,11 @@ class Dispatcher:
         return Submitted(status, doc, None)
 
     async def requeue(self, job: Job) -> None:
-        """Back in line under a new attempt; the old attempt's concurrency lease goes back."""
-        await self._jobs.requeue(job.id, attempt=job.attempt + 1)
-        await self._engine.store.release(job.ticket, [self._catalog.async_jobs], tombstone=True)
+        """Back in line under a new attempt; the old attempt's concurrency lease goes back.
+        Only if the job is still this claim's: a dispatcher that stalled past its claim may
+        find it adopted by the reconciler (running upstream: its lease stays)."""
+        if await self._jobs.requeue(job.id, attempt=job.attempt + 1):
+            await self._engine.store.release(job.ticket, [self._catalog.async_jobs], tombstone=True)
         self._kick.set()
 
 
