@@ -166,15 +166,15 @@ def build_app(
         sampler.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await sampler
-        await transcripts.close()
-        await engine.close()
-        await jobs.close()
-        await store.close()
-        await upstream.close()
+        # Each step is bounded: a connection stuck in a dead peer must not hold up shutdown.
+        await _bounded("transcripts", transcripts.close())
+        await _bounded("engine", engine.close())
+        await _bounded("jobs", jobs.close())
+        await _bounded("store", store.close())
+        await _bounded("upstream", upstream.close())
         closer = getattr(getattr(store, "_client", None), "aclose", None)
         if closer is not None:
-            with contextlib.suppress(Exception):
-                await closer()
+            await _bounded("redis client", closer())
 
     app.cleanup_ctx.append(lifecycle)
 
@@ -227,6 +227,15 @@ def build_app(
     app.router.add_route("*", "/v3/{tail:.*}", handler.route(streaming.plan))
     app.router.add_route("*", "/{tail:.*}", not_found)
     return app
+
+
+async def _bounded(what: str, step: Awaitable[Any], seconds: float = 5.0) -> None:
+    try:
+        await asyncio.wait_for(step, seconds)
+    except TimeoutError:
+        log.warning("shutdown: closing the %s took over %.0fs; moving on", what, seconds)
+    except Exception as exc:
+        log.warning("shutdown: closing the %s failed: %s", what, exc)
 
 
 def make_job_store(config: Config, store: Store, on_call: Callable[[str], None] | None = None) -> JobStore:

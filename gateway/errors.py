@@ -10,6 +10,7 @@ admission/redis_store.py, the upstream HTTP client in proxy/forward.py.
     ├── Unauthorized (401)          no Authorization header (upstream's own text)
     ├── Forbidden (403)             e.g. the LLM Gateway on the free plan
     ├── NotFound (404)              a route the gateway does not serve
+    ├── Conflict (409)              e.g. deleting a transcript while it is being submitted
     ├── PayloadTooLarge (413)       a JSON body the gateway must read is over its cap
     ├── RateLimited (429)           waited max_wait, or max_depth waiters ahead; has Retry-After
     │   ├── WaitTimeout
@@ -53,6 +54,11 @@ class Forbidden(GatewayError):
 class NotFound(GatewayError):
     status = 404
     message = "Not found"
+
+
+class Conflict(GatewayError):
+    status = 409
+    message = "Conflict"
 
 
 class PayloadTooLarge(GatewayError):

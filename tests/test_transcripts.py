@@ -264,8 +264,11 @@ async def test_polls_are_coalesced() -> None:
         polls = metric(registry, "aai_gateway_job_polls_total")
         refreshes = metric(registry, "aai_gateway_job_refreshes_total")
         upstream_gets = sum(1 for x in sim.seen if x["method"] == "GET")
-        assert polls > 100 and upstream_gets == refreshes
-        assert refreshes / polls < 0.05, (refreshes, polls)
+        # While the job ran: one upstream GET per refresh interval, whatever the pollers did.
+        # Once it ended, each poller's next GET fetched upstream's complete answer once.
+        assert polls > 100 and refreshes <= 3.0 / 0.5 + 2
+        assert refreshes <= upstream_gets <= refreshes + 10
+        assert upstream_gets / polls < 0.05, (upstream_gets, polls)
 
 
 async def test_idempotency_key_returns_the_same_job() -> None:

@@ -29,7 +29,7 @@ from ...admission.engine import AdmissionEngine
 from ...admission.limits import Limit
 from ...clock import Clock
 from ...config import Config
-from ...errors import BadRequest, GatewayError, NotFound
+from ...errors import BadRequest, Conflict, GatewayError, NotFound
 from ...metrics import Metrics
 from ...proxy.forward import Upstream
 from ...proxy.handler import ProxyHandler
@@ -294,7 +294,7 @@ class Transcripts:
             ended = await self.jobs.get(job.id)
             return web.json_response(self.view(ended or job))
         if job.state is State.CLAIMED:
-            raise GatewayError("The transcript is being submitted right now; delete it again in a moment")
+            raise Conflict("The transcript is being submitted right now; delete it again in a moment")
         return await self._forward(request, job, f"/v2/transcript/{job.upstream_id}")
 
     async def sub_resource(self, request: web.Request, job_id: str, sub: str) -> web.StreamResponse | None:
