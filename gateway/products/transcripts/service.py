@@ -26,7 +26,6 @@ from urllib.parse import urlencode
 from aiohttp import hdrs, web
 
 from ...admission.engine import AdmissionEngine
-from ...admission.limits import Limit
 from ...clock import Clock
 from ...config import Config
 from ...errors import BadRequest, Conflict, GatewayError, NotFound
@@ -47,7 +46,6 @@ from .webhooks import Relay, client_fields, receiver_token, split_webhook
 log = logging.getLogger(__name__)
 
 ENDED = frozenset({"completed", "error"})
-SUB_RESOURCES = frozenset({"sentences", "paragraphs", "srt", "vtt", "word-search", "redacted-audio"})
 PRIORITY_HEADER = "X-AAI-Gateway-Priority"
 
 
@@ -359,7 +357,3 @@ class Transcripts:
                 raise BadRequest(f"Transcript {job_id} is still queued in the gateway (status: {job.status})")
             out[job_id] = job.upstream_id
         return out
-
-
-def limits_for_job(catalog: Catalog) -> list[Limit]:
-    return [catalog.async_jobs, *catalog.account_window("rest", "POST")]
