@@ -1,0 +1,353 @@
+"""How an instance wakes its waiters: local queues, one timer per limit, wake-up messages.
+
+The store holds the one global order; this holds, per limit, this instance's own waiters in
+that order, and decides WHEN to ask the store again (ADMISSION.md I7):
+
+- a waiter is registered locally before its first acquire, so a wake-up that arrives while
+  that acquire is in flight makes it ask again at once (``rerun``);
+- a wake-up for limit L (a release, a lapse, a waiter ahead leaving) retries L's local
+  waiters in order and stops at the first one L refuses (``_drain``);
+- one timer per limit, for its best local waiter only, fires when the store said capacity
+  for it would appear (a window lease ending);
+- once a second the head of each local queue is re-checked (pub/sub is at-most-once), and
+  waiting tickets whose deadline is half gone are refreshed in batches; tickets the store
+  lost (a stalled instance, a Redis restart) are re-queued in their original order.
+
+``Waking`` is the base of AdmissionEngine, which supplies ``_attempt`` (one acquire).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import logging
+from collections.abc import Coroutine, Sequence
+from typing import Any, Protocol
+
+from ..clock import Clock
+from ..errors import StoreUnavailable
+from .limits import Limit
+from .store import RESYNC, AcquireResult, LimitState, Status, Store
+
+log = logging.getLogger(__name__)
+
+
+class EngineObserver(Protocol):
+    """What the engine reports (metrics.py implements it; tests may pass their own)."""
+
+    def admitted(
+        self, limits: Sequence[Limit], states: Sequence[LimitState], waited_s: float, group: str
+    ) -> None: ...
+
+    def refused(self, limit: Limit, reason: str, group: str) -> None: ...
+
+    def waiting(self, limit: Limit, delta: int) -> None: ...
+
+    def lapsed(self) -> None: ...
+
+
+class NullObserver:
+    def admitted(
+        self, limits: Sequence[Limit], states: Sequence[LimitState], waited_s: float, group: str
+    ) -> None:
+        pass
+
+    def refused(self, limit: Limit, reason: str, group: str) -> None:
+        pass
+
+    def waiting(self, limit: Limit, delta: int) -> None:
+        pass
+
+    def lapsed(self) -> None:
+        pass
+
+
+class Waiter:
+    __slots__ = (
+        "ticket",
+        "limits",
+        "priority",
+        "group",
+        "seq",
+        "score",
+        "queue",
+        "future",
+        "lock",
+        "rerun",
+        "touched",
+        "last",
+        "done",
+        "admitted",
+        "max_depth",
+        "placed_score",
+    )
+
+    def __init__(
+        self, ticket: str, limits: tuple[Limit, ...], priority: int, max_depth: int, group: str, now: float
+    ) -> None:
+        self.ticket = ticket
+        self.limits = limits
+        self.priority = priority
+        self.max_depth = max_depth
+        self.admitted = False
+        self.placed_score = 0
+        self.group = group
+        self.seq = 0
+        self.score = 0
+        self.queue: str | None = None  # the limit it waits on, locally
+        self.future: asyncio.Future[AcquireResult] | None = None
+        self.lock: asyncio.Lock | None = None  # made once the waiter is queued (see _attempt)
+        self.rerun = False  # a wake-up arrived while its first acquire was in flight
+        self.touched = now  # when its deadline was last pushed back (acquire or refresh)
+        self.last: AcquireResult | None = None
+        self.done = False
+
+    def __repr__(self) -> str:
+        return f"<waiter {self.ticket} score={self.score} on={self.queue}>"
+
+
+class Waking:
+    """Local queues and wake-ups (see the module docstring)."""
+
+    def __init__(
+        self,
+        store: Store,
+        clock: Clock,
+        *,
+        ticket_ttl_ms: int,
+        recheck_s: float,
+        refresh_batch: int,
+        observer: EngineObserver | None,
+    ) -> None:
+        self.store = store
+        self._clock = clock
+        self._ttl_ms = ticket_ttl_ms
+        self._recheck_s = recheck_s
+        self._batch = refresh_batch
+        self._obs: EngineObserver = observer or NullObserver()
+        self._pending: set[Waiter] = set()
+        self._by_ticket: dict[str, Waiter] = {}
+        self._queues: dict[str, list[Waiter]] = {}
+        self._timers: dict[str, asyncio.Task[None]] = {}
+        self._drains: dict[str, asyncio.Task[None]] = {}
+        self._again: set[str] = set()
+        self._checked: dict[str, float] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def _attempt(self, w: Waiter) -> AcquireResult:
+        raise NotImplementedError
+
+    # -- local queues ----------------------------------------------------------------------
+    def _place(self, w: Waiter, result: AcquireResult) -> None:
+        """Put a blocked waiter in its limit's local queue; arm the timer if it is the head."""
+        name = w.limits[result.blocked - 1].name
+        q = self._queues.get(name)
+        if w.queue != name or q is None or w.placed_score != w.score:
+            self._unqueue(w)
+            q = self._queues.setdefault(name, [])
+            bisect.insort(q, w, key=order)
+            w.queue, w.placed_score = name, w.score
+            self._by_ticket[w.ticket] = w  # for inherited priorities (waiting tickets only)
+            self._obs.waiting(w.limits[result.blocked - 1], +1)
+        if q[0] is w:
+            self._arm(name, result.wait_ms / 1000)
+
+    def _unqueue(self, w: Waiter) -> None:
+        if w.queue is None:
+            return
+        q = self._queues.get(w.queue)
+        if q is not None:
+            with contextlib.suppress(ValueError):
+                q.remove(w)
+            if not q:
+                del self._queues[w.queue]
+                timer = self._timers.pop(w.queue, None)
+                if timer is not None:
+                    timer.cancel()
+        for limit in w.limits:
+            if limit.name == w.queue:
+                self._obs.waiting(limit, -1)
+        w.queue = None
+
+    def _forget(self, w: Waiter) -> None:
+        w.done = True
+        self._pending.discard(w)
+        self._by_ticket.pop(w.ticket, None)
+        self._unqueue(w)
+        if w.future is not None and not w.future.done():
+            w.future.cancel()
+
+    async def _wait(self, w: Waiter, seconds: float) -> AcquireResult | None:
+        loop = asyncio.get_running_loop()
+        w.future = loop.create_future()
+        sleeper = asyncio.ensure_future(self._clock.sleep(seconds))
+        try:
+            await asyncio.wait((w.future, sleeper), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeper.cancel()
+        if w.future.done() and not w.future.cancelled():
+            return w.future.result()  # raises what close() set
+        return None
+
+    def _deliver(self, w: Waiter, result: AcquireResult) -> None:
+        self._unqueue(w)
+        if w.future is not None and not w.future.done():
+            w.future.set_result(result)
+
+    # -- waking ----------------------------------------------------------------------------
+    def _on_wake(self, name: str) -> None:
+        if "\t" in name:
+            self._inherit(*name.split("\t"))
+            return
+        if name == RESYNC:
+            # Messages may have been missed, or the store lost its state (a Redis restart):
+            # retry every head, and refresh every waiter now, which re-queues any the store
+            # no longer knows (with their original sequence, so they keep their turn).
+            for w in self._pending:
+                w.rerun = True
+            for limit in list(self._queues):
+                self._kick(limit)
+            if self._queues:
+                self._spawn(self._refresh_now())
+            return
+        for w in self._pending:
+            if any(limit.name == name for limit in w.limits):
+                w.rerun = True
+        if name in self._queues:
+            self._kick(name)
+
+    def _inherit(self, name: str, ticket: str = "", score: str = "0") -> None:
+        """One of our waiters on ``name`` took a better priority: re-order it, then retry."""
+        w = self._by_ticket.get(ticket)
+        if w is None or w.done or w.queue != name or int(score) >= w.score:
+            return
+        self._unqueue(w)
+        w.score = int(score)
+        q = self._queues.setdefault(name, [])
+        bisect.insort(q, w, key=order)
+        w.queue, w.placed_score = name, w.score
+        for limit in w.limits:
+            if limit.name == name:
+                self._obs.waiting(limit, +1)
+        self._kick(name)
+
+    def _arm(self, name: str, delay: float) -> None:
+        old = self._timers.pop(name, None)
+        if old is not None:
+            old.cancel()
+        self._timers[name] = asyncio.create_task(self._fire(name, delay + 0.001))
+
+    async def _fire(self, name: str, delay: float) -> None:
+        await self._clock.sleep(delay)
+        if self._timers.get(name) is asyncio.current_task():
+            del self._timers[name]
+        self._kick(name)
+
+    def _kick(self, name: str) -> None:
+        running = self._drains.get(name)
+        if running is not None and not running.done():
+            self._again.add(name)
+            return
+        if name in self._queues:
+            self._drains[name] = asyncio.create_task(self._drain(name))
+
+    async def _drain(self, name: str) -> None:
+        """Retry this instance's waiters on ``name`` in order; stop at the first it refuses."""
+        try:
+            while True:
+                self._again.discard(name)
+                self._checked[name] = self._clock.now()
+                for w in list(self._queues.get(name, ())):
+                    if w.done or w.queue != name:
+                        continue
+                    try:
+                        result = await self._attempt(w)
+                    except StoreUnavailable:
+                        self._arm(name, self._recheck_s)
+                        return
+                    except Exception:
+                        log.exception("retrying waiters on %s failed", name)
+                        self._arm(name, self._recheck_s)
+                        return
+                    if w.done:
+                        continue
+                    if result.status is not Status.BLOCKED:
+                        self._deliver(w, result)
+                        continue
+                    self._place(w, result)
+                    if w.limits[result.blocked - 1].name == name:
+                        break
+                if name not in self._again:
+                    return
+        finally:
+            if self._drains.get(name) is asyncio.current_task():
+                del self._drains[name]
+
+    # -- housekeeping ----------------------------------------------------------------------
+    async def _maintain(self) -> None:
+        while True:
+            await self._clock.sleep(self._recheck_s / 2)
+            now = self._clock.now()
+            for name in list(self._queues):
+                if now - self._checked.get(name, 0.0) >= self._recheck_s:
+                    self._kick(name)
+            try:
+                await self._refresh(now)
+            except StoreUnavailable as exc:
+                log.warning("refresh of waiting tickets failed: %s", exc.detail)
+            except Exception:  # never let housekeeping die
+                log.exception("engine housekeeping failed")
+
+    async def _refresh(self, now: float, *, force: bool = False) -> None:
+        stale_after = 0.0 if force else self._ttl_ms / 2000
+        groups: dict[tuple[Limit, ...], list[Waiter]] = {}
+        for q in self._queues.values():
+            for w in q:
+                if not w.done and now - w.touched >= stale_after:
+                    groups.setdefault(w.limits, []).append(w)
+        lost: list[Waiter] = []
+        for limits, waiters in groups.items():
+            for i in range(0, len(waiters), self._batch):
+                batch = waiters[i : i + self._batch]
+                where = await self.store.refresh(limits, [w.ticket for w in batch], self._ttl_ms)
+                for w, index in zip(batch, where, strict=True):
+                    w.touched = now
+                    if index == 0 and not w.done:
+                        lost.append(w)
+        if lost:
+            # Their deadlines lapsed (this instance stalled) or the store lost them (a restart):
+            # evaluate them afresh, in their original order, with their original sequences.
+            for _ in lost:
+                self._obs.lapsed()
+            self._spawn(self._retry(sorted(lost, key=order)))
+
+    async def _refresh_now(self) -> None:
+        try:
+            await self._refresh(self._clock.now(), force=True)
+        except StoreUnavailable:
+            pass  # the regular housekeeping tries again
+
+    async def _retry(self, waiters: list[Waiter]) -> None:
+        for w in waiters:
+            if w.done:
+                continue
+            try:
+                result = await self._attempt(w)
+            except StoreUnavailable:
+                return
+            if w.done:
+                continue
+            if result.status is Status.BLOCKED:
+                self._place(w, result)
+            else:
+                self._deliver(w, result)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+def order(w: Waiter) -> tuple[int, str]:
+    return (w.score, w.ticket)
