@@ -32,9 +32,12 @@ from .admission.store import Store
 from .clock import Clock, SystemClock
 from .config import Config
 from .errors import GatewayError, NotFound, StoreUnavailable
+from .ledger import Ledger, RedisLedger, SqliteLedger
 from .metrics import Metrics
 from .products import llm, rest, streaming
 from .products.catalog import Catalog
+from .products.streaming_relay import StreamingRelay
+from .products.streaming_tokens import MemoryTokenBook, RedisTokenBook, TokenBook
 from .products.transcripts.jobs import JobStore
 from .products.transcripts.redis_jobs import RedisJobStore
 from .products.transcripts.service import Transcripts
@@ -51,6 +54,7 @@ ENGINE: web.AppKey[AdmissionEngine] = web.AppKey("engine", AdmissionEngine)
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
 STORE: web.AppKey[Store] = web.AppKey("store", object)  # type: ignore[arg-type]
 TRANSCRIPTS: web.AppKey[Transcripts] = web.AppKey("transcripts", Transcripts)
+LEDGER: web.AppKey[Ledger] = web.AppKey("ledger", object)  # type: ignore[arg-type]
 
 SAMPLE_EVERY_S = 5.0
 
@@ -84,7 +88,10 @@ def errors_middleware(metrics: Metrics) -> Callable[..., Awaitable[web.StreamRes
             outcome = "http_" + str(exc.status)
             if exc.status < 400:
                 raise
-            return error_response(exc.status, exc.reason)
+            text = " ".join((exc.text or "").split())  # aiohttp's own detail, when it gave one
+            return error_response(
+                exc.status, text if text and not text.startswith(str(exc.status)) else exc.reason
+            )
         except (ClientGone, asyncio.CancelledError, ConnectionResetError):
             outcome = "client_gone"
             raise
@@ -132,7 +139,11 @@ def build_app(
     store = store or make_store(
         config, clock, on_call=lambda op: metrics.child(metrics.store_calls, op).inc()
     )
-    catalog = Catalog(config.limits, claim_lease_s=2 * config.transcripts.claim_s)
+    catalog = Catalog(
+        config.limits,
+        claim_lease_s=2 * config.transcripts.claim_s,
+        max_open_sessions=config.streaming.max_open_sessions,
+    )
     engine = AdmissionEngine(store, clock, ticket_ttl_ms=config.queue.ticket_ttl_ms, observer=metrics)
     upstream = Upstream(config.upstream, metrics)
     handler = ProxyHandler(
@@ -153,6 +164,8 @@ def build_app(
     app[METRICS] = metrics
     app[STORE] = store
     app[TRANSCRIPTS] = transcripts
+    ledger, tokens = make_ledger(config, store)
+    app[LEDGER] = ledger
     metrics.store_info.labels(store.kind).set(1)
     for limit in catalog.fixed_limits():
         metrics.tokens_capacity.labels(limit.metric_label).set(limit.capacity)
@@ -170,6 +183,7 @@ def build_app(
         await _bounded("transcripts", transcripts.close())
         await _bounded("engine", engine.close())
         await _bounded("jobs", jobs.close())
+        await _bounded("ledger", ledger.close())
         await _bounded("store", store.close())
         await _bounded("upstream", upstream.close())
         closer = getattr(getattr(store, "_client", None), "aclose", None)
@@ -177,6 +191,15 @@ def build_app(
             await _bounded("redis client", closer())
 
     app.cleanup_ctx.append(lifecycle)
+    sessions = StreamingRelay(
+        config, engine=engine, catalog=catalog, upstream=upstream, handler=handler, vault=vault,
+        ledger=ledger, tokens=tokens, metrics=metrics, clock=clock,
+    )  # fmt: skip
+
+    async def end_sessions(app: web.Application) -> None:
+        await sessions.shutdown()  # a graceful shutdown terminates every session cleanly
+
+    app.on_shutdown.append(end_sessions)
 
     async def metrics_view(request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -224,6 +247,8 @@ def build_app(
     app.router.add_route(
         "*", "/v1/{tail:.*}", handler.route(partial(llm.plan, ids=transcripts), public=llm.PUBLIC)
     )
+    app.router.add_get("/v3/ws", sessions.handle)
+    app.router.add_get("/v3/token", sessions.token)
     app.router.add_route("*", "/v3/{tail:.*}", handler.route(streaming.plan))
     app.router.add_route("*", "/{tail:.*}", not_found)
     return app
@@ -245,6 +270,15 @@ def make_job_store(config: Config, store: Store, on_call: Callable[[str], None] 
         keys = Keys(prefix=config.redis.key_prefix, account=config.account)
         return RedisJobStore(client, keys, on_call=on_call)
     return SqliteJobStore(Path(config.transcripts.data_dir) / "jobs.db")
+
+
+def make_ledger(config: Config, store: Store) -> tuple[Ledger, TokenBook]:
+    """Usage and streaming tokens live beside the jobs: Redis when shared, else local."""
+    client = getattr(store, "_client", None)
+    if config.redis.url is not None and client is not None:
+        keys = Keys(prefix=config.redis.key_prefix, account=config.account)
+        return RedisLedger(client, keys), RedisTokenBook(client, keys)
+    return SqliteLedger(Path(config.transcripts.data_dir) / "usage.db"), MemoryTokenBook()
 
 
 async def _sample(store: Store, catalog: Catalog, metrics: Metrics, transcripts: Transcripts) -> None:

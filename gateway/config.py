@@ -209,6 +209,28 @@ class Transcripts(_Model):
     webhook_timeout_s: float = Field(10.0, gt=0)
 
 
+class Streaming(_Model):
+    # A new session waits this long for admission; then Error + close 3009 naming the limit.
+    max_wait_s: float = Field(60.0, gt=0)
+    # What the client sends while its session waits is kept, up to this much.
+    buffer_bytes: int = Field(4 * 1024 * 1024, ge=0)
+    # Once admitted: replay the kept messages with their original spacing, or drop them.
+    backlog: Literal["replay", "drop"] = "replay"
+    # No audio from the client for this long: the gateway terminates the session.
+    idle_timeout_s: float = Field(30.0, gt=0)
+    # Sessions end here, below upstream's 3-hour cap; the client is warned warn_before_s ahead.
+    max_duration_s: float = Field(10_500.0, gt=0, le=10_800)
+    warn_before_s: float = Field(60.0, ge=0)
+    # Asked of upstream unless the client chose one, so a session the gateway loses stops soon.
+    inactivity_timeout_s: int = Field(60, ge=5, le=3600)
+    # After sending Terminate, how long to wait for upstream's Termination.
+    terminate_wait_s: float = Field(3.0, gt=0)
+    # WebSocket pings both ways, to find dead TCP connections.
+    ping_interval_s: float = Field(10.0, gt=0)
+    # Optionally also cap the sessions open at once (a concurrency limit on the same engine).
+    max_open_sessions: int | None = Field(None, gt=0)
+
+
 class Log(_Model):
     level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = True
@@ -227,6 +249,7 @@ class Config(_Model):
     queue: Queue = Queue()
     proxy: Proxy = Proxy()
     transcripts: Transcripts = Transcripts()
+    streaming: Streaming = Streaming()
     log: Log = Log()
     # The gateway's own address as clients reach it, e.g. https://aai-gw.example.com.
     public_url: str | None = None

@@ -230,6 +230,31 @@ class Metrics:
             p + "dispatch_paused",
             "1 while dispatching is paused (upstream reported a negative balance).",
         )
+        # Streaming (products/streaming_relay).
+        self.sessions_open = self._make(
+            "gauge", p + "sessions_open", "Streaming sessions open on this instance."
+        )
+        self.sessions_waiting = self._make(
+            "gauge", p + "sessions_waiting", "Streaming sessions accepted and waiting for admission."
+        )
+        self.sessions_admitted = self._make(
+            "counter", p + "sessions_admitted_total", "Upstream streaming sessions opened."
+        )
+        self.session_wait = self._make(
+            "histogram",
+            p + "session_wait_seconds",
+            "Time a session waited for admission.",
+            buckets=WAIT_BUCKETS,
+        )
+        self.sessions_ended = self._make(
+            "counter", p + "sessions_ended_total", "Streaming sessions ended, by reason.", ["reason"]
+        )
+        self.session_frames = self._make(
+            "counter", p + "session_frames_total", "Frames relayed, by kind.", ["kind"]
+        )
+        self.session_bytes = self._make(
+            "counter", p + "session_audio_bytes_total", "Audio bytes relayed upstream."
+        )
         registry.register(self)
 
     def _make(self, kind: str, name: str, doc: str, labelnames: Sequence[str] = (), *,

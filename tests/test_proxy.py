@@ -70,7 +70,7 @@ async def test_bad_input_gets_clear_json_errors_and_costs_nothing() -> None:
                 "larger",
             ),
             ("GET", "/nowhere", b"", 404, "Not found"),
-            ("GET", "/v3/ws", b"", 501, "not available yet"),
+            ("GET", "/v3/ws", b"", 400, "WebSocket"),
         ]
         for method, path, body, status, text in cases:
             async with http.request(method, s.url + path, data=body, headers=KEY) as r:

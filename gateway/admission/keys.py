@@ -16,6 +16,8 @@ unchanged on Redis Cluster (one account lives on one shard; Cluster spreads acco
     <prefix>:{<account>}:jobs:running     sorted set: claimed/submitted job ids -> last heard (ms)
     <prefix>:{<account>}:upid:<id>        string: upstream transcript id -> job id
     <prefix>:{<account>}:idem:<key>       string: idempotency key (creator + header) -> job id
+    <prefix>:{<account>}:usage:<day>      hash: owner|product|metric -> amount (ledger.py)
+    <prefix>:{<account>}:stoken:<fp>      string: a temporary streaming token's expiry and owner
 """
 
 from __future__ import annotations
@@ -81,3 +83,9 @@ class Keys:
 
     def idempotency(self, key: str) -> str:
         return f"{self.base}:idem:{key}"
+
+    def usage(self, day: str) -> str:
+        return f"{self.base}:usage:{day}"
+
+    def streaming_token(self, fingerprint: str) -> str:
+        return f"{self.base}:stoken:{fingerprint}"

@@ -48,8 +48,15 @@ def valid_model_name(model: str) -> bool:
     return bool(_MODEL_NAME.match(model))
 
 
+# An open session's lease, renewed while it runs: a dead instance's sessions free their
+# slots within this long.
+SESSION_LEASE_S = 120.0
+
+
 class Catalog:
-    def __init__(self, cfg: Limits, *, claim_lease_s: float = 60.0) -> None:
+    def __init__(
+        self, cfg: Limits, *, claim_lease_s: float = 60.0, max_open_sessions: int | None = None
+    ) -> None:
         """``claim_lease_s``: how long a transcript's concurrency lease lasts until its
         upstream id is recorded (then it is renewed for the job's run)."""
         self._cfg = cfg
@@ -70,6 +77,12 @@ class Catalog:
         )
         self.async_jobs = concurrency_limit(
             "async", cfg.async_concurrency, claim_lease_s, rank=RANK_CONCURRENCY
+        )
+        # Optional: sessions open at once (a lease per session, released when it ends).
+        self.open_sessions = (
+            concurrency_limit("sessions-open", max_open_sessions, SESSION_LEASE_S, rank=RANK_CONCURRENCY)
+            if max_open_sessions
+            else None
         )
         self._models: dict[str, Limit] = {name: self._make_model(name) for name in llm.models}
         check_classes(self.classes())
@@ -116,8 +129,13 @@ class Catalog:
             *[[m, *window] for m in self._models.values()],
             [self.understanding, *window],
             [self.async_jobs, *window],
-            [self.streaming_sessions, *window],
+            self.session_limits(),
         ]
+
+    def session_limits(self) -> list[Limit]:
+        """What opening a streaming session takes."""
+        opened = [self.open_sessions] if self.open_sessions else []
+        return [*opened, self.streaming_sessions, *self.account_window("streaming", "GET")]
 
 
 def _guard(override: int | None, default: int) -> int:

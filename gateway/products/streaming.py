@@ -1,7 +1,7 @@
-"""Streaming v3 (/v3/*): temporary tokens now; the WebSocket relay comes with its own work.
+"""Streaming v3 (/v3/*) over HTTP: temporary tokens.
 
 ``GET /v3/token`` goes to the streaming host over HTTPS and takes a token from the account
-window. ``/v3/ws`` answers a clear 501 until the streaming relay exists.
+window. The WebSocket itself (``/v3/ws``) is relayed by streaming_relay.py.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from ..config import Config
-from ..errors import NotFound, NotImplementedYet
+from ..errors import NotFound
 from .catalog import Catalog
 from .plan import Plan
 
@@ -26,11 +26,6 @@ def http_base(streaming_url: str) -> str:
 
 async def plan(request: web.Request, cfg: Config, catalog: Catalog) -> Plan:
     path = request.path.rstrip("/")
-    if path == WS:
-        raise NotImplementedYet(
-            "Streaming through the gateway (/v3/ws) is not available yet; connect the streaming client to "
-            "AssemblyAI directly for now"
-        )
     if path != TOKEN:
         raise NotFound()
     window = catalog.account_window("token", request.method)

@@ -28,6 +28,8 @@ def test_exact_key_strings() -> None:
     assert k.seq == "aai:{acme}:seq"
     assert k.tomb("abc.1f") == "aai:{acme}:tomb:abc.1f"
     assert k.channel == "aai:{acme}:wake"
+    assert k.usage("2026-11-26") == "aai:{acme}:usage:2026-11-26"
+    assert k.streaming_token("ab12") == "aai:{acme}:stoken:ab12"
 
 
 def test_every_key_of_an_account_is_on_one_cluster_slot() -> None:
@@ -40,6 +42,8 @@ def test_every_key_of_an_account_is_on_one_cluster_slot() -> None:
         k.seq,
         k.tomb("t"),
         k.channel,
+        k.usage("2026-11-26"),
+        k.streaming_token("fp"),
     ]
     assert len({key_slot(key.encode()) for key in keys}) == 1
     other = Keys(prefix="aai", account="other-account")

@@ -1,0 +1,339 @@
+"""Streaming through the gateway, with the simulator as the judge: sessions relayed both ways,
+admitted per window and queued instead of refused, and never left open to bill."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+
+from gateway.app import LEDGER, TRANSCRIPTS
+from gateway.ledger import utc_day
+from gateway.sim.app import Sim, SimConfig
+from tests.helpers import gateway_config, metric, running_gateway, running_sim
+
+KEY = {"Authorization": "stream-key"}
+
+
+def pcm(ms: int = 50, rate: int = 16000) -> bytes:
+    return b"\0\0" * (rate * ms // 1000)
+
+
+@asynccontextmanager
+async def streaming(
+    sim_cfg: SimConfig | None = None, **overrides: Any
+) -> AsyncIterator[tuple[Sim, str, Any, Any]]:
+    async with running_sim(sim_cfg or SimConfig()) as (sim, sim_url):
+        async with running_gateway(gateway_config(sim_url, **overrides)) as (url, app, registry):
+            yield sim, url.replace("http", "ws") + "/v3/ws?sample_rate=16000", app, registry
+
+
+async def messages(ws: aiohttp.ClientWebSocketResponse, within: float = 5.0) -> list[dict[str, Any]]:
+    """Everything the server sends until it closes."""
+    out = []
+    async with asyncio.timeout(within):
+        async for msg in ws:
+            if msg.type is aiohttp.WSMsgType.TEXT:
+                out.append(json.loads(msg.data))
+    return out
+
+
+async def talk(ws: aiohttp.ClientWebSocketResponse, seconds: float) -> None:
+    for _ in range(int(seconds / 0.05)):
+        await ws.send_bytes(pcm())
+        await asyncio.sleep(0.05)
+
+
+async def wait_until(check: Any, within: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not check():
+        assert loop.time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_session_is_relayed_both_ways_and_terminated_cleanly() -> None:
+    async with streaming() as (sim, url, _, registry), aiohttp.ClientSession() as http:
+        async with http.ws_connect(url, headers={**KEY, "AssemblyAI-Version": "2025-05-12"}) as ws:
+            begin = json.loads((await ws.receive()).data)
+            assert begin["type"] == "Begin"
+            await talk(ws, 1.2)
+            await ws.send_str(json.dumps({"type": "Terminate"}))
+            got = await messages(ws)
+            assert "Turn" in [m["type"] for m in got] and got[-1]["type"] == "Termination"
+            assert ws.close_code == 1000
+        assert sim.streaming.report()["terminated"] == 1 and sim.recorder.violations == []
+        await wait_until(lambda: any(x["path"] == "/v3/ws" for x in sim.seen))
+        (ws_seen,) = [x for x in sim.seen if x["path"] == "/v3/ws"]
+        assert ws_seen["headers"]["Authorization"] == "stream-key"
+        assert ws_seen["headers"]["AssemblyAI-Version"] == "2025-05-12"
+        assert ws_seen["query"] == "sample_rate=16000&inactivity_timeout=60"  # ours added, theirs kept
+        assert metric(registry, "aai_gateway_sessions_admitted_total") == 1
+
+
+async def test_a_client_that_vanishes_without_terminate_leaves_no_session_open() -> None:
+    async with streaming() as (sim, url, _, registry), aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(url, headers=KEY)
+        await ws.receive()  # Begin
+        await talk(ws, 0.3)
+        await ws.close()  # the SDK's default disconnect(): no Terminate
+        await wait_until(lambda: sim.streaming.open_sessions == 0)
+        assert sim.streaming.report()["terminated"] == 1 and sim.streaming.report()["left_open"] == 0
+        await wait_until(
+            lambda: metric(registry, "aai_gateway_sessions_ended_total", reason="client_gone") == 1
+        )
+
+
+async def test_no_audio_for_the_idle_timeout_ends_the_session() -> None:
+    async with (
+        streaming(streaming={"idle_timeout_s": 0.4}) as (sim, url, _, _),
+        aiohttp.ClientSession() as http,
+    ):
+        async with http.ws_connect(url, headers=KEY) as ws:
+            await ws.receive()
+            await talk(ws, 0.2)
+            got = await messages(ws)  # then silence
+        warning = next(m for m in got if m["type"] == "Warning")
+        assert "no audio" in warning["warning"] and got[-1]["type"] == "Termination"
+        assert sim.streaming.report()["terminated"] == 1
+
+
+async def test_the_maximum_duration_ends_the_session_with_a_warning_first() -> None:
+    limits = {"max_duration_s": 1.0, "warn_before_s": 0.5, "idle_timeout_s": 10}
+    async with streaming(streaming=limits) as (sim, url, _, _), aiohttp.ClientSession() as http:
+        async with http.ws_connect(url, headers=KEY) as ws:
+            await ws.receive()
+            speaking = asyncio.ensure_future(talk(ws, 3.0))
+            got = await messages(ws)
+            speaking.cancel()
+        kinds = [m["type"] for m in got]
+        assert kinds.count("Warning") == 2 and "ends in" in got[kinds.index("Warning")]["warning"]
+        assert kinds[-1] == "Termination" and sim.streaming.report()["terminated"] == 1
+
+
+async def test_upstream_close_codes_are_relayed() -> None:
+    async with streaming() as (sim, url, _, _), aiohttp.ClientSession() as http:
+        async with http.ws_connect(url, headers=KEY) as ws:
+            await ws.receive()
+            for _ in range(40):  # 2 s of audio at once: faster than real time
+                await ws.send_bytes(pcm())
+            got = await messages(ws)
+        assert got[-1]["type"] == "Error" and got[-1]["error_code"] == 3007
+        assert ws.close_code == 3007
+
+
+async def test_more_sessions_than_the_window_allows_all_begin_none_refused() -> None:
+    window = {"limit": 2, "window_s": 1.0}
+    sim_cfg = SimConfig(streaming_limit=2, streaming_window_s=1.0)
+    async with (
+        streaming(sim_cfg, limits={"streaming_sessions": window}, streaming={"idle_timeout_s": 5}) as (
+            sim,
+            url,
+            _,
+            _,
+        ),
+        aiohttp.ClientSession() as http,
+    ):
+
+        async def session(i: int) -> list[str]:
+            async with http.ws_connect(url, headers=KEY) as ws:  # accepted at once, even when it must wait
+                speaking = asyncio.ensure_future(talk(ws, 0.6))  # audio sent while queued is kept
+                first = json.loads((await ws.receive(timeout=10)).data)
+                await speaking
+                await ws.send_str(json.dumps({"type": "Terminate"}))
+                return [first["type"], *[m["type"] for m in await messages(ws)]]
+
+        results = await asyncio.gather(*(session(i) for i in range(5)))
+        assert all(r[0] == "Begin" and r[-1] == "Termination" for r in results), results
+        assert sim.recorder.violations == []  # no 3009 upstream, no audio faster than real time
+        assert sim.streaming.report()["sessions"] == 5
+
+
+async def test_a_client_leaving_while_queued_never_opens_a_session() -> None:
+    window = {"limit": 1, "window_s": 10}
+    async with (
+        streaming(SimConfig(streaming_limit=5), limits={"streaming_sessions": window}) as (
+            sim,
+            url,
+            _,
+            registry,
+        ),
+        aiohttp.ClientSession() as http,
+    ):
+        async with http.ws_connect(url, headers=KEY) as first:
+            await first.receive()
+            second = await http.ws_connect(url, headers=KEY)
+            await talk(second, 0.2)
+            await second.close()
+            await wait_until(lambda: metric(registry, "aai_gateway_sessions_waiting") == 0)
+            await first.send_str(json.dumps({"type": "Terminate"}))
+            await messages(first)
+        assert sim.streaming.report()["sessions"] == 1
+        assert metric(registry, "aai_gateway_sessions_ended_total", reason="client_left_waiting") == 1
+
+
+async def test_past_the_max_wait_the_client_gets_3009_naming_the_gateways_limit() -> None:
+    window = {"limit": 1, "window_s": 10}
+    overrides = {"limits": {"streaming_sessions": window}, "streaming": {"max_wait_s": 0.3}}
+    async with streaming(**overrides) as (sim, url, _, _), aiohttp.ClientSession() as http:
+        async with http.ws_connect(url, headers=KEY) as first:
+            await first.receive()
+            async with http.ws_connect(url, headers=KEY) as second:
+                got = await messages(second)
+                assert got[-1]["type"] == "Error" and got[-1]["error_code"] == 3009
+                assert "'streaming' limit" in got[-1]["error"]
+                assert second.close_code == 3009
+        assert sim.streaming.report()["sessions"] == 1
+
+
+async def test_a_graceful_shutdown_terminates_open_sessions() -> None:
+    async with running_sim() as (sim, sim_url), aiohttp.ClientSession() as http:
+        async with running_gateway(gateway_config(sim_url)) as (url, _, _):
+            ws = await http.ws_connect(url.replace("http", "ws") + "/v3/ws?sample_rate=16000", headers=KEY)
+            await ws.receive()
+            await talk(ws, 0.2)
+        # The gateway is gone: it terminated the session upstream before it went.
+        assert sim.streaming.report()["terminated"] == 1 and sim.streaming.report()["left_open"] == 0
+        await ws.close()
+
+
+SDK_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, time
+    import assemblyai as aai
+    from assemblyai.streaming.v3 import (
+        StreamingClient, StreamingClientOptions, StreamingEvents, StreamingParameters,
+    )
+    events = []
+    client = StreamingClient(StreamingClientOptions(api_key="stream-key", api_host=sys.argv[1]))
+    client.on(StreamingEvents.Begin, lambda c, e: events.append("Begin"))
+    client.on(StreamingEvents.Turn, lambda c, e: events.append("Turn"))
+    client.on(StreamingEvents.Termination, lambda c, e: events.append("Termination"))
+    client.on(StreamingEvents.Error, lambda c, e: events.append("Error: " + str(e)))
+    client.connect(StreamingParameters(sample_rate=16000))
+    def audio():
+        for _ in range(30):
+            yield b"\\0\\0" * 800
+            time.sleep(0.05)
+    client.stream(audio())
+    client.disconnect(terminate=True)
+    print("RESULT " + json.dumps(events))
+    """
+)
+
+
+async def test_the_sdks_streaming_client_through_the_gateway() -> None:
+    window = {"limit": 1, "window_s": 1.0}
+    async with streaming(
+        SimConfig(streaming_limit=1, streaming_window_s=1.0), limits={"streaming_sessions": window}
+    ) as (
+        sim,
+        url,
+        _,
+        _,
+    ):
+        host = url.split("/v3/ws")[0]
+        procs = [
+            await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-c",
+                SDK_SCRIPT,
+                host,
+                env=dict(os.environ),
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            for _ in range(3)  # three sessions, one allowed a second: two wait in the gateway
+        ]
+        outputs = [await asyncio.wait_for(p.communicate(), 60) for p in procs]
+        for p, (out, err) in zip(procs, outputs, strict=True):
+            assert p.returncode == 0, err.decode()[-2000:]
+            events = json.loads(out.decode().split("RESULT ")[1])
+            assert events[0] == "Begin" and "Turn" in events and events[-1] == "Termination", events
+        assert sim.recorder.violations == [] and sim.streaming.report()["terminated"] == 3
+
+
+async def test_usage_from_each_termination_is_recorded_per_key() -> None:
+    async with streaming() as (_, url, app, registry), aiohttp.ClientSession() as http:
+        for key, seconds in (("key-one", 1.2), ("key-two", 0.3)):
+            async with http.ws_connect(url, headers={"Authorization": key}) as ws:
+                await ws.receive()
+                await talk(ws, seconds)
+                if key == "key-one":
+                    await ws.send_str(json.dumps({"type": "Terminate"}))
+                    await messages(ws)
+            # key-two vanished without Terminate: the gateway's Terminate still brings the figures
+        vault, ledger = app[TRANSCRIPTS]._vault, app[LEDGER]
+        await wait_until(lambda: sessions_ended(registry) == 2)
+        rows = await ledger.day(utc_day(time.time()))
+        usage = {(r.owner, r.metric): r.value for r in rows if r.product == "streaming"}
+        one, two = vault.fingerprint("key-one"), vault.fingerprint("key-two")
+        assert usage[(one, "sessions")] == 1 and usage[(one, "audio_seconds")] == 1  # the sim rounds
+        assert usage[(two, "sessions")] == 1 and (two, "unreported_sessions") not in usage
+        assert "key-one" not in json.dumps(rows)  # fingerprints, never keys
+
+
+def sessions_ended(registry: Any) -> float:
+    return sum(
+        s.value for f in registry.collect() for s in f.samples if s.name == "aai_gateway_sessions_ended_total"
+    )
+
+
+async def test_a_temporary_token_session_waits_no_longer_than_the_token_is_valid() -> None:
+    window = {"limit": 1, "window_s": 30}
+    overrides = {"limits": {"streaming_sessions": window}, "streaming": {"max_wait_s": 30}}
+    async with streaming(**overrides) as (_, url, app, _), aiohttp.ClientSession() as http:
+        base = url.split("/v3/ws")[0].replace("ws", "http", 1)
+        async with http.get(base + "/v3/token?expires_in_seconds=2", headers=KEY) as resp:
+            assert resp.status == 200
+            token = (await resp.json())["token"]
+        async with http.ws_connect(url, headers=KEY) as first:  # takes the window's one session
+            await first.receive()
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            async with http.ws_connect(url + f"&token={token}") as second:
+                got = await messages(second)
+            assert got[-1]["error_code"] == 3009 and loop.time() - started < 3  # not 30 s
+
+
+async def test_a_temporary_token_from_the_gateway_opens_a_session_billed_to_its_key() -> None:
+    async with streaming() as (_, url, app, registry), aiohttp.ClientSession() as http:
+        base = url.split("/v3/ws")[0].replace("ws", "http", 1)
+        async with http.get(base + "/v3/token?expires_in_seconds=60", headers=KEY) as resp:
+            token = (await resp.json())["token"]
+        async with http.ws_connect(url + f"&token={token}") as ws:  # no Authorization header
+            assert json.loads((await ws.receive()).data)["type"] == "Begin"
+            await talk(ws, 0.2)
+            await ws.send_str(json.dumps({"type": "Terminate"}))
+            await messages(ws)
+        await wait_until(lambda: sessions_ended(registry) == 1)
+        rows = await app[LEDGER].day(utc_day(time.time()))
+        assert {r.owner for r in rows} == {app[TRANSCRIPTS]._vault.fingerprint(KEY["Authorization"])}
+
+
+async def test_the_optional_open_sessions_cap_holds_a_session_until_another_ends() -> None:
+    async with (
+        streaming(streaming={"max_open_sessions": 1}) as (sim, url, _, _),
+        aiohttp.ClientSession() as http,
+    ):
+        async with http.ws_connect(url, headers=KEY) as first:
+            await first.receive()
+            second = await http.ws_connect(url, headers=KEY)
+            begun = asyncio.ensure_future(second.receive())
+            await asyncio.sleep(0.3)
+            assert not begun.done() and sim.streaming.open_sessions == 1
+            await first.send_str(json.dumps({"type": "Terminate"}))
+            await messages(first)
+        assert json.loads((await asyncio.wait_for(begun, 5)).data)["type"] == "Begin"
+        await second.send_str(json.dumps({"type": "Terminate"}))
+        await messages(second)
+        await second.close()
+        assert sim.streaming.report()["sessions"] == 2 and sim.recorder.violations == []
