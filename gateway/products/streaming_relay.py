@@ -322,7 +322,8 @@ class _Session:
         except (aiohttp.ClientError, TimeoutError) as exc:
             self.end_reason = "upstream_error"
             if isinstance(exc, aiohttp.ClientConnectorError):  # never reached upstream: refund
-                await self.relay._engine.release(self.grant)  # type: ignore[arg-type]
+                assert self.grant is not None
+                await self.relay._engine.release(self.grant)
             else:
                 await self._end_lease()
             await self._send_error(
@@ -378,7 +379,7 @@ class _Session:
                 if delay > 0:
                     await asyncio.sleep(delay)  # never faster than the client sent it
                 await self._forward(kind, data)
-            m.child(m.session_frames, "replayed").inc()
+                m.child(m.session_frames, "replayed").inc()
         async for msg in self.client:  # ends when the client closes, or its connection dies
             if msg.type in (WSMsgType.BINARY, WSMsgType.TEXT):
                 await self._forward(msg.type, msg.data)
