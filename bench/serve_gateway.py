@@ -18,6 +18,11 @@ The store is built here (so the parser can be chosen) and counts its own round t
 On SIGUSR1 it writes them, with the parser and loop actually in use, as JSON to --stats-file.
 With --cprofile PATH the process runs under cProfile and dumps the stats there on exit.
 
+For bench/streaming_sessions.py: ``--streaming-upstream ws://...`` points
+``upstream.streaming_url`` there and raises ``streaming_sessions`` to 10,000,000 per 60 s;
+``--store memory`` runs on the embedded store (no Redis), as ``aai-gateway serve`` does
+without ``redis.url``; ``--data-dir`` is where its usage ledger goes.
+
 Run alone:
 
     python bench/serve_gateway.py --port 8197 --upstream http://127.0.0.1:8199 \\
@@ -43,6 +48,7 @@ import redis.asyncio as aioredis  # noqa: E402
 from aiohttp import web  # noqa: E402
 from redis._parsers import _AsyncRESP2Parser  # noqa: E402
 
+from gateway.__main__ import freeze_startup_heap  # noqa: E402
 from gateway.admission.keys import Keys  # noqa: E402
 from gateway.admission.limits import Limit  # noqa: E402
 from gateway.admission.pipelined import PipelinedRedis  # noqa: E402
@@ -74,20 +80,31 @@ class CountingStore(RedisStore):
         return await super().usage(limit)
 
 
-def make_config(host: str, port: int, upstream: str, redis_url: str) -> Config:
-    return Config.model_validate(
-        {
-            "listen": {"host": host, "port": port},
-            "upstream": {"api_url": upstream, "llm_url": upstream},
-            "redis": {"url": redis_url},
-            "limits": {
-                "plan": "paid",
-                "requests": {"limit": HIGH, "window_s": 300},
-                "llm_requests": {"limit": HIGH, "window_s": 60},
-            },
-            "log": {"access_log": False, "level": "warning"},
-        }
-    )
+def make_config(
+    host: str,
+    port: int,
+    upstream: str,
+    redis_url: str | None,
+    streaming_upstream: str | None = None,
+    data_dir: str | None = None,
+) -> Config:
+    doc: dict[str, Any] = {
+        "listen": {"host": host, "port": port},
+        "upstream": {"api_url": upstream, "llm_url": upstream},
+        "redis": {"url": redis_url},
+        "limits": {
+            "plan": "paid",
+            "requests": {"limit": HIGH, "window_s": 300},
+            "llm_requests": {"limit": HIGH, "window_s": 60},
+            "streaming_sessions": {"limit": HIGH, "window_s": 60},
+        },
+        "log": {"access_log": False, "level": "warning"},
+    }
+    if streaming_upstream:
+        doc["upstream"]["streaming_url"] = streaming_upstream
+    if data_dir:
+        doc["transcripts"] = {"data_dir": data_dir}
+    return Config.model_validate(doc)
 
 
 def make_python_parser_client(config: Config) -> aioredis.Redis:
@@ -129,6 +146,9 @@ def main() -> None:
         default="pipelined",
         help="pipelined: the shipped hot path; hiredis/python: scripts through redis-py with that parser",
     )
+    ap.add_argument("--store", choices=("redis", "memory"), default="redis")
+    ap.add_argument("--streaming-upstream", help="ws://host:port of a streaming upstream")
+    ap.add_argument("--data-dir", help="the gateway's data directory (usage ledger, vault)")
     ap.add_argument("--stats-file", help="where SIGUSR1 writes round-trip counts (JSON)")
     ap.add_argument("--cprofile", help="profile the whole process; write pstats here on exit")
     args = ap.parse_args()
@@ -139,7 +159,17 @@ def main() -> None:
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
-    config = make_config(args.host, args.port, args.upstream, args.redis)
+    config = make_config(
+        args.host,
+        args.port,
+        args.upstream,
+        None if args.store == "memory" else args.redis,
+        args.streaming_upstream,
+        args.data_dir,
+    )
+    if args.store == "memory":  # the embedded store, as `aai-gateway serve` builds it
+        serve(build_app(config), args)
+        return
     r = config.redis
     assert r.url is not None
     pipelined = None
@@ -171,6 +201,14 @@ def main() -> None:
         asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, dump_stats)
 
     app.on_startup.append(on_startup)
+    serve(app, args)
+
+
+def serve(app: web.Application, args: argparse.Namespace) -> None:
+    async def freeze(app: web.Application) -> None:
+        freeze_startup_heap()  # as `aai-gateway serve` does once started
+
+    app.on_startup.append(freeze)
     profiler = cProfile.Profile() if args.cprofile else None
     if profiler is not None:
         profiler.enable()

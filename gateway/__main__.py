@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -91,6 +92,15 @@ async def _warn_eviction(app: web.Application, config: Config) -> None:
         )
 
 
+def freeze_startup_heap() -> None:
+    """Move everything allocated while starting (modules, config, the app: ~65,000 objects)
+    out of the garbage collector's sight. A full collection otherwise walks them all, a pause
+    of tens of milliseconds that every frame of every open streaming session waits behind
+    (bench/streaming_sessions.py); freezing halves it."""
+    gc.collect()
+    gc.freeze()
+
+
 def serve(
     config: Config, *, announce: str = "", companion: web.Application | None = None, companion_port: int = 0
 ) -> None:
@@ -114,6 +124,7 @@ def serve(
 
     async def on_start(app: web.Application) -> None:
         await _warn_eviction(app, config)
+        freeze_startup_heap()
         log.info(
             "aai-gateway listening on http://%s:%s (store: %s; plan: %s; loop: %s)%s",
             config.listen.host,

@@ -4,6 +4,7 @@ admitted per window and queued instead of refused, and never left open to bill."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -337,3 +338,58 @@ async def test_the_optional_open_sessions_cap_holds_a_session_until_another_ends
         await messages(second)
         await second.close()
         assert sim.streaming.report()["sessions"] == 2 and sim.recorder.violations == []
+
+
+async def test_a_request_that_is_not_a_websocket_upgrade_gets_a_json_400() -> None:
+    async with streaming() as (sim, url, _, _), aiohttp.ClientSession() as http:
+        async with http.get(url.replace("ws", "http", 1), headers=KEY) as r:
+            assert r.status == 400 and "WebSocket" in (await r.json())["error"]
+        assert sim.streaming.report()["sessions"] == 0
+
+
+async def test_a_queued_client_is_answered_when_it_pings() -> None:
+    """The SDK pings every 20 s and gives up without a pong: a queued session must answer."""
+    window = {"limit": 1, "window_s": 10}
+    async with (
+        streaming(limits={"streaming_sessions": window}) as (sim, url, _, _),
+        aiohttp.ClientSession() as http,
+    ):
+        async with http.ws_connect(url, headers=KEY) as first:
+            await first.receive()
+            async with http.ws_connect(url, headers=KEY, autoping=False) as second:
+                await second.ping(b"are you there")
+                pong = await second.receive(timeout=2)
+                assert pong.type is aiohttp.WSMsgType.PONG and pong.data == b"are you there"
+            await first.send_str(json.dumps({"type": "Terminate"}))
+            await messages(first)
+        assert sim.streaming.report()["sessions"] == 1
+
+
+async def test_a_frame_over_the_cap_closes_1009_and_the_session_is_terminated() -> None:
+    async with streaming() as (sim, url, _, _), aiohttp.ClientSession() as http:
+        async with http.ws_connect(url, headers=KEY, max_msg_size=0) as ws:
+            await ws.receive()  # Begin
+            with contextlib.suppress(ConnectionError):  # the gateway stops reading it
+                await ws.send_bytes(b"\0" * (9 * 1024 * 1024))
+            await messages(ws)
+            # 1009 comes first; a client still writing may see its connection reset instead
+            assert ws.close_code in (1009, 1006)
+        await wait_until(lambda: sim.streaming.open_sessions == 0)
+        assert sim.streaming.report()["terminated"] == 1 and sim.streaming.report()["left_open"] == 0
+
+
+async def test_a_client_that_stops_answering_pings_is_gone_and_its_session_terminated() -> None:
+    """A dead TCP connection sends nothing, not even pongs: found by ping, not left to bill."""
+    settings = {"ping_interval_s": 0.2, "idle_timeout_s": 30}
+    async with (
+        streaming(streaming=settings) as (sim, url, _, registry),
+        aiohttp.ClientSession() as http,
+    ):
+        async with http.ws_connect(url, headers=KEY, autoping=False) as ws:
+            await ws.receive()  # Begin
+            await talk(ws, 0.2)  # then silence, and no pong
+            await wait_until(lambda: sim.streaming.open_sessions == 0, within=3)
+        assert sim.streaming.report()["terminated"] == 1
+        await wait_until(
+            lambda: metric(registry, "aai_gateway_sessions_ended_total", reason="client_gone") == 1
+        )

@@ -30,11 +30,10 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
-import aiohttp
-from aiohttp import WSCloseCode, WSMsgType, hdrs, web
+from aiohttp import WSCloseCode, hdrs, web
 from yarl import URL
 
 from ..admission.engine import AdmissionEngine, Grant
@@ -46,7 +45,7 @@ from ..metrics import Metrics
 from ..proxy.forward import Upstream, request_headers
 from ..proxy.handler import GROUP, ProxyHandler
 from ..vault import Vault
-from . import streaming
+from . import streaming, ws_wire
 from .catalog import SESSION_LEASE_S, Catalog
 from .streaming_tokens import TokenBook, jwt_expiry
 
@@ -54,7 +53,10 @@ log = logging.getLogger(__name__)
 
 PASS_HEADERS = (hdrs.AUTHORIZATION, "AssemblyAI-Version")
 TOO_MANY = 3009
-TERMINATE = json.dumps({"type": "Terminate"})
+TERMINATE = b'{"type": "Terminate"}'
+MAX_FRAME = 8 * 1024 * 1024
+PING = ws_wire.frame(ws_wire.PING, b"aai-gateway", mask=False)
+AUDIO, MESSAGE, TERMINATE_KIND = 0, 1, 2  # what a client frame is, for the relay
 
 
 class StreamingRelay:
@@ -86,6 +88,10 @@ class StreamingRelay:
         self._clock = clock
         self._wall = wall
         self._sessions: set[_Session] = set()
+        self._sweep: asyncio.Task[None] | None = None
+        self._frames_audio = metrics.child(metrics.session_frames, "audio")
+        self._frames_message = metrics.child(metrics.session_frames, "message")
+        self._frames_termination = metrics.child(metrics.session_frames, "termination")
 
     async def token(self, request: web.Request) -> web.StreamResponse:
         """``GET /v3/token``, forwarded; the token it issues is noted (streaming_tokens.py)."""
@@ -135,11 +141,32 @@ class StreamingRelay:
         if hdrs.AUTHORIZATION not in request.headers and "token" not in request.query:
             return web.json_response({"error": "Authentication error, API token missing/invalid"}, status=401)
         request[GROUP] = "streaming"
+        key = request.headers.get("Sec-WebSocket-Key", "")
+        if request.headers.get(hdrs.UPGRADE, "").lower() != "websocket" or not key:
+            return web.json_response({"error": "/v3/ws is a WebSocket: send an Upgrade request"}, status=400)
+        if request.headers.get("Sec-WebSocket-Version") != "13":
+            return web.json_response(
+                {"error": "unsupported WebSocket version (13 is)"}, status=426,
+                headers={"Sec-WebSocket-Version": "13"},
+            )  # fmt: skip
         owner, max_wait = await self._who(request)
-        ws = web.WebSocketResponse(heartbeat=self._s.ping_interval_s, max_msg_size=8 * 1024 * 1024)
-        await ws.prepare(request)  # at once: the SDK gives the handshake one second
-        session = _Session(self, request, ws, owner=owner, max_wait_s=max_wait)
+        # The handshake at once (the SDK gives it one second), with no extension: frames are
+        # forwarded as they are (ws_wire.py), so both legs must carry plain frames.
+        ws = web.StreamResponse(
+            status=101,
+            headers={
+                hdrs.UPGRADE: "websocket",
+                hdrs.CONNECTION: "Upgrade",
+                "Sec-WebSocket-Accept": ws_wire.accept_key(key),
+            },
+        )
+        ws.force_close()
+        await ws.prepare(request)
+        session = _Session(self, request, owner=owner, max_wait_s=max_wait)
+        request.protocol.set_parser(_ClientLeg(session, MAX_FRAME))  # type: ignore[arg-type]
+        request.protocol.keep_alive(False)
         self._sessions.add(session)
+        self._start_sweep()
         m = self._metrics
         m.sessions_open.inc()
         running = asyncio.create_task(session.run())
@@ -173,8 +200,24 @@ class StreamingRelay:
         except (StoreUnavailable, OSError) as exc:
             log.error("streaming: usage of a session was not recorded (%s): %s", amounts, exc)
 
+    def _start_sweep(self) -> None:
+        if self._sweep is None or self._sweep.done():
+            self._sweep = asyncio.create_task(self._sweeping())
+
+    async def _sweeping(self) -> None:
+        """One timer for every session's guard (_Session.check), not one per session: a
+        thousand guards waking in step would stall the frames queued behind them."""
+        interval = min(1.0, self._s.idle_timeout_s / 4, self._s.ping_interval_s / 4)
+        while self._sessions:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for session in list(self._sessions):
+                session.check(now)
+
     async def shutdown(self) -> None:
         """Graceful shutdown: every session is terminated cleanly, then closed."""
+        if self._sweep is not None:
+            self._sweep.cancel()
         await asyncio.gather(*(s.stop("shutdown") for s in list(self._sessions)), return_exceptions=True)
 
     def _upstream_url(self, request: web.Request) -> URL:
@@ -186,74 +229,116 @@ class StreamingRelay:
         return URL(f"{self._cfg.upstream.streaming_url}/v3/ws?{query}", encoded=True)
 
 
+class _ClientLeg:
+    """The client's connection after the handshake: aiohttp hands every chunk it reads to
+    this parser (``RequestHandler.set_parser``, as its own WebSocket reader gets them)."""
+
+    __slots__ = ("session", "reader", "broken")
+
+    def __init__(self, session: _Session, max_frame: int) -> None:
+        self.session = session
+        self.reader = ws_wire.FrameReader(max_frame)
+        self.broken = False
+
+    def feed_data(self, data: bytes) -> tuple[bool, bytes]:
+        if self.broken:
+            return False, b""  # past a frame it refused, the stream cannot be read
+        try:
+            frames = self.reader.feed(data)
+        except ws_wire.FrameTooLarge as exc:
+            self.broken = True
+            self.session.client_broke(1009, f"aai-gateway: {exc}")
+            return False, b""
+        if frames:
+            self.session.on_client_frames(frames)
+        return False, b""
+
+    def feed_eof(self) -> None:
+        self.session.client_went()
+
+
+WAITING, REPLAYING, RELAYING, ENDED = "waiting", "replaying", "relaying", "ended"
+
+
 class _Session:
-    """One client's session: admission, the upstream socket, the two pumps, the guard."""
+    """One client's session: admission, the upstream socket, frames forwarded both ways, the
+    guard. Frames are forwarded whole and unchanged (ws_wire.py); only text and control
+    frames are read."""
 
     def __init__(
         self,
         relay: StreamingRelay,
         request: web.Request,
-        client: web.WebSocketResponse,
         *,
         owner: str,
         max_wait_s: float,
     ) -> None:
         self.relay = relay
         self.request = request
-        self.client = client
+        self.transport = request.transport  # the client's connection
         self.owner = owner
         self.max_wait_s = max_wait_s
         self.grant: Grant | None = None
         self.usage: dict[str, float] | None = None  # from upstream's Termination
+        self.state = WAITING
+        self.opened_at = 0.0
         self.closed_at = 0.0
-        self.upstream: aiohttp.ClientWebSocketResponse | None = None
-        self.backlog: deque[tuple[float, WSMsgType, Any]] = deque()
+        self.upstream: ws_wire.Upstream | None = None
+        self.upstream_close: tuple[int, str] | None = None
+        self.backlog: deque[tuple[float, int, ws_wire.Frame]] = deque()  # (at, kind, frame)
         self.backlog_bytes = 0
-        self.client_gone = False
+        self.client_gone = False  # it closed, or its connection ended
+        self.client_closed = False  # the gateway sent it a close frame
+        self.client_ended = False  # it sent Terminate while waiting
         self.terminated = False  # a Terminate went upstream
         self.end_reason = "client"  # it sent Terminate, unless set otherwise
-        self.last_audio = time.monotonic()
-        self.opened_at = 0.0
-        self.pumping = False  # the upstream pump is the one reader of the upstream socket
-        self.termination = asyncio.Event()  # upstream's Termination (or close) was seen
+        self.last_audio = self.last_seen = time.monotonic()
+        self.left = asyncio.Event()  # the client left (or ended before any audio) while waiting
+        self.termination = asyncio.Event()  # upstream's Termination (or its closing) was seen
+        self.upstream_lost = asyncio.Event()
+        self.replaying: asyncio.Task[None] | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.stopping = False  # the gateway is ending it
+        self.warned = False  # of the maximum duration
+        self.renewed = 0.0  # the open-sessions lease
+        self.pinged = 0.0
 
     # -- waiting for admission, keeping the client's messages --------------------------
     async def run(self) -> None:
-        s = self.relay._s
-        reader = asyncio.create_task(self._buffer_client())
         admit = asyncio.create_task(self._admit())
+        watch = asyncio.create_task(self.left.wait())
         try:
-            done, _ = await asyncio.wait({reader, admit}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({admit, watch}, return_when=asyncio.FIRST_COMPLETED)
             if admit not in done:  # the client left, or ended, while waiting: no session opens
                 admit.cancel()
                 with contextlib.suppress(asyncio.CancelledError, GatewayError):
                     await admit
-                self.end_reason = "client_left_waiting"
-                if not self.client_gone:  # it sent Terminate: a session that never began, ended
-                    await self._tell({"type": "Termination", "audio_duration_seconds": 0,
-                                      "session_duration_seconds": 0})  # fmt: skip
-                    await self.client.close(code=WSCloseCode.OK)
+                if self.end_reason == "client":
+                    self.end_reason = "client_left_waiting"
+                if not self.client_gone and self.client_ended:  # a session that never began, ended
+                    self._tell({"type": "Termination", "audio_duration_seconds": 0,
+                                "session_duration_seconds": 0})  # fmt: skip
+                    self._close_client(WSCloseCode.OK)
                 return
             try:
                 admit.result()
             except RateLimited as exc:
-                reader.cancel()
                 self.end_reason = "refused"
-                await self._refuse(exc)
+                self._send_error(
+                    TOO_MANY, f"aai-gateway: waited {self.max_wait_s:g}s for the '{exc.limit}' limit"
+                )
                 return
             except (StoreUnavailable, GatewayError) as exc:
-                reader.cancel()
                 self.end_reason = "error"
-                await self._send_error(1011, f"aai-gateway: {exc.message}")
+                self._send_error(1011, f"aai-gateway: {exc.message}")
                 return
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
-            if s.backlog == "drop":
+            if self.relay._s.backlog == "drop":
                 self.backlog.clear()
+                self.backlog_bytes = 0
             await self._open_and_relay()
         finally:
-            for task in (reader, admit):
+            self.state = ENDED
+            for task in (admit, watch, *self.tasks):
                 task.cancel()
 
     async def _admit(self) -> None:
@@ -272,86 +357,186 @@ class _Session:
             relay._metrics.sessions_waiting.inc(-1)
         relay._metrics.session_wait.observe(time.monotonic() - started)
 
-    async def _buffer_client(self) -> None:
-        """Keep what the client sends while its session waits (bounded); return when it leaves."""
-        limit = self.relay._s.buffer_bytes
-        ended = False
-        async for msg in self.client:
-            if ended:
-                continue  # after its Terminate: only its leaving matters
-            if msg.type in (WSMsgType.BINARY, WSMsgType.TEXT):
-                size = len(msg.data)
-                if self.backlog_bytes + size > limit:
-                    self.relay._metrics.child(self.relay._metrics.session_frames, "dropped").inc()
-                    continue  # over the buffer: dropped (the oldest audio is what matters most)
-                self.backlog.append((time.monotonic(), msg.type, msg.data))
-                self.backlog_bytes += size
-                if msg.type is WSMsgType.TEXT and _kind(msg.data) == "Terminate":
-                    if not any(kind is WSMsgType.BINARY for _, kind, _ in self.backlog):
-                        return  # it ended before it sent audio: nothing to open
-                    ended = True  # its audio is still transcribed: the session opens, replays it all
+    # -- the client's frames (called by aiohttp's protocol, on the event loop) -------------
+    def on_client_frames(self, frames: list[ws_wire.Frame]) -> None:
+        now = self.last_seen = time.monotonic()
+        for f in frames:
+            op = f.opcode
+            if op == ws_wire.BINARY or op == ws_wire.CONT:
+                self.last_audio = now
+                self._client_data(now, AUDIO, f)
+            elif op == ws_wire.TEXT:
+                kind = TERMINATE_KIND if _kind(f.payload()) == "Terminate" else MESSAGE
+                self._client_data(now, kind, f)
+            elif op == ws_wire.PING:
+                self._to_client(ws_wire.frame(ws_wire.PONG, f.payload(), mask=False))
+            elif op == ws_wire.CLOSE:
+                code, _ = ws_wire.parse_close(f.payload())
+                self._close_client(code if code not in (1005, 1006) else WSCloseCode.OK)
+                self.client_went()
+                return
+
+    def _client_data(self, now: float, kind: int, f: ws_wire.Frame) -> None:
+        state = self.state
+        if state == RELAYING:
+            self._send_upstream(kind, f)
+        elif state == REPLAYING:
+            self.backlog.append((now, kind, f))  # after the backlog, at the same pace
+            self.backlog_bytes += f.size
+        elif state == WAITING and not self.client_ended:
+            m = self.relay._metrics
+            if self.backlog_bytes + f.size > self.relay._s.buffer_bytes:
+                m.child(m.session_frames, "dropped").inc()
+                return  # over the buffer: dropped (the oldest audio is what matters most)
+            self.backlog.append((now, kind, f))
+            self.backlog_bytes += f.size
+            if kind == TERMINATE_KIND:
+                self.client_ended = True  # its audio is still transcribed: the session opens, replays it all
+                if not any(k == AUDIO for _, k, _ in self.backlog):
+                    self.left.set()  # it ended before it sent audio: nothing to open
+
+    def _send_upstream(self, kind: int, f: ws_wire.Frame) -> None:
+        up = self.upstream
+        if up is None or up.closed or self.terminated:
+            return
+        up.write(f.raw)
+        r = self.relay
+        if kind == AUDIO:
+            r._frames_audio.inc()
+            r._metrics.session_bytes.inc(f.size)
+        else:
+            r._frames_message.inc()
+            if kind == TERMINATE_KIND:
+                self.terminated = True
+
+    def client_went(self) -> None:
+        """The client closed, or its connection ended."""
+        if self.client_gone:
+            return
         self.client_gone = True
+        if self.state == WAITING:
+            self.left.set()
+        elif self.state in (REPLAYING, RELAYING) and not self.terminated:
+            # It did not end the session: the gateway does (billing).
+            self.end_reason = "client_gone"
+            self._spawn(self._terminate_upstream())
 
-    async def _refuse(self, exc: RateLimited) -> None:
-        reason = f"aai-gateway: waited {self.max_wait_s:g}s for the '{exc.limit}' limit"
-        await self._send_error(TOO_MANY, reason)
+    def client_broke(self, code: int, reason: str) -> None:
+        self._close_client(code, reason)
+        self.client_went()
 
-    async def _send_error(self, code: int, reason: str) -> None:
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            await self.client.send_str(json.dumps({"type": "Error", "error_code": code, "error": reason}))
-        await self.client.close(code=code, message=reason.encode()[:120])
+    # -- upstream's frames ---------------------------------------------------------------
+    def on_upstream_frames(self, frames: list[ws_wire.Frame]) -> None:
+        up = self.upstream
+        assert up is not None
+        for f in frames:
+            op = f.opcode
+            if op == ws_wire.TEXT:
+                ended = b"Termination" in f.raw and _kind(f.payload()) == "Termination"
+                if ended:
+                    self.relay._frames_termination.inc()
+                    self.usage = _usage(f.payload())
+                self._to_client(f.raw)
+                if ended:
+                    self.termination.set()
+            elif op == ws_wire.BINARY or op == ws_wire.CONT:
+                self._to_client(f.raw)
+            elif op == ws_wire.PING:
+                up.write(ws_wire.frame(ws_wire.PONG, f.payload(), mask=True))
+            elif op == ws_wire.CLOSE:
+                self.upstream_close = ws_wire.parse_close(f.payload())
+                up.write(ws_wire.close_frame(self.upstream_close[0], mask=True))
+                up.close()
+                return
+
+    def _upstream_lost(self) -> None:
+        self.termination.set()
+        self.upstream_lost.set()
+
+    def _pause_client(self, paused: bool) -> None:
+        """Upstream reads slower than the client sends: stop reading the client meanwhile."""
+        with contextlib.suppress(AttributeError, RuntimeError):
+            if paused:
+                self.transport.pause_reading()  # type: ignore[union-attr]
+            else:
+                self.transport.resume_reading()  # type: ignore[union-attr]
 
     # -- relaying ----------------------------------------------------------------------
     async def _open_and_relay(self) -> None:
         relay = self.relay
         headers = {k: self.request.headers[k] for k in PASS_HEADERS if k in self.request.headers}
         try:
-            self.upstream = await relay._upstream.session.ws_connect(
+            self.upstream = await ws_wire.connect(
                 relay._upstream_url(self.request),
-                headers=headers,
-                autoping=True,
-                heartbeat=relay._s.ping_interval_s,
+                headers,
+                timeout_s=relay._cfg.upstream.connect_timeout_s,
+                max_frame=MAX_FRAME,
             )
-        except aiohttp.WSServerHandshakeError as exc:
+        except ws_wire.HandshakeRefused as exc:
             self.end_reason = "upstream_error"
             await self._end_lease()  # upstream answered (the request counted); no session open
-            await self._send_error(
-                1008 if exc.status in (401, 403) else 1011, f"upstream refused: {exc.status}"
-            )
+            self._send_error(1008 if exc.status in (401, 403) else 1011, f"upstream refused: {exc.status}")
             return
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except ws_wire.NotReached as exc:  # never reached upstream: the token comes back
             self.end_reason = "upstream_error"
-            if isinstance(exc, aiohttp.ClientConnectorError):  # never reached upstream: refund
-                assert self.grant is not None
-                await self.relay._engine.release(self.grant)
-            else:
-                await self._end_lease()
-            await self._send_error(
-                1011, f"aai-gateway: could not reach the streaming service ({type(exc).__name__})"
+            assert self.grant is not None
+            with contextlib.suppress(GatewayError):
+                await relay._engine.release(self.grant)
+            self._send_error(1011, f"aai-gateway: could not reach the streaming service ({exc})")
+            return
+        except (TimeoutError, ConnectionError) as exc:
+            self.end_reason = "upstream_error"
+            await self._end_lease()
+            self._send_error(
+                1011, f"aai-gateway: the streaming service did not answer ({type(exc).__name__})"
             )
             return
-        self.opened_at = self.last_audio = time.monotonic()
+        up = self.upstream
+        up.on_frames = self.on_upstream_frames
+        up.on_lost = self._upstream_lost
+        up.on_pause = self._pause_client
+        self.opened_at = self.last_audio = self.renewed = time.monotonic()
         relay._metrics.sessions_admitted.inc()
-        pumps = [
-            asyncio.create_task(self._client_to_upstream()),
-            asyncio.create_task(self._upstream_to_client()),
-            asyncio.create_task(self._guard()),
-        ]
-        self.pumping = True
+        early = up.take_early()
+        if early:
+            self.on_upstream_frames(early)
+        if self.backlog:
+            self.state = REPLAYING
+            self.replaying = self._spawn(self._replay())
+        else:
+            self.state = RELAYING
+        if self.client_gone:  # it left while the session was being opened
+            self.end_reason = "client_gone"
+            self._spawn(self._terminate_upstream())
         try:
-            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+            await self.upstream_lost.wait()
         finally:
-            self.pumping = False
+            self.state = ENDED
             self.closed_at = time.monotonic()
-            for p in pumps:
-                p.cancel()
-            await asyncio.gather(*pumps, return_exceptions=True)
-            if not self.upstream.closed:
-                await self._terminate_upstream()
-            if not self.client.closed:
-                code = self.upstream.close_code or WSCloseCode.OK
-                await self.client.close(code=code)
+            up.close()
+            code, reason = self.upstream_close or (
+                1011,
+                "aai-gateway: the streaming service's connection was lost",
+            )
+            if code not in (WSCloseCode.OK, 1005) and self.end_reason == "client":
+                self.end_reason = "upstream_error"
+            self._close_client(code if code != 1005 else WSCloseCode.OK, reason)
             await self._end_lease()
+
+    async def _replay(self) -> None:
+        """The backlog, with its original spacing: never faster than the client sent it."""
+        first_at, start = self.backlog[0][0], time.monotonic()
+        replayed = self.relay._metrics.child(self.relay._metrics.session_frames, "replayed")
+        while self.backlog:
+            at, kind, f = self.backlog[0]
+            delay = start + (at - first_at) - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            self.backlog.popleft()
+            self.backlog_bytes -= f.size
+            self._send_upstream(kind, f)
+            replayed.inc()
+        self.state = RELAYING
 
     async def _end_lease(self) -> None:
         """The session is over: its open-sessions lease (if that limit is on) ends; its
@@ -367,155 +552,98 @@ class _Session:
             with contextlib.suppress(GatewayError):
                 await self.relay._engine.store.renew(self.grant.ticket, limit, limit.lease_ms)
 
-    async def _client_to_upstream(self) -> None:
-        """The backlog first, with its original spacing; then live messages as they come."""
-        assert self.upstream is not None
-        m = self.relay._metrics
-        if self.backlog:
-            first_at, replay_start = self.backlog[0][0], time.monotonic()
-            while self.backlog:
-                at, kind, data = self.backlog.popleft()
-                delay = replay_start + (at - first_at) - time.monotonic()
-                if delay > 0:
-                    await asyncio.sleep(delay)  # never faster than the client sent it
-                await self._forward(kind, data)
-                m.child(m.session_frames, "replayed").inc()
-        async for msg in self.client:  # ends when the client closes, or its connection dies
-            if msg.type in (WSMsgType.BINARY, WSMsgType.TEXT):
-                await self._forward(msg.type, msg.data)
-        # The client is gone. If it did not end the session, the gateway does (billing).
-        self.client_gone = True
-        if not self.terminated:
-            self.end_reason = "client_gone"
-            await self._terminate_upstream()
-
-    async def _forward(self, kind: WSMsgType, data: Any) -> None:
-        assert self.upstream is not None
-        m = self.relay._metrics
-        if kind is WSMsgType.BINARY:
-            self.last_audio = time.monotonic()
-            await self.upstream.send_bytes(data)
-            m.child(m.session_frames, "audio").inc()
-            m.session_bytes.inc(len(data))
-        else:
-            if _kind(data) == "Terminate":
-                self.terminated = True
-            await self.upstream.send_str(data)
-            m.child(m.session_frames, "message").inc()
-
-    async def _upstream_to_client(self) -> None:
-        assert self.upstream is not None
-        reason = ""
-        while True:
-            msg = await self.upstream.receive()
-            if msg.type is WSMsgType.TEXT:
-                ended = _kind(msg.data) == "Termination"
-                if ended:
-                    self.relay._metrics.child(self.relay._metrics.session_frames, "termination").inc()
-                    self.usage = _usage(msg.data)
-                if not self.client.closed:
-                    with contextlib.suppress(ConnectionError, RuntimeError):
-                        await self.client.send_str(msg.data)
-                if ended:
-                    self.termination.set()
-            elif msg.type is WSMsgType.BINARY:
-                if not self.client.closed:
-                    await self.client.send_bytes(msg.data)
-            else:  # close, or the connection failed
-                if msg.type is WSMsgType.CLOSE:
-                    reason = str(msg.extra or "")
-                self.termination.set()
-                break
-        # Upstream closed: relay its code and reason.
-        code = self.upstream.close_code or WSCloseCode.OK
-        if code not in (WSCloseCode.OK, 1005) and self.end_reason == "client":
-            self.end_reason = "upstream_error"
-        if not self.client.closed:
-            await self.client.close(code=code, message=reason.encode()[:120])
-
-    async def _guard(self) -> None:
-        """Idle audio and the maximum duration end the session; the client is told why."""
+    def check(self, now: float) -> None:
+        """The guard, run by the relay's sweep (one timer for all sessions). A quiet client
+        is pinged, and one that answers nothing for two ping intervals (a dead TCP
+        connection) is gone; idle audio and the maximum duration end the session, the client
+        told why; the open-sessions lease is renewed."""
+        if self.stopping or self.client_gone or self.state == ENDED:
+            return
         s = self.relay._s
-        warned = False
-        renewed = time.monotonic()
-        while True:
-            await asyncio.sleep(min(1.0, s.idle_timeout_s / 4))
-            now = time.monotonic()
-            if now - renewed >= SESSION_LEASE_S / 4:
-                renewed = now
-                await self._renew_lease()
-            if now - self.last_audio >= s.idle_timeout_s:
-                self.end_reason = "idle"
-                await self.stop(
-                    "idle", f"aai-gateway: no audio for {s.idle_timeout_s:g}s; session terminated"
-                )
-                return
-            age = now - self.opened_at
-            if not warned and age >= s.max_duration_s - s.warn_before_s:
-                warned = True
-                await self._tell({"type": "Warning", "warning": f"aai-gateway: the session ends in "
-                                  f"{max(0.0, s.max_duration_s - age):.0f}s (maximum duration)"})  # fmt: skip
-            if age >= s.max_duration_s:
-                self.end_reason = "max_duration"
-                await self.stop(
-                    "max_duration", "aai-gateway: maximum session duration reached; session terminated"
-                )
-                return
-
-    async def _tell(self, message: dict[str, Any]) -> None:
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            if not self.client.closed:
-                await self.client.send_str(json.dumps(message))
+        quiet = now - self.last_seen
+        if quiet >= 2 * s.ping_interval_s:
+            self.client_went()
+            return
+        if quiet >= s.ping_interval_s and now - self.pinged >= s.ping_interval_s:
+            self.pinged = now
+            self._to_client(PING)
+        if self.state == WAITING:
+            return
+        if now - self.renewed >= SESSION_LEASE_S / 4:
+            self.renewed = now
+            self._spawn(self._renew_lease())
+        if now - self.last_audio >= s.idle_timeout_s:
+            self._spawn(
+                self.stop("idle", f"aai-gateway: no audio for {s.idle_timeout_s:g}s; session terminated")
+            )
+            return
+        age = now - self.opened_at
+        if not self.warned and age >= s.max_duration_s - s.warn_before_s:
+            self.warned = True
+            self._tell({"type": "Warning", "warning": f"aai-gateway: the session ends in "
+                        f"{max(0.0, s.max_duration_s - age):.0f}s (maximum duration)"})  # fmt: skip
+        if age >= s.max_duration_s:
+            self._spawn(
+                self.stop("max_duration", "aai-gateway: maximum session duration reached; session terminated")
+            )
 
     async def stop(self, reason: str, why: str = "") -> None:
         """End the session from the gateway's side: Terminate upstream, relay the final
         messages, then close the client with a reason."""
+        self.stopping = True
         if self.end_reason == "client":
             self.end_reason = reason
         if why:
-            await self._tell({"type": "Warning", "warning": why})
-        if self.upstream is not None and not self.upstream.closed:
-            await self._terminate_upstream(relay_to_client=True)
-        if not self.client.closed:
-            code = WSCloseCode.GOING_AWAY if reason == "shutdown" else WSCloseCode.OK
-            await self.client.close(code=code, message=(why or reason).encode()[:120])
+            self._tell({"type": "Warning", "warning": why})
+        if self.state == WAITING:
+            self.left.set()
+        elif self.upstream is not None and not self.upstream.closed:
+            await self._terminate_upstream()
+        self._close_client(WSCloseCode.GOING_AWAY if reason == "shutdown" else WSCloseCode.OK, why or reason)
 
-    async def _terminate_upstream(self, *, relay_to_client: bool = False) -> None:
-        """Send Terminate (once), wait briefly for Termination, then close upstream. While
-        the upstream pump runs it reads (and relays) the answer; otherwise this reads it."""
+    async def _terminate_upstream(self) -> None:
+        """Send Terminate (once), wait briefly for Termination (relayed to the client while
+        it is there), then close upstream."""
         up = self.upstream
         if up is None or up.closed:
             return
-        wait_s = self.relay._s.terminate_wait_s
-        with contextlib.suppress(ConnectionError, RuntimeError, aiohttp.ClientError):
-            if not self.terminated:
-                self.terminated = True
-                await up.send_str(TERMINATE)
-            if self.pumping:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.termination.wait(), wait_s)
-                with contextlib.suppress(Exception):
-                    await up.close()
-                return
-            deadline = time.monotonic() + wait_s
-            while time.monotonic() < deadline:
-                try:
-                    msg = await up.receive(timeout=max(0.01, deadline - time.monotonic()))
-                except TimeoutError:
-                    break
-                if msg.type is WSMsgType.TEXT:
-                    if relay_to_client and not self.client.closed:
-                        await self.client.send_str(msg.data)
-                    if _kind(msg.data) == "Termination":
-                        self.usage = _usage(msg.data)
-                        break
-                elif msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
-                    break
-        with contextlib.suppress(Exception):
-            await up.close()
+        if self.replaying is not None:
+            self.replaying.cancel()  # nothing goes upstream after the gateway's Terminate
+        if not self.terminated:
+            self.terminated = True
+            up.write(ws_wire.frame(ws_wire.TEXT, TERMINATE, mask=True))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.termination.wait(), self.relay._s.terminate_wait_s)
+        if not up.closed:
+            up.write(ws_wire.close_frame(WSCloseCode.OK, mask=True))
+            up.close()
+
+    # -- to the client -------------------------------------------------------------------
+    def _to_client(self, data: bytes) -> None:
+        t = self.transport
+        if not self.client_gone and not self.client_closed and t is not None and not t.is_closing():
+            t.write(data)
+
+    def _tell(self, message: dict[str, Any]) -> None:
+        self._to_client(ws_wire.frame(ws_wire.TEXT, json.dumps(message).encode(), mask=False))
+
+    def _send_error(self, code: int, reason: str) -> None:
+        self._tell({"type": "Error", "error_code": code, "error": reason})
+        self._close_client(code, reason)
+
+    def _close_client(self, code: int, reason: str = "") -> None:
+        if not self.client_closed:
+            self._to_client(ws_wire.close_frame(code, reason, mask=False))
+            self.client_closed = True
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
 
 
-def _usage(termination: str) -> dict[str, float] | None:
+def _usage(termination: bytes) -> dict[str, float] | None:
     doc = json.loads(termination)
     try:
         return {
@@ -526,8 +654,9 @@ def _usage(termination: str) -> dict[str, float] | None:
         return None
 
 
-def _kind(data: Any) -> str:
-    if not isinstance(data, str) or not data.startswith("{"):
+def _kind(data: bytes) -> str:
+    """The ``type`` of a JSON message, or ""."""
+    if not data.startswith(b"{"):
         return ""
     try:
         doc = json.loads(data)

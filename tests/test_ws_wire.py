@@ -1,0 +1,114 @@
+"""The relay's WebSocket framing (gateway/products/ws_wire.py): frames read whole from any
+split of the byte stream, masks applied and removed, caps enforced, and the client handshake."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+
+import aiohttp
+import pytest
+from aiohttp import web
+from yarl import URL
+
+from gateway.products import ws_wire
+from gateway.products.ws_wire import BINARY, CLOSE, PING, TEXT, FrameReader, FrameTooLarge
+
+
+def test_frames_are_read_whole_from_any_split_of_the_stream() -> None:
+    frames = [
+        ws_wire.frame(TEXT, b'{"type": "Terminate"}', mask=True),
+        ws_wire.frame(BINARY, bytes(range(256)) * 10, mask=True),  # 16-bit length
+        ws_wire.frame(BINARY, b"x" * 70_000, mask=False),  # 64-bit length
+        ws_wire.close_frame(1000, "bye", mask=False),
+    ]
+    stream = b"".join(frames)
+    for step in (1, 2, 3, 7, 100, 4096, len(stream)):
+        reader = FrameReader(1 << 20)
+        got = []
+        for i in range(0, len(stream), step):
+            got += reader.feed(stream[i : i + step])
+        assert [f.raw for f in got] == frames  # forwarded byte for byte
+        assert reader.pending == 0
+        assert got[0].payload() == b'{"type": "Terminate"}'
+        assert got[1].payload() == bytes(range(256)) * 10 and got[1].masked
+        assert got[2].size == 70_000 and not got[2].masked
+        assert ws_wire.parse_close(got[3].payload()) == (1000, "bye")
+
+
+def test_one_whole_frame_in_one_chunk_is_not_copied() -> None:
+    data = ws_wire.frame(BINARY, b"a" * 1600, mask=True)
+    (f,) = FrameReader(1 << 20).feed(data)
+    assert f.raw is data
+
+
+def test_a_frame_over_the_cap_is_refused_before_it_is_buffered() -> None:
+    reader = FrameReader(1000)
+    head = struct.pack("!BBQ", 0x82, 0x80 | 127, 10**12)
+    with pytest.raises(FrameTooLarge):
+        reader.feed(head)
+
+
+def test_masks_are_random_and_close_codes_without_a_body_read_as_1005() -> None:
+    a, b = ws_wire.frame(TEXT, b"same", mask=True), ws_wire.frame(TEXT, b"same", mask=True)
+    assert a != b  # a fresh key each frame
+    (fa,) = FrameReader(100).feed(a)
+    assert fa.payload() == b"same"
+    assert ws_wire.parse_close(b"") == (1005, "")
+    assert ws_wire.close_frame(1005, mask=False) == bytes([0x80 | CLOSE, 0])
+
+
+def test_the_accept_key_is_rfc_6455s_example() -> None:
+    assert ws_wire.accept_key("dGhlIHNhbXBsZSBub25jZQ==") == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+
+
+async def test_connect_speaks_to_a_real_websocket_server() -> None:
+    seen: list[str] = []
+
+    async def handler(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        seen.append(request.headers["Authorization"])
+        await ws.send_str("hello")  # may arrive with the 101
+        async for msg in ws:
+            if msg.type is aiohttp.WSMsgType.BINARY:
+                await ws.send_bytes(msg.data[::-1])
+        return ws
+
+    async def refuse(request: web.Request) -> web.Response:
+        return web.json_response({"error": "no"}, status=401)
+
+    app = web.Application()
+    app.router.add_get("/v3/ws", handler)
+    app.router.add_get("/refuse", refuse)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        got: asyncio.Queue[ws_wire.Frame] = asyncio.Queue()
+        up = await ws_wire.connect(
+            URL(f"ws://127.0.0.1:{port}/v3/ws?x=1"), {"Authorization": "k"}, timeout_s=5, max_frame=1 << 20
+        )
+        up.on_frames = lambda frames: [got.put_nowait(f) for f in frames]  # type: ignore[func-returns-value]
+        for f in up.take_early():
+            got.put_nowait(f)
+        assert (await got.get()).payload() == b"hello"
+        up.write(ws_wire.frame(BINARY, b"abc", mask=True))
+        assert (await got.get()).payload() == b"cba"
+        up.write(ws_wire.frame(PING, b"p", mask=True))  # aiohttp answers pings itself
+        assert seen == ["k"]
+        up.write(ws_wire.close_frame(1000, mask=True))
+        close = await asyncio.wait_for(got.get(), 5)
+        while close.opcode != CLOSE:
+            close = await asyncio.wait_for(got.get(), 5)
+        up.close()
+
+        with pytest.raises(ws_wire.HandshakeRefused) as refused:
+            await ws_wire.connect(URL(f"ws://127.0.0.1:{port}/refuse"), {}, timeout_s=5, max_frame=100)
+        assert refused.value.status == 401
+    finally:
+        await runner.cleanup()
+    with pytest.raises(ws_wire.NotReached):  # nothing listens there any more
+        await ws_wire.connect(URL(f"ws://127.0.0.1:{port}/v3/ws"), {}, timeout_s=2, max_frame=100)
