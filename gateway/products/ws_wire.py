@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import os
 import ssl
@@ -72,14 +73,23 @@ def _xor(data: bytes, key: bytes) -> bytes:
 class FrameReader:
     """Incremental: ``feed(chunk)`` returns the frames the chunk completed."""
 
-    __slots__ = ("_buf", "_max")
+    __slots__ = ("_buf", "_max", "_need")
 
     def __init__(self, max_frame: int) -> None:
-        self._buf = b""
+        self._buf = bytearray()  # an incomplete frame
         self._max = max_frame
+        self._need = 0  # bytes the incomplete frame still lacks, when its header is known
 
     def feed(self, data: bytes) -> list[Frame]:
-        buf = self._buf + data if self._buf else data
+        if self._buf:
+            self._buf += data  # a large frame arriving in many chunks: no quadratic copying
+            if len(self._buf) < self._need:
+                return []
+            buf: bytes = bytes(self._buf)
+            self._buf.clear()
+        else:
+            buf = data
+        self._need = 0
         out: list[Frame] = []
         pos, total = 0, len(buf)
         while total - pos >= 2:
@@ -102,11 +112,13 @@ class FrameReader:
                 head += 4
             end = pos + head + length
             if end > total:
+                self._need = end - pos
                 break
             raw = buf if (pos == 0 and end == total) else buf[pos:end]
             out.append(Frame(b0 & 0x0F, bool(b0 & 0x80), raw, head, masked))
             pos = end
-        self._buf = buf[pos:] if pos < total else b""
+        if pos < total:
+            self._buf += memoryview(buf)[pos:]
         return out
 
     @property
@@ -252,7 +264,7 @@ async def connect(
     host = url.host or ""
     port = url.port or (443 if secure else 80)
     if secure and ssl_context is None:
-        ssl_context = ssl.create_default_context()
+        ssl_context = default_tls()
     proto = Upstream(max_frame)
     deadline = loop.time() + timeout_s
     try:
@@ -290,6 +302,12 @@ async def connect(
         proto.close()
         raise
     return proto
+
+
+@functools.cache
+def default_tls() -> ssl.SSLContext:
+    """One context for every wss:// connection (building one loads the CA store)."""
+    return ssl.create_default_context()
 
 
 def _parse_head(head: bytes) -> tuple[int, dict[str, str]]:
