@@ -36,6 +36,7 @@ import asyncio
 import cProfile
 import json
 import logging
+import os
 import signal
 import sys
 from collections import Counter
@@ -55,6 +56,7 @@ from gateway.admission.pipelined import PipelinedRedis  # noqa: E402
 from gateway.admission.redis_store import RedisStore, make_client  # noqa: E402
 from gateway.app import build_app  # noqa: E402
 from gateway.config import Config  # noqa: E402
+from gateway.vault import generate_key  # noqa: E402
 
 HIGH = 10_000_000
 
@@ -170,6 +172,8 @@ def main() -> None:
     if args.store == "memory":  # the embedded store, as `aai-gateway serve` builds it
         serve(build_app(config), args)
         return
+    # Instances sharing Redis need the deployment's secret key; one gateway alone needs any.
+    os.environ.setdefault("AAI_GATEWAY_SECRET_KEY", generate_key())
     r = config.redis
     assert r.url is not None
     pipelined = None

@@ -8,10 +8,24 @@ covers URLs that carry an id (``resource_url``).
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 ID_KEYS = frozenset({"transcript_id", "transcript_ids"})
+_VERSION = 0xF << 76  # a UUID's version nibble
+
+
+def new_job_id() -> str:
+    """A random UUID marked as the gateway's: version 8 (RFC 9562's vendor-specific) where
+    upstream's ids are version 4. So a request naming any other id is forwarded without a
+    store lookup (a pass-through poll would otherwise pay a Redis round trip for nothing)."""
+    return str(uuid.UUID(int=(uuid.uuid4().int & ~_VERSION) | (0x8 << 76)))
+
+
+def is_job_id(value: str) -> bool:
+    """Could be one of the gateway's job ids (``new_job_id``); anything else is upstream's."""
+    return len(value) == 36 and value[14] == "8"
 
 
 def swap(doc: Any, mapping: Mapping[str, str]) -> Any:

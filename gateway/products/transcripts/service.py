@@ -18,7 +18,6 @@ import asyncio
 import json
 import logging
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlencode
@@ -38,7 +37,7 @@ from ...vault import Vault
 from ..catalog import Catalog
 from ..plan import Plan, held_body, parse_object
 from .dispatch import Dispatcher
-from .ids import listed_ids, swap
+from .ids import is_job_id, listed_ids, new_job_id, swap
 from .jobs import Job, JobStore, State
 from .reconcile import Reconciler
 from .webhooks import Relay, client_fields, receiver_token, split_webhook
@@ -107,6 +106,8 @@ class Transcripts:
     async def _job(self, request: web.Request, job_id: str) -> Job | None:
         """The gateway's job for ``job_id`` if the caller's key created it; None when the id
         is not the gateway's (an upstream id: forwarded as is); 404 for someone else's."""
+        if not is_job_id(job_id):
+            return None
         job = await self.jobs.get(job_id)
         if job is None:
             return None
@@ -127,7 +128,7 @@ class Transcripts:
         fingerprint = self._vault.fingerprint(key)
         upstream_body, hook = split_webhook(body, self._vault)  # the client's webhook stays here
         job = Job(
-            id=str(uuid.uuid4()),
+            id=new_job_id(),
             key_fp=fingerprint,
             body=upstream_body,
             created_ms=int(self._wall() * 1000),
@@ -350,7 +351,7 @@ class Transcripts:
         """Job ids in a request body -> upstream ids. A job not submitted yet is a 400."""
         out: dict[str, str] = {}
         for job_id in ids:
-            job = await self.jobs.get(job_id)
+            job = await self.jobs.get(job_id) if is_job_id(job_id) else None
             if job is None or not self._vault.same(job.key_fp, self._vault.fingerprint(key)):
                 continue
             if not job.upstream_id:
