@@ -39,6 +39,7 @@ sys.path.insert(0, str(HERE))
 from proxy_overhead import (  # noqa: E402
     Processes,
     RedisInfo,
+    chat_body,
     closed_loop,
     cpu_seconds,
     free_port,
@@ -151,7 +152,8 @@ async def run(args: argparse.Namespace, workdir: Path, procs: Processes) -> None
     await wait_ready(gw, f"{base}/v2/transcript/ready")
     raw = Path(args.keep) if args.keep else workdir / "stacks.txt"
     async with new_session() as session:
-        await closed_loop(session, base, 64, 1.0)  # warm
+        chat = chat_body(2048) if args.chat else None
+        await closed_loop(session, base, 64, 1.0, chat)  # warm
         for i in range(20):
             await send(session, base, i, None)
         spy = procs.start(
@@ -165,7 +167,7 @@ async def run(args: argparse.Namespace, workdir: Path, procs: Processes) -> None
         if args.rate:
             out = await open_loop(session, base, args.rate, args.seconds)
         else:
-            out = await closed_loop(session, base, 64, args.seconds)
+            out = await closed_loop(session, base, 64, args.seconds, chat)
         cpu = cpu_seconds(gw.pid) - cpu0
         elapsed = time.perf_counter() - t0
         await asyncio.to_thread(spy.popen.wait)
@@ -191,6 +193,7 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=0.0, help="open loop at this rate (default: closed loop)")
     ap.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     ap.add_argument("--parser", choices=("pipelined", "hiredis", "python"), default="pipelined")
+    ap.add_argument("--chat", action="store_true", help="POST /v1/chat/completions (2 KB body), not GET")
     ap.add_argument("--bare", action="store_true", help="profile the bare proxy instead (the baseline)")
     ap.add_argument("--hz", type=int, default=250, help="py-spy sampling rate")
     ap.add_argument("--top", type=int, default=25)

@@ -128,12 +128,8 @@ class Load:
         async def one() -> None:
             proto = await ws_wire.connect(self.url, AUTH, timeout_s=30, max_frame=1 << 20)
             c = Client(proto)
-            proto.on_frames = lambda frames: self._read(c, frames)
-            proto.on_lost = c.closed.set
+            proto.attach(lambda frames: self._read(c, frames), c.closed.set)
             self.clients.append(c)
-            early = proto.take_early()
-            if early:
-                self._read(c, early)
 
         for start in range(0, self.n, 50):
             await asyncio.gather(*(one() for _ in range(min(50, self.n - start))))

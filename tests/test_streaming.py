@@ -10,11 +10,13 @@ import os
 import sys
 import textwrap
 import time
+import urllib.parse
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
+import yarl
 
 from gateway.app import LEDGER, TRANSCRIPTS
 from gateway.ledger import utc_day
@@ -393,3 +395,76 @@ async def test_a_client_that_stops_answering_pings_is_gone_and_its_session_termi
         await wait_until(
             lambda: metric(registry, "aai_gateway_sessions_ended_total", reason="client_gone") == 1
         )
+
+
+async def test_the_query_string_goes_upstream_as_the_client_encoded_it() -> None:
+    """The SDK URL-encodes list parameters (keyterms_prompt=["..."]): passed on as sent."""
+    prompt = urllib.parse.quote(json.dumps(["hello world", "a+b"]))
+    async with streaming() as (sim, url, _, _), aiohttp.ClientSession() as http:
+        async with http.ws_connect(f"{url}&keyterms_prompt={prompt}", headers=KEY) as ws:
+            assert json.loads((await ws.receive()).data)["type"] == "Begin"
+            await ws.send_str(json.dumps({"type": "Terminate"}))
+            await messages(ws)
+        (seen,) = [x for x in sim.seen if x["path"] == "/v3/ws"]
+        query = yarl.URL("/?" + seen["query"]).query  # the simulator's view, decoded once
+        assert json.loads(query["keyterms_prompt"]) == ["hello world", "a+b"]
+
+
+async def test_queued_audio_longer_than_the_idle_timeout_is_all_transcribed() -> None:
+    window = {"limit": 1, "window_s": 2.0}  # the second session waits ~2 s
+    overrides = {"limits": {"streaming_sessions": window}, "streaming": {"idle_timeout_s": 0.6}}
+    async with streaming(**overrides) as (_, url, _, _), aiohttp.ClientSession() as http:
+        first = await http.ws_connect(url, headers=KEY)
+        await first.receive()
+        second = await http.ws_connect(url, headers=KEY)
+        await talk(second, 1.5)  # queued: 1.5 s of audio, more than the idle timeout
+        await second.send_str(json.dumps({"type": "Terminate"}))
+        await first.send_str(json.dumps({"type": "Terminate"}))
+        await messages(first)
+        got = await messages(second, within=10)  # admitted when the window frees its token
+        assert got[-1]["type"] == "Termination" and got[-1]["audio_duration_seconds"] >= 1
+        assert not any(m["type"] == "Warning" for m in got)
+        await second.close()
+
+
+async def test_a_terminate_sent_while_queued_is_never_dropped() -> None:
+    window = {"limit": 1, "window_s": 1.5}
+    for streaming_cfg in ({"buffer_bytes": 3200}, {"backlog": "drop"}):
+        overrides = {
+            "limits": {"streaming_sessions": window},
+            "streaming": {"idle_timeout_s": 30, **streaming_cfg},
+        }
+        async with streaming(**overrides) as (sim, url, _, _), aiohttp.ClientSession() as http:
+            first = await http.ws_connect(url, headers=KEY)
+            await first.receive()
+            second = await http.ws_connect(url, headers=KEY)
+            await talk(second, 0.5)  # 10 frames: over a 2-frame buffer, or all dropped
+            await second.send_str(json.dumps({"type": "Terminate"}))
+            await first.send_str(json.dumps({"type": "Terminate"}))
+            await messages(first)
+            got = await messages(second, within=5)  # not after a 30 s idle timeout
+            assert got[-1]["type"] == "Termination", streaming_cfg
+            await second.close()
+            if streaming_cfg.get("backlog") == "drop":  # nothing to send: no session opened
+                assert sim.streaming.report()["sessions"] == 1
+
+
+async def test_a_header_that_is_not_latin_1_gets_a_close_not_an_http_error() -> None:
+    async with streaming() as (sim, url, _, _):
+        u = yarl.URL(url)
+        reader, writer = await asyncio.open_connection(u.host, u.port)
+        writer.write(
+            (
+                f"GET {u.raw_path_qs} HTTP/1.1\r\nHost: {u.host}\r\nUpgrade: websocket\r\n"
+                "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                "Sec-WebSocket-Version: 13\r\nAuthorization: ключ\r\n\r\n"
+            ).encode()
+        )
+        data = await asyncio.wait_for(reader.read(65536), 5)
+        while b"\x88" not in data.split(b"\r\n\r\n", 1)[-1]:
+            more = await asyncio.wait_for(reader.read(65536), 5)
+            assert more, data
+            data += more
+        writer.close()
+        assert data.startswith(b"HTTP/1.1 101") and b"HTTP/1.1 500" not in data
+        assert sim.streaming.report()["sessions"] == 0

@@ -91,9 +91,8 @@ async def test_connect_speaks_to_a_real_websocket_server() -> None:
         up = await ws_wire.connect(
             URL(f"ws://127.0.0.1:{port}/v3/ws?x=1"), {"Authorization": "k"}, timeout_s=5, max_frame=1 << 20
         )
-        up.on_frames = lambda frames: [got.put_nowait(f) for f in frames]  # type: ignore[func-returns-value]
-        for f in up.take_early():
-            got.put_nowait(f)
+        lost = asyncio.Event()
+        up.attach(lambda frames: [got.put_nowait(f) for f in frames] and None, lost.set)
         assert (await got.get()).payload() == b"hello"
         up.write(ws_wire.frame(BINARY, b"abc", mask=True))
         assert (await got.get()).payload() == b"cba"
@@ -103,7 +102,7 @@ async def test_connect_speaks_to_a_real_websocket_server() -> None:
         close = await asyncio.wait_for(got.get(), 5)
         while close.opcode != CLOSE:
             close = await asyncio.wait_for(got.get(), 5)
-        up.close()
+        await asyncio.wait_for(lost.wait(), 5)  # the server closed the connection after its Close
 
         with pytest.raises(ws_wire.HandshakeRefused) as refused:
             await ws_wire.connect(URL(f"ws://127.0.0.1:{port}/refuse"), {}, timeout_s=5, max_frame=100)
@@ -112,3 +111,27 @@ async def test_connect_speaks_to_a_real_websocket_server() -> None:
         await runner.cleanup()
     with pytest.raises(ws_wire.NotReached):  # nothing listens there any more
         await ws_wire.connect(URL(f"ws://127.0.0.1:{port}/v3/ws"), {}, timeout_s=2, max_frame=100)
+
+
+def test_a_long_close_reason_is_cut_between_characters() -> None:
+    (f,) = FrameReader(1000).feed(ws_wire.close_frame(1000, "é" * 70, mask=False))
+    code, reason = ws_wire.parse_close(f.payload())
+    assert code == 1000 and reason == "é" * 61 and len(f.payload()) <= 125
+
+
+def test_frames_and_a_lost_connection_before_a_consumer_attaches_are_kept() -> None:
+    up = ws_wire.Upstream(1000)
+    up._open = True  # as after the handshake
+    up.data_received(ws_wire.frame(TEXT, b"early", mask=False))
+    up.connection_lost(None)
+    got: list[bytes] = []
+    lost: list[bool] = []
+    up.attach(lambda frames: got.extend(f.payload() for f in frames), lambda: lost.append(True))
+    assert got == [b"early"] and lost == [True]
+
+
+def test_a_deeply_nested_message_is_not_an_error() -> None:
+    from gateway.products.streaming_relay import _kind
+
+    assert _kind(b'{"a":' + b"[" * 100_000) == ""
+    assert _kind(b'{"type": "Terminate"}') == "Terminate"

@@ -55,6 +55,8 @@ PASS_HEADERS = (hdrs.AUTHORIZATION, "AssemblyAI-Version")
 TOO_MANY = 3009
 TERMINATE = b'{"type": "Terminate"}'
 MAX_FRAME = 8 * 1024 * 1024
+CLIENT_BUFFER = 4 * 1024 * 1024  # unread bytes to a client before it is cut off
+LINGER_S = 1.0
 PING = ws_wire.frame(ws_wire.PING, b"aai-gateway", mask=False)
 AUDIO, MESSAGE, TERMINATE_KIND = 0, 1, 2  # what a client frame is, for the relay
 
@@ -89,6 +91,7 @@ class StreamingRelay:
         self._wall = wall
         self._sessions: set[_Session] = set()
         self._sweep: asyncio.Task[None] | None = None
+        self._running: set[asyncio.Task[None]] = set()  # every session's task
         self._frames_audio = metrics.child(metrics.session_frames, "audio")
         self._frames_message = metrics.child(metrics.session_frames, "message")
         self._frames_termination = metrics.child(metrics.session_frames, "termination")
@@ -142,7 +145,8 @@ class StreamingRelay:
             return web.json_response({"error": "Authentication error, API token missing/invalid"}, status=401)
         request[GROUP] = "streaming"
         key = request.headers.get("Sec-WebSocket-Key", "")
-        if request.headers.get(hdrs.UPGRADE, "").lower() != "websocket" or not key:
+        upgrade = "upgrade" in request.headers.get(hdrs.CONNECTION, "").lower()
+        if request.headers.get(hdrs.UPGRADE, "").lower() != "websocket" or not key or not upgrade:
             return web.json_response({"error": "/v3/ws is a WebSocket: send an Upgrade request"}, status=400)
         if request.headers.get("Sec-WebSocket-Version") != "13":
             return web.json_response(
@@ -167,25 +171,37 @@ class StreamingRelay:
         request.protocol.keep_alive(False)
         self._sessions.add(session)
         self._start_sweep()
+        running = asyncio.create_task(self._lifecycle(session))
+        self._running.add(running)
+        running.add_done_callback(self._running.discard)
+        # Shielded: aiohttp cancels a handler whose client disconnects, and the session must
+        # still end cleanly (its wait aborted, its upstream session terminated): the lost
+        # connection reaches the session through its parser (feed_eof), and the session's
+        # own task keeps its books whether or not this handler is still waiting.
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(running)
+        return ws
+
+    async def _lifecycle(self, session: _Session) -> None:
+        """One session from the 101 to its usage record, in a task of its own."""
         m = self._metrics
         m.sessions_open.inc()
-        running = asyncio.create_task(session.run())
         try:
-            # Shielded: aiohttp cancels a handler whose client disconnects, and the session
-            # must still end cleanly (its wait aborted, its upstream session terminated). The
-            # lost connection ends the client's reader, which is what run() acts on.
-            await asyncio.shield(running)
-        except asyncio.CancelledError:
+            await session.run()
+        except Exception:
+            log.exception("streaming: a session failed; terminating it")
+            session.end_reason = "error"
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(running), self._s.terminate_wait_s + 2)
-            raise
+                await session.abort()
         finally:
             self._sessions.discard(session)
             m.sessions_open.inc(-1)
             m.child(m.sessions_ended, session.end_reason).inc()
             if session.opened_at:
+                if not session.closed_at:
+                    session.closed_at = time.monotonic()
                 await self._record(session)
-        return ws
+            await session.linger()
 
     async def _record(self, session: _Session) -> None:
         """The session's usage, per key, from upstream's Termination (or, when none came, the
@@ -219,10 +235,12 @@ class StreamingRelay:
         if self._sweep is not None:
             self._sweep.cancel()
         await asyncio.gather(*(s.stop("shutdown") for s in list(self._sessions)), return_exceptions=True)
+        if self._running:
+            await asyncio.wait(list(self._running), timeout=self._s.terminate_wait_s + 2)
 
     def _upstream_url(self, request: web.Request) -> URL:
         """The client's query string unchanged, plus an inactivity_timeout unless it chose one."""
-        query = request.query_string
+        query = request.rel_url.raw_query_string  # as the client encoded it
         if "inactivity_timeout" not in request.query:
             extra = f"inactivity_timeout={self._s.inactivity_timeout_s}"
             query = f"{query}&{extra}" if query else extra
@@ -302,6 +320,10 @@ class _Session:
         self.warned = False  # of the maximum duration
         self.renewed = 0.0  # the open-sessions lease
         self.pinged = 0.0
+        self.terminated_at = 0.0  # when a Terminate went upstream
+        self.paused = False  # reading the client, while upstream reads slower
+        self.fragment = AUDIO  # what a continuation frame continues
+        self.gone = asyncio.Event()  # client_gone, awaitable
 
     # -- waiting for admission, keeping the client's messages --------------------------
     async def run(self) -> None:
@@ -332,9 +354,21 @@ class _Session:
                 self.end_reason = "error"
                 self._send_error(1011, f"aai-gateway: {exc.message}")
                 return
-            if self.relay._s.backlog == "drop":
-                self.backlog.clear()
-                self.backlog_bytes = 0
+            if self.relay._s.backlog == "drop":  # audio is dropped; a Terminate never is
+                self.backlog = deque(x for x in self.backlog if x[1] == TERMINATE_KIND)
+                self.backlog_bytes = sum(f.size for _, _, f in self.backlog)
+            if self.client_gone or (self.client_ended and not any(k == AUDIO for _, k, _ in self.backlog)):
+                # Gone, or ended with no audio to send, by the time it was admitted: no
+                # session opens, and the admission is handed back.
+                self.end_reason = "client_left_waiting"
+                assert self.grant is not None
+                with contextlib.suppress(GatewayError):
+                    await self.relay._engine.release(self.grant)
+                if not self.client_gone:
+                    self._tell({"type": "Termination", "audio_duration_seconds": 0,
+                                "session_duration_seconds": 0})  # fmt: skip
+                    self._close_client(WSCloseCode.OK)
+                return
             await self._open_and_relay()
         finally:
             self.state = ENDED
@@ -359,15 +393,23 @@ class _Session:
 
     # -- the client's frames (called by aiohttp's protocol, on the event loop) -------------
     def on_client_frames(self, frames: list[ws_wire.Frame]) -> None:
+        if self.client_gone:
+            return  # after its Close, nothing it sends counts
         now = self.last_seen = time.monotonic()
         for f in frames:
             op = f.opcode
-            if op == ws_wire.BINARY or op == ws_wire.CONT:
+            if op == ws_wire.BINARY:
                 self.last_audio = now
+                self.fragment = AUDIO
                 self._client_data(now, AUDIO, f)
             elif op == ws_wire.TEXT:
                 kind = TERMINATE_KIND if _kind(f.payload()) == "Terminate" else MESSAGE
+                self.fragment = MESSAGE
                 self._client_data(now, kind, f)
+            elif op == ws_wire.CONT:  # the rest of a fragmented message: of the same kind
+                if self.fragment == AUDIO:
+                    self.last_audio = now
+                self._client_data(now, self.fragment, f)
             elif op == ws_wire.PING:
                 self._to_client(ws_wire.frame(ws_wire.PONG, f.payload(), mask=False))
             elif op == ws_wire.CLOSE:
@@ -385,7 +427,7 @@ class _Session:
             self.backlog_bytes += f.size
         elif state == WAITING and not self.client_ended:
             m = self.relay._metrics
-            if self.backlog_bytes + f.size > self.relay._s.buffer_bytes:
+            if kind != TERMINATE_KIND and self.backlog_bytes + f.size > self.relay._s.buffer_bytes:
                 m.child(m.session_frames, "dropped").inc()
                 return  # over the buffer: dropped (the oldest audio is what matters most)
             self.backlog.append((now, kind, f))
@@ -408,12 +450,14 @@ class _Session:
             r._frames_message.inc()
             if kind == TERMINATE_KIND:
                 self.terminated = True
+                self.terminated_at = time.monotonic()
 
     def client_went(self) -> None:
         """The client closed, or its connection ended."""
         if self.client_gone:
             return
         self.client_gone = True
+        self.gone.set()
         if self.state == WAITING:
             self.left.set()
         elif self.state in (REPLAYING, RELAYING) and not self.terminated:
@@ -455,6 +499,7 @@ class _Session:
 
     def _pause_client(self, paused: bool) -> None:
         """Upstream reads slower than the client sends: stop reading the client meanwhile."""
+        self.paused = paused
         with contextlib.suppress(AttributeError, RuntimeError):
             if paused:
                 self.transport.pause_reading()  # type: ignore[union-attr]
@@ -492,21 +537,17 @@ class _Session:
             )
             return
         up = self.upstream
-        up.on_frames = self.on_upstream_frames
-        up.on_lost = self._upstream_lost
-        up.on_pause = self._pause_client
         self.opened_at = self.last_audio = self.renewed = time.monotonic()
         relay._metrics.sessions_admitted.inc()
-        early = up.take_early()
-        if early:
-            self.on_upstream_frames(early)
+        up.attach(self.on_upstream_frames, self._upstream_lost, self._pause_client)
         if self.backlog:
             self.state = REPLAYING
             self.replaying = self._spawn(self._replay())
         else:
             self.state = RELAYING
-        if self.client_gone:  # it left while the session was being opened
-            self.end_reason = "client_gone"
+        if self.client_gone or self.stopping:  # it left, or the gateway is stopping, meanwhile
+            if self.end_reason == "client":
+                self.end_reason = "client_gone"
             self._spawn(self._terminate_upstream())
         try:
             await self.upstream_lost.wait()
@@ -535,6 +576,8 @@ class _Session:
             self.backlog.popleft()
             self.backlog_bytes -= f.size
             self._send_upstream(kind, f)
+            if kind == AUDIO:
+                self.last_audio = time.monotonic()  # replayed audio is audio: not idle
             replayed.inc()
         self.state = RELAYING
 
@@ -556,22 +599,29 @@ class _Session:
         """The guard, run by the relay's sweep (one timer for all sessions). A quiet client
         is pinged, and one that answers nothing for two ping intervals (a dead TCP
         connection) is gone; idle audio and the maximum duration end the session, the client
-        told why; the open-sessions lease is renewed."""
-        if self.stopping or self.client_gone or self.state == ENDED:
+        told why; the open-sessions lease is renewed. A session whose client is gone after
+        its Terminate is closed once upstream had ``terminate_wait_s`` to answer."""
+        if self.stopping or self.state == ENDED:
             return
         s = self.relay._s
-        quiet = now - self.last_seen
-        if quiet >= 2 * s.ping_interval_s:
-            self.client_went()
-            return
-        if quiet >= s.ping_interval_s and now - self.pinged >= s.ping_interval_s:
-            self.pinged = now
-            self._to_client(PING)
-        if self.state == WAITING:
-            return
-        if now - self.renewed >= SESSION_LEASE_S / 4:
+        open_ = self.state != WAITING
+        if open_ and now - self.renewed >= SESSION_LEASE_S / 4:
             self.renewed = now
             self._spawn(self._renew_lease())
+        if self.client_gone:
+            if open_ and self.terminated and now - self.terminated_at >= s.terminate_wait_s:
+                self._spawn(self.stop("client_gone"))
+            return
+        quiet = now - self.last_seen
+        if not self.paused:  # a paused reader hears nothing, through no fault of the client
+            if quiet >= 2 * s.ping_interval_s:
+                self.client_went()
+                return
+            if quiet >= s.ping_interval_s and now - self.pinged >= s.ping_interval_s:
+                self.pinged = now
+                self._to_client(PING)
+        if not open_:
+            return
         if now - self.last_audio >= s.idle_timeout_s:
             self._spawn(
                 self.stop("idle", f"aai-gateway: no audio for {s.idle_timeout_s:g}s; session terminated")
@@ -611,6 +661,7 @@ class _Session:
             self.replaying.cancel()  # nothing goes upstream after the gateway's Terminate
         if not self.terminated:
             self.terminated = True
+            self.terminated_at = time.monotonic()
             up.write(ws_wire.frame(ws_wire.TEXT, TERMINATE, mask=True))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.termination.wait(), self.relay._s.terminate_wait_s)
@@ -618,11 +669,29 @@ class _Session:
             up.write(ws_wire.close_frame(WSCloseCode.OK, mask=True))
             up.close()
 
+    async def abort(self) -> None:
+        """After an unexpected error: the upstream session still ends with Terminate, and the
+        client gets a 1011 close, never an HTTP answer on its WebSocket."""
+        self.stopping = True
+        await self._terminate_upstream()
+        if self.upstream is not None:
+            self.upstream.close()
+        self._close_client(1011, "aai-gateway: internal error")
+
+    async def linger(self) -> None:
+        """After the gateway's Close, give the client a moment to answer with its own before
+        the connection is closed (closing first could reset it and lose the last frames)."""
+        if self.client_closed and not self.client_gone:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.gone.wait(), LINGER_S)
+
     # -- to the client -------------------------------------------------------------------
     def _to_client(self, data: bytes) -> None:
         t = self.transport
         if not self.client_gone and not self.client_closed and t is not None and not t.is_closing():
             t.write(data)
+            if t.get_write_buffer_size() > CLIENT_BUFFER:  # it does not read what it is sent
+                self.client_broke(1008, "aai-gateway: the client does not read its messages")
 
     def _tell(self, message: dict[str, Any]) -> None:
         self._to_client(ws_wire.frame(ws_wire.TEXT, json.dumps(message).encode(), mask=False))
@@ -632,9 +701,12 @@ class _Session:
         self._close_client(code, reason)
 
     def _close_client(self, code: int, reason: str = "") -> None:
-        if not self.client_closed:
-            self._to_client(ws_wire.close_frame(code, reason, mask=False))
-            self.client_closed = True
+        if self.client_closed:
+            return
+        self.client_closed = True
+        t = self.transport
+        if not self.client_gone and t is not None and not t.is_closing():
+            t.write(ws_wire.close_frame(code, reason, mask=False))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(coro)
@@ -660,6 +732,6 @@ def _kind(data: bytes) -> str:
         return ""
     try:
         doc = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         return ""
     return str(doc.get("type", "")) if isinstance(doc, dict) else ""

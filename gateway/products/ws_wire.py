@@ -143,7 +143,10 @@ def frame(opcode: int, payload: bytes, *, mask: bool) -> bytes:
 
 
 def close_frame(code: int, reason: str = "", *, mask: bool) -> bytes:
-    payload = struct.pack("!H", code) + reason.encode()[:123] if code not in (1005, 1006) else b""
+    """A Close frame; its reason cut to the 123 bytes a control frame allows, never inside a
+    UTF-8 character (a client must reject a reason that is not valid UTF-8)."""
+    text = reason.encode()[:123].decode(errors="ignore").encode()
+    payload = struct.pack("!H", code) + text if code not in (1005, 1006) else b""
     return frame(CLOSE, payload, mask=mask)
 
 
@@ -171,31 +174,41 @@ class HandshakeRefused(Exception):
 
 
 class Upstream(asyncio.Protocol):
-    """The gateway's connection to the streaming host. After the handshake, every whole frame
-    goes to ``on_frames``; ``on_lost`` is called once, when the connection ends."""
+    """The gateway's connection to the streaming host. After the handshake every whole frame
+    goes to the consumer's ``on_frames``, and ``on_lost`` is called once, when the connection
+    ends; until a consumer ``attach``-es, frames are kept and a lost connection remembered."""
 
     def __init__(self, max_frame: int) -> None:
         self.transport: asyncio.Transport | None = None
-        self.on_frames: Callable[[list[Frame]], None] = lambda frames: None
-        self.on_lost: Callable[[], None] = lambda: None
-        self.on_pause: Callable[[bool], None] = lambda paused: None
+        self._on_frames: Callable[[list[Frame]], None] | None = None
+        self._on_lost: Callable[[], None] | None = None
+        self._on_pause: Callable[[bool], None] | None = None
         self._reader = FrameReader(max_frame)
         self._head = b""
         self._handshake: asyncio.Future[tuple[int, dict[str, str], bytes]] | None = None
         self._open = False
         self._early: list[Frame] = []
+        self._lost = False
+
+    def attach(
+        self,
+        on_frames: Callable[[list[Frame]], None],
+        on_lost: Callable[[], None],
+        on_pause: Callable[[bool], None] | None = None,
+    ) -> None:
+        self._on_frames, self._on_lost, self._on_pause = on_frames, on_lost, on_pause
+        early, self._early = self._early, []
+        if early:
+            on_frames(early)
+        if self._lost:
+            on_lost()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
 
     def data_received(self, data: bytes) -> None:
         if self._open:
-            try:
-                frames = self._reader.feed(data)
-            except FrameTooLarge:
-                self.close()
-                return
-            self.on_frames(frames)
+            self._frames(data)
             return
         self._head += data
         end = self._head.find(b"\r\n\r\n")
@@ -209,13 +222,21 @@ class Upstream(asyncio.Protocol):
         if status == 101:
             self._open = True
             if rest:
-                self._early = self._reader.feed(rest)  # delivered once on_frames is set
+                self._frames(rest)
         if self._handshake is not None and not self._handshake.done():
             self._handshake.set_result((status, headers, rest))
 
-    def take_early(self) -> list[Frame]:
-        early, self._early = self._early, []
-        return early
+    def _frames(self, data: bytes) -> None:
+        try:
+            frames = self._reader.feed(data)
+        except FrameTooLarge:
+            self.write(close_frame(1009, "message too big", mask=True))
+            self.close()
+            return
+        if self._on_frames is None:
+            self._early.extend(frames)
+        elif frames:
+            self._on_frames(frames)
 
     def _fail(self, exc: BaseException) -> None:
         if self._handshake is not None and not self._handshake.done():
@@ -227,13 +248,18 @@ class Upstream(asyncio.Protocol):
         self._fail(ConnectionError("upstream closed the connection during the handshake"))
         if self._open:
             self._open = False
-            self.on_lost()
+            if self._on_lost is None:
+                self._lost = True
+            else:
+                self._on_lost()
 
     def pause_writing(self) -> None:
-        self.on_pause(True)
+        if self._on_pause is not None:
+            self._on_pause(True)
 
     def resume_writing(self) -> None:
-        self.on_pause(False)
+        if self._on_pause is not None:
+            self._on_pause(False)
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -265,17 +291,6 @@ async def connect(
     port = url.port or (443 if secure else 80)
     if secure and ssl_context is None:
         ssl_context = default_tls()
-    proto = Upstream(max_frame)
-    deadline = loop.time() + timeout_s
-    try:
-        async with asyncio.timeout(timeout_s):
-            transport, _ = await loop.create_connection(
-                lambda: proto, host, port, ssl=ssl_context if secure else None,
-                server_hostname=host if secure else None,
-            )  # fmt: skip
-    except (OSError, TimeoutError) as exc:
-        raise NotReached(f"{type(exc).__name__}: {exc}") from exc
-    proto.transport = transport  # uvloop may call connection_made only after this returns
     key = base64.b64encode(os.urandom(16)).decode()
     default_port = port == (443 if secure else 80)
     lines = [
@@ -287,8 +302,23 @@ async def connect(
         "Sec-WebSocket-Version: 13",
         *(f"{k}: {v}" for k, v in headers.items()),
     ]
+    try:
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    except UnicodeEncodeError as exc:  # HTTP/1.1 headers are latin-1; never sent
+        raise NotReached("a header the request cannot carry (not latin-1)") from exc
+    proto = Upstream(max_frame)
+    deadline = loop.time() + timeout_s
+    try:
+        async with asyncio.timeout(timeout_s):
+            transport, _ = await loop.create_connection(
+                lambda: proto, host, port, ssl=ssl_context if secure else None,
+                server_hostname=host if secure else None,
+            )  # fmt: skip
+    except (OSError, TimeoutError) as exc:
+        raise NotReached(f"{type(exc).__name__}: {exc}") from exc
+    proto.transport = transport  # uvloop may call connection_made only after this returns
     proto._handshake = loop.create_future()
-    proto.transport.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+    proto.transport.write(head)
     try:
         async with asyncio.timeout(max(0.01, deadline - loop.time())):
             status, answer, rest = await proto._handshake
