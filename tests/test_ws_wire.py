@@ -4,7 +4,9 @@ split of the byte stream, masks applied and removed, caps enforced, and the clie
 from __future__ import annotations
 
 import asyncio
+import ssl
 import struct
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -135,3 +137,71 @@ def test_a_deeply_nested_message_is_not_an_error() -> None:
 
     assert _kind(b'{"a":' + b"[" * 100_000) == ""
     assert _kind(b'{"type": "Terminate"}') == "Terminate"
+
+
+def _self_signed(tmp: Path) -> tuple[Path, Path]:
+    """A certificate for localhost, and its key, written as PEM files."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp / "cert.pem", tmp / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return cert_path, key_path
+
+
+async def test_connect_over_tls_checks_the_servers_certificate(tmp_path: Path) -> None:
+    cert, key = _self_signed(tmp_path)
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert, key)
+
+    async def handler(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.send_str("over tls")
+        async for _ in ws:
+            pass
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/v3/ws", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_tls)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    url = URL(f"wss://localhost:{port}/v3/ws")
+    try:
+        trusting = ssl.create_default_context(cafile=str(cert))
+        up = await ws_wire.connect(url, {}, timeout_s=5, max_frame=1 << 20, ssl_context=trusting)
+        got: asyncio.Queue[ws_wire.Frame] = asyncio.Queue()
+        up.attach(lambda frames: [got.put_nowait(f) for f in frames] and None, lambda: None)
+        assert (await asyncio.wait_for(got.get(), 5)).payload() == b"over tls"
+        up.close()
+        with pytest.raises(ws_wire.NotReached):  # the system's CAs do not know this certificate
+            await ws_wire.connect(url, {}, timeout_s=5, max_frame=1 << 20)
+    finally:
+        await runner.cleanup()
