@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import functools
 import hashlib
 import os
 import ssl
@@ -33,6 +32,8 @@ from dataclasses import dataclass
 from typing import cast
 
 from yarl import URL
+
+from ..proxy.http1 import default_tls
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 CONT, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
@@ -332,12 +333,6 @@ async def connect(
         proto.close()
         raise
     return proto
-
-
-@functools.cache
-def default_tls() -> ssl.SSLContext:
-    """One context for every wss:// connection (building one loads the CA store)."""
-    return ssl.create_default_context()
 
 
 def _parse_head(head: bytes) -> tuple[int, dict[str, str]]:

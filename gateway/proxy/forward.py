@@ -1,19 +1,19 @@
-"""Forwarding to upstream: one ClientSession per app, streamed bodies both ways.
+"""Forwarding to upstream: one connection pool per app (http1.py), streamed bodies both ways.
 
 - The connection pool is unbounded, so an admitted request never waits for a connection
   (that wait would push its arrival upstream past the guard, ADMISSION.md I1); the delay from
-  admission to the request's headers leaving is measured by a client trace.
+  admission to the request's head leaving is measured.
 - Hop-by-hop headers are dropped both ways; everything else, ``Authorization`` included, is
   forwarded unchanged. Bodies stream (uploads reach 2.2 GB, LLM answers may be SSE) except
   the small JSON bodies the gateway had to read, which it forwards from memory.
-- aiohttp client errors are translated here, in one place: a failed connect is
-  ``BadGateway`` with ``never_left=True`` (the caller refunds the window lease), a connect
-  timeout likewise, a read timeout ``GatewayTimeout``.
+- Client errors are translated here, in one place: a failed connect (or connect timeout) is
+  ``NeverLeft``, a ``BadGateway`` with ``never_left=True`` (the caller refunds the window
+  lease), a read timeout ``GatewayTimeout``, a body cut short or a lost connection
+  ``BadGateway``.
 """
 
 from __future__ import annotations
 
-import contextvars
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -26,6 +26,7 @@ from yarl import URL
 from ..config import Upstream as UpstreamConfig
 from ..errors import BadGateway, GatewayTimeout
 from ..metrics import Metrics
+from .http1 import NeverLeft, PayloadError, Pool, Response
 
 # Bodies up to this size (with a Content-Length) are sent whole: one write with the headers.
 WHOLE_BODY_BYTES = 64 * 1024
@@ -45,30 +46,9 @@ HOP_BY_HOP = frozenset(
     )
 )
 # Never forwarded upstream: set by the client library for the hop, or the gateway's own.
-REQUEST_DROP = HOP_BY_HOP | {hdrs.HOST.lower(), "x-aai-gateway-priority"}
-
-
-class NeverLeft(BadGateway):
-    """The request provably never reached upstream: its window lease may be refunded."""
-
-    never_left = True
-
-
-# (admitted at, histogram) for the request this task is sending: read by _TimedRequest.
-_SENDING: contextvars.ContextVar[tuple[float, Any] | None] = contextvars.ContextVar(
-    "aai_sending", default=None
-)
-
-
-class _TimedRequest(aiohttp.ClientRequest):
-    """Observes admission -> send: ``send`` runs once the connection is ready, right before
-    the request's headers are written, in the task that issued the request."""
-
-    async def send(self, conn: Any) -> aiohttp.ClientResponse:
-        sending = _SENDING.get()
-        if sending is not None:
-            sending[1].observe(max(0.0, time.perf_counter() - sending[0]))
-        return await super().send(conn)
+# (Expect: the gateway's server already answered the client's 100-continue.)
+REQUEST_DROP = HOP_BY_HOP | {hdrs.HOST.lower(), hdrs.EXPECT.lower(), "x-aai-gateway-priority"}
+__all__ = ["NeverLeft", "Upstream", "relay", "request_headers", "response_headers", "translate"]
 
 
 def _connection_tokens(headers: Mapping[str, str]) -> set[str]:
@@ -98,35 +78,16 @@ class Upstream:
     def __init__(self, cfg: UpstreamConfig, metrics: Metrics) -> None:
         self._cfg = cfg
         self._metrics = metrics
-        self._session: aiohttp.ClientSession | None = None
+        self._pool: Pool | None = None
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(
-            limit=0,  # never make an admitted request wait for a connection
-            limit_per_host=0,
-            ttl_dns_cache=300,
-            keepalive_timeout=30,
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(
-                total=None, connect=self._cfg.connect_timeout_s, sock_read=self._cfg.read_timeout_s
-            ),
-            auto_decompress=False,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            request_class=_TimedRequest,
-            skip_auto_headers=(hdrs.USER_AGENT, hdrs.ACCEPT_ENCODING, hdrs.CONTENT_TYPE),
-        )
+        cfg = self._cfg
+        self._pool = Pool(connect_timeout_s=cfg.connect_timeout_s, read_timeout_s=cfg.read_timeout_s)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        assert self._session is not None, "Upstream.start() was not awaited"
-        return self._session
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
 
     async def send(
         self,
@@ -138,20 +99,21 @@ class Upstream:
         group: str,
         admitted_at: float,
         timeout_s: float | None = None,
-    ) -> aiohttp.ClientResponse:
+    ) -> Response:
         """Send one request; return the response with its body unread (the caller releases it).
         ``timeout_s`` bounds the whole exchange (a dispatch must end within its claim)."""
+        assert self._pool is not None, "Upstream.start() was not awaited"
         m = self._metrics
-        _SENDING.set((admitted_at, m.admission_to_send))
         started = time.perf_counter()
-        extra: dict[str, Any] = {}
-        if timeout_s is not None:
-            extra["timeout"] = aiohttp.ClientTimeout(total=timeout_s, connect=self._cfg.connect_timeout_s)
+
+        def sending() -> None:
+            m.admission_to_send.observe(max(0.0, time.perf_counter() - admitted_at))
+
         try:
-            resp = await self.session.request(
-                method, url, headers=headers, data=data, allow_redirects=False, **extra
-            )
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            resp = await self._pool.request(method, url, headers, data, timeout_s=timeout_s, on_send=sending)
+        except NeverLeft:
+            raise
+        except (OSError, TimeoutError) as exc:
             raise translate(exc) from exc
         m.child(m.upstream_latency, group).observe(time.perf_counter() - started)
         m.child(m.upstream_status, group, str(resp.status)).inc()
@@ -164,16 +126,18 @@ def translate(exc: BaseException) -> Exception:
         return NeverLeft("Timed out connecting to the upstream API")
     if isinstance(exc, aiohttp.ClientConnectorError):
         return NeverLeft("Could not connect to the upstream API")
+    if isinstance(exc, NeverLeft):
+        return exc
     if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
         return GatewayTimeout()
-    if isinstance(exc, aiohttp.ClientPayloadError):
+    if isinstance(exc, aiohttp.ClientPayloadError | PayloadError):
         return BadGateway("The upstream API's response was cut short")
     return BadGateway(f"Upstream request failed ({type(exc).__name__})")
 
 
 async def relay(
     request: web.Request,
-    resp: aiohttp.ClientResponse,
+    resp: Response,
     *,
     extra_headers: Mapping[str, str],
     rewrite: Callable[[bytes], bytes] | None = None,

@@ -31,6 +31,7 @@ from ..products.catalog import Catalog
 from ..products.plan import Plan
 from .forward import NeverLeft, Upstream, relay, request_headers, translate
 from .headers import admitted_headers, refused_headers
+from .http1 import Response
 from .urls import gateway_base, rewrite_page_details
 
 log = logging.getLogger(__name__)
@@ -131,7 +132,7 @@ class ProxyHandler:
         try:
             extra = admitted_headers(grant.limits, grant.states) if grant else {}
             return await relay(request, resp, extra_headers=extra, rewrite=self._rewriter(request, plan))
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise translate(exc) from exc
         finally:
             resp.release()
@@ -144,7 +145,7 @@ class ProxyHandler:
         resp, _ = await self._exchange(plan, method, path, CIMultiDict(headers), plan.body or None, None)
         try:
             return resp.status, resp.headers, await resp.read()
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise translate(exc) from exc
         finally:
             resp.release()
@@ -157,7 +158,7 @@ class ProxyHandler:
         headers: CIMultiDict[str],
         data: object,
         request: web.Request | None,
-    ) -> tuple[aiohttp.ClientResponse, Grant | None]:
+    ) -> tuple[Response, Grant | None]:
         """One admitted upstream exchange, retrying an upstream 429 within the max wait when
         the body can be sent again. Returns the response unread (the caller releases it)."""
         deadline = self._clock.now() + plan.max_wait_s
