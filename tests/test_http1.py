@@ -5,6 +5,7 @@ server for well-formed exchanges, and a raw socket server for the answers a real
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -24,9 +25,11 @@ async def raw_server(answer: Callable[[bytes], bytes | None]) -> AsyncIterator[t
     """Answers each request head with ``answer(head)`` (None: close without answering; an
     answer ending in CLOSE: close after it); yields the URL and the connections made."""
     connections: list[int] = []
+    writers: list[asyncio.StreamWriter] = []
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         connections.append(1)
+        writers.append(writer)
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -47,7 +50,11 @@ async def raw_server(answer: Callable[[bytes], bytes | None]) -> AsyncIterator[t
     try:
         yield URL(f"http://127.0.0.1:{port}/v2/transcript/x"), connections
     finally:
+        for w in writers:
+            w.close()
         server.close()
+        await server.wait_closed()
+        await asyncio.sleep(0.01)
 
 
 def pool(**kw: float) -> Pool:
@@ -113,6 +120,7 @@ async def test_a_body_cut_short_is_a_payload_error_and_a_silent_upstream_a_timeo
         with pytest.raises(PayloadError):
             await resp.read()
         resp.release()
+        await p.close()
 
     async with raw_server(lambda head: b"") as (url, _):  # reads the request, answers nothing
         p = pool(read=0.2)
@@ -136,7 +144,7 @@ async def test_a_malformed_answer_is_a_connection_error() -> None:
 
 
 async def test_an_unread_body_or_a_short_keep_alive_is_not_reused() -> None:
-    answers = [b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nKeep-Alive: timeout=1\r\n\r\nhello"]
+    answers = [b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"]
     async with raw_server(lambda head: answers[0]) as (url, connections):
         p = pool()
         for _ in range(2):
@@ -148,6 +156,7 @@ async def test_an_unread_body_or_a_short_keep_alive_is_not_reused() -> None:
             await resp.read()
             resp.release()
         assert len(connections) == 4  # timeout=1: the gateway leaves at once, before the server does
+        await p.close()
 
 
 async def test_bodies_stream_both_ways_chunked_or_sized_with_flow_control() -> None:
@@ -202,3 +211,94 @@ async def test_bodies_stream_both_ways_chunked_or_sized_with_flow_control() -> N
         await p.close()
     finally:
         await runner.cleanup()
+
+
+async def test_a_stray_answer_on_an_idle_connection_never_reaches_the_next_request() -> None:
+    sent: list[int] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        sent.append(1)
+        if len(sent) > 1:  # a second connection: a plain answer
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond")
+            await writer.drain()
+            await asyncio.sleep(0.5)
+            writer.close()
+            return
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await asyncio.sleep(0.1)
+        writer.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 5\r\n\r\nstale")  # then silence
+        with contextlib.suppress(Exception):
+            await reader.readuntil(b"\r\n\r\n")  # (were the connection reused: answered stale)
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    url = URL(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/x")
+    p = pool()
+    resp = await p.request("GET", url, H, None)
+    assert await resp.read() == b"ok"
+    resp.release()
+    await asyncio.sleep(0.3)  # the stray 408 arrives while the connection is idle
+    resp = await p.request("GET", url, H, None)
+    assert resp.status == 200 and await resp.read() == b"second"  # a fresh connection
+    resp.release()
+    assert len(sent) == 2
+    await p.close()
+    server.close()
+    await server.wait_closed()
+    await asyncio.sleep(0.6)  # the second connection's handler closes its side
+
+
+async def test_an_early_answer_to_an_upload_is_the_answer() -> None:
+    done = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b'HTTP/1.1 401 Unauthorized\r\nContent-Length: 23\r\n\r\n{"error": "bad key!!!"}')
+        await writer.drain()
+        await done.wait()  # reads nothing more meanwhile: the upload stalls
+        writer.close()
+        await writer.wait_closed()
+
+    class Endless:
+        async def iter_any(self) -> AsyncIterator[bytes]:
+            while True:
+                await asyncio.sleep(0)
+                yield b"x" * 65536
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    url = URL(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v2/upload")
+    p = pool(read=5)
+    resp = await asyncio.wait_for(p.request("POST", url, H, Endless()), 3)
+    assert resp.status == 401 and b"bad key" in await resp.read()
+    resp.release()  # not reused: its body was never finished
+    assert not p._idle.get(("http", "127.0.0.1", url.port))
+    done.set()
+    server.close()
+    await server.wait_closed()
+    await asyncio.sleep(0.05)
+
+
+async def test_a_large_answer_released_unread_does_not_leave_a_paused_connection_pooled() -> None:
+    big = b"HTTP/1.1 200 OK\r\nContent-Length: 2000000\r\n\r\n" + b"z" * 2_000_000
+    async with raw_server(lambda head: big) as (url, connections):
+        p = pool(read=2)
+        resp = await p.request("GET", url, H, None)
+        await asyncio.sleep(0.2)  # more than a MiB arrives, unread: reading pauses
+        resp.release()
+        resp = await p.request("GET", url, H, None)
+        assert len(await resp.read()) == 2_000_000
+        resp.release()
+        assert len(connections) == 2
+        await p.close()
+
+
+def test_request_heads_refuse_control_characters_and_name_the_host_properly() -> None:
+    from gateway.proxy.http1 import InvalidHead, _request_head
+
+    head, _, _ = _request_head("GET", URL("http://[::1]:8080/a?b=1"), CIMultiDict(H), None)
+    assert b"GET /a?b=1 HTTP/1.1\r\nHost: [::1]:8080\r\n" in head
+    head, _, _ = _request_head("POST", URL("https://bücher.de/x"), CIMultiDict(H), None)
+    assert b"Host: xn--bcher-kva.de\r\n" in head and b"Content-Length: 0\r\n" in head
+    with pytest.raises(InvalidHead):
+        _request_head("GET", URL("http://h/x"), CIMultiDict({"X-A": "a\x00b"}), None)

@@ -24,9 +24,9 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from ..config import Upstream as UpstreamConfig
-from ..errors import BadGateway, GatewayTimeout
+from ..errors import BadGateway, BadRequest, GatewayTimeout
 from ..metrics import Metrics
-from .http1 import NeverLeft, PayloadError, Pool, Response
+from .http1 import InvalidHead, NeverLeft, PayloadError, Pool, Response
 
 # Bodies up to this size (with a Content-Length) are sent whole: one write with the headers.
 WHOLE_BODY_BYTES = 64 * 1024
@@ -48,7 +48,14 @@ HOP_BY_HOP = frozenset(
 # Never forwarded upstream: set by the client library for the hop, or the gateway's own.
 # (Expect: the gateway's server already answered the client's 100-continue.)
 REQUEST_DROP = HOP_BY_HOP | {hdrs.HOST.lower(), hdrs.EXPECT.lower(), "x-aai-gateway-priority"}
-__all__ = ["NeverLeft", "Upstream", "relay", "request_headers", "response_headers", "translate"]
+__all__ = ["NeverLeft", "Unsendable", "Upstream", "relay", "request_headers", "response_headers", "translate"]
+
+
+class Unsendable(BadRequest):
+    """A request HTTP/1.1 cannot carry (control characters in its path or headers): never
+    sent, so its window lease may be refunded."""
+
+    never_left = True
 
 
 def _connection_tokens(headers: Mapping[str, str]) -> set[str]:
@@ -113,6 +120,8 @@ class Upstream:
             resp = await self._pool.request(method, url, headers, data, timeout_s=timeout_s, on_send=sending)
         except NeverLeft:
             raise
+        except InvalidHead as exc:
+            raise Unsendable(str(exc)) from exc
         except (OSError, TimeoutError) as exc:
             raise translate(exc) from exc
         m.child(m.upstream_latency, group).observe(time.perf_counter() - started)

@@ -29,7 +29,7 @@ from ..errors import RateLimited, Unauthorized
 from ..metrics import Metrics
 from ..products.catalog import Catalog
 from ..products.plan import Plan
-from .forward import NeverLeft, Upstream, relay, request_headers, translate
+from .forward import NeverLeft, Unsendable, Upstream, relay, request_headers, translate
 from .headers import admitted_headers, refused_headers
 from .http1 import Response
 from .urls import gateway_base, rewrite_page_details
@@ -173,7 +173,7 @@ class ProxyHandler:
                 resp = await self._upstream.send(
                     method, url, headers=headers, data=data, group=plan.group, admitted_at=time.perf_counter()
                 )
-            except NeverLeft:
+            except (NeverLeft, Unsendable):
                 await self._refund(grant)
                 raise
             if resp.status == 429 and self._may_retry(plan, retries):

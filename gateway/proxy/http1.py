@@ -27,8 +27,8 @@ machine on an ``asyncio.Protocol`` (~15 µs per request).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
+import socket
 import ssl
 import time
 from collections import deque
@@ -41,6 +41,8 @@ from yarl import URL
 from ..errors import BadGateway
 
 MAX_HEAD = 64 * 1024
+DNS_TTL_S = 300.0
+HEX_DIGITS = b"0123456789abcdefABCDEF"
 PAUSE_AT = 1024 * 1024  # unread response bytes before the connection stops reading
 NO_BODY_STATUS = frozenset({204, 304})
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
@@ -79,6 +81,9 @@ class _Conn(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None  # head or body progress
         self._drain: asyncio.Future[None] | None = None
         self._paused_writing = False
+        self._paused_reading = False
+        self.in_use = False  # a request is in flight: what arrives is its answer
+        self.unfinished = False  # its request body was cut short (answered early): not reusable
         # the response being read
         self.head: tuple[int, str, CIMultiDict[str]] | None = None
         self.head_only = False  # a HEAD request: no body, whatever the headers say
@@ -96,14 +101,20 @@ class _Conn(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
+        if not self.in_use:  # nothing was asked: a stray answer (a 408 before closing, say)
+            self._fail(ConnectionError("upstream sent data on an idle connection"))
+            return
         self._buf += data
         try:
             self._parse()
         except (ValueError, IndexError) as exc:
             self._fail(ConnectionError(f"malformed response from upstream ({exc})"))
             return
-        if self.unread > PAUSE_AT and self.transport is not None:
+        if self.unread > PAUSE_AT and self.transport is not None and not self._paused_reading:
+            self._paused_reading = True
             self.transport.pause_reading()
+        if self.head is not None and self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)  # answered while the body was still going: stop sending
         self._wake()
 
     def eof_received(self) -> bool | None:
@@ -111,8 +122,8 @@ class _Conn(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
-        if self._mode == "close" and not self.eof:
-            self.eof = True  # a body delimited by the connection's end
+        if self._mode == "close" and not self.eof and exc is None:
+            self.eof = True  # a body delimited by the connection's (clean) end
         elif not self.eof:
             self.error = self.error or (
                 PayloadError("upstream closed the connection mid-response")
@@ -134,14 +145,19 @@ class _Conn(asyncio.Protocol):
     # -- writing -------------------------------------------------------------------------
     def write(self, data: bytes) -> None:
         if self.lost or self.transport is None:
-            raise ConnectionError("upstream closed the connection")
+            raise self.error or ConnectionError("upstream closed the connection")
         self.transport.write(data)
 
-    async def drain(self) -> None:
-        if self._paused_writing and not self.lost:
+    async def drain(self, timeout_s: float) -> None:
+        """Until upstream reads what was written (or answers); TimeoutError past ``timeout_s``."""
+        if self._paused_writing and not self.lost and self.head is None:
             self._drain = asyncio.get_running_loop().create_future()
-            await self._drain
-        if self.lost:
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await self._drain
+            finally:
+                self._drain = None
+        if self.lost and self.head is None:
             raise self.error or ConnectionError("upstream closed the connection")
 
     # -- waiting ---------------------------------------------------------------------------
@@ -162,9 +178,10 @@ class _Conn(asyncio.Protocol):
     def take(self) -> bytes:
         data = b"".join(self.chunks) if len(self.chunks) != 1 else self.chunks[0]
         self.chunks.clear()
-        if self.unread > PAUSE_AT and self.transport is not None and not self.lost:
-            self.transport.resume_reading()
         self.unread = 0
+        if self._paused_reading and self.transport is not None and not self.lost:
+            self._paused_reading = False
+            self.transport.resume_reading()
         return data
 
     def _fail(self, exc: Exception) -> None:
@@ -175,6 +192,7 @@ class _Conn(asyncio.Protocol):
 
     # -- parsing -------------------------------------------------------------------------
     def reset(self, head_only: bool) -> None:
+        self.in_use, self.unfinished = True, False
         self.head, self.head_only = None, head_only
         self._mode, self._left, self._chunk_state = "", 0, "size"
         self.chunks.clear()
@@ -221,12 +239,15 @@ class _Conn(asyncio.Protocol):
         self.keep_alive = "close" not in connection and (version != "HTTP/1.0" or "keep-alive" in connection)
         if self.head_only or status in NO_BODY_STATUS:
             self._mode = "none"
-        elif "chunked" in headers.get("Transfer-Encoding", "").lower():
-            self._mode = "chunked"
+        elif "Transfer-Encoding" in headers:  # chunked, or (anything else) until the close
+            chunked = headers["Transfer-Encoding"].lower().rstrip().endswith("chunked")
+            self._mode = "chunked" if chunked else "close"
+            self.keep_alive = self.keep_alive and chunked
         elif "Content-Length" in headers:
-            self._left = int(headers["Content-Length"])
-            if self._left < 0:
-                raise ValueError("negative Content-Length")
+            value = headers["Content-Length"].strip()
+            if not value.isdigit() or not value.isascii():
+                raise ValueError(f"bad Content-Length {value[:20]!r}")
+            self._left = int(value)
             self._mode = "length" if self._left else "none"
         else:
             self._mode, self.keep_alive = "close", False
@@ -241,7 +262,10 @@ class _Conn(asyncio.Protocol):
                 if len(buf) > 4096:
                     raise ValueError("chunk size line too long")
                 return False
-            self._left = int(bytes(buf[:end]).split(b";", 1)[0].strip(), 16)
+            size = bytes(buf[:end]).split(b";", 1)[0].strip()
+            if not size or size.strip(HEX_DIGITS):
+                raise ValueError(f"bad chunk size {size[:20]!r}")
+            self._left = int(size, 16)
             del buf[: end + 2]
             self._chunk_state = "data" if self._left else "trailer"
             return True
@@ -276,7 +300,7 @@ class _Conn(asyncio.Protocol):
 
 
 def _parse_head(head: bytes) -> tuple[int, str, CIMultiDict[str], str]:
-    lines = head.decode("latin-1").split("\r\n")
+    lines = head.decode("utf-8", "surrogateescape").split("\r\n")  # as aiohttp decodes them
     version, _, rest = lines[0].partition(" ")
     code, _, reason = rest.partition(" ")
     if not version.startswith("HTTP/1."):
@@ -318,8 +342,11 @@ class Response:
 
     @property
     def content_length(self) -> int | None:
+        """The body's length when upstream said it (and did not send it chunked)."""
         value = self.headers.get("Content-Length")
-        return int(value) if value is not None and value.isdigit() else None
+        if value is None or not value.isdigit() or "Transfer-Encoding" in self.headers:
+            return None
+        return int(value)
 
     @property
     def content_type(self) -> str:
@@ -367,6 +394,7 @@ class Pool:
         self._read_timeout_s = read_timeout_s
         self._keepalive_s = keepalive_s
         self._idle: dict[tuple[str, str, int], list[_Conn]] = {}
+        self._dns: dict[tuple[str, int], tuple[float, list[Any]]] = {}  # (host, port) -> (until, addresses)
         self._closed = False
 
     async def request(
@@ -380,18 +408,23 @@ class Pool:
         on_send: Callable[[], Any] | None = None,
     ) -> Response:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        key = (url.scheme, url.host or "", url.port or (443 if url.scheme == "https" else 80))
+        key = (url.scheme, url.raw_host or "", url.port or (443 if url.scheme == "https" else 80))
+        head, stream, chunked = _request_head(method, url, headers, body)  # before any connection
         conn = self._reuse(key) or await self._connect(key, deadline)
-        head, stream, chunked = _request_head(method, url, key, headers, body)
         conn.reset(head_only=method == "HEAD")
         if on_send is not None:
             on_send()
         try:
-            if stream is None:
-                conn.write(head + cast(bytes, body or b""))
-            else:
-                conn.write(head)
-                await _send_stream(conn, stream, chunked)
+            try:
+                if stream is None:
+                    conn.write(head + cast(bytes, body or b""))
+                else:
+                    conn.write(head)
+                    await self._send_stream(conn, stream, chunked, deadline)
+            except ConnectionError:
+                if conn.head is None:
+                    raise
+                conn.unfinished = True  # answered before the body was all sent: that answer counts
             while conn.head is None:
                 if conn.error is not None:
                     raise conn.error
@@ -401,12 +434,29 @@ class Pool:
             raise
         return Response(self, conn, self._read_timeout_s, deadline)
 
+    async def _send_stream(
+        self, conn: _Conn, stream: BodyStream, chunked: bool, deadline: float | None
+    ) -> None:
+        """The body as it comes; stops early (the connection then not reusable) when upstream
+        answers before it was all sent (a 401, 413 or 429 to an upload)."""
+        async for chunk in stream.iter_any():
+            if conn.head is not None:
+                break
+            if chunk:
+                conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+                await conn.drain(_timeout(self._read_timeout_s, deadline))
+        else:
+            if chunked and conn.head is None:
+                conn.write(b"0\r\n\r\n")
+            return
+        conn.unfinished = True
+
     def _reuse(self, key: tuple[str, str, int]) -> _Conn | None:
         idle = self._idle.get(key)
         now = time.monotonic()
         while idle:
             conn = idle.pop()
-            if not conn.lost and now - conn.idle_since < conn.idle_limit:
+            if not conn.lost and not conn._buf and now - conn.idle_since < conn.idle_limit:
                 return conn
             self._discard(conn)
         return None
@@ -421,18 +471,44 @@ class Pool:
         conn = _Conn(key)
         try:
             async with asyncio.timeout(timeout_s):
-                transport, _ = await loop.create_connection(
-                    lambda: conn, host, port, ssl=tls, server_hostname=host if tls else None
-                )
+                addresses = await self._resolve(host, port)
+                for i, (family, _, proto, _, address) in enumerate(addresses):
+                    try:  # each address in turn (a dead IPv6 route falls back to IPv4)
+                        transport, _ = await loop.create_connection(
+                            lambda: conn, address[0], address[1], ssl=tls, family=family, proto=proto,
+                            server_hostname=host if tls else None,
+                        )  # fmt: skip
+                        break
+                    except OSError:
+                        if i == len(addresses) - 1:
+                            raise
         except TimeoutError as exc:
             raise NeverLeft("Timed out connecting to the upstream API") from exc
         except OSError as exc:
+            self._dns.pop((host, port), None)
             raise NeverLeft("Could not connect to the upstream API") from exc
         conn.transport = transport  # uvloop may call connection_made only after this returns
         return conn
 
+    async def _resolve(self, host: str, port: int) -> list[Any]:
+        """The host's addresses, cached for DNS_TTL_S: a burst of new connections does not
+        queue on the resolver's threads."""
+        now = time.monotonic()
+        cached = self._dns.get((host, port))
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        if not infos:
+            raise OSError(f"no address for {host}")
+        self._dns[(host, port)] = (now + DNS_TTL_S, infos)
+        return infos
+
     def _release(self, conn: _Conn) -> None:
-        if self._closed or conn.lost or not conn.eof or not conn.keep_alive or conn.error or conn._buf:
+        conn.in_use = False
+        reusable = (
+            conn.eof and conn.keep_alive and not (conn.unfinished or conn.unread or conn._paused_reading)
+        )
+        if self._closed or conn.lost or conn.error or conn._buf or not reusable:
             self._discard(conn)
             return
         limit = self._keepalive_s
@@ -460,42 +536,46 @@ class Pool:
         self._idle.clear()
 
 
+class InvalidHead(ValueError):
+    """A request line or header that HTTP/1.1 cannot carry (control characters)."""
+
+
 def _request_head(
-    method: str, url: URL, key: tuple[str, str, int], headers: CIMultiDict[str], body: object
+    method: str, url: URL, headers: CIMultiDict[str], body: object
 ) -> tuple[bytes, BodyStream | None, bool]:
     """The request line and headers, with the body's framing; the body to stream, if any,
-    and whether it goes chunked."""
-    scheme, host, port = key
-    default = port == (443 if scheme == "https" else 80)
-    lines = [f"{method} {url.raw_path_qs} HTTP/1.1", f"Host: {host if default else f'{host}:{port}'}"]
+    and whether it goes chunked. Host: as the URL says it (IDNA, IPv6 in brackets, the port
+    unless it is the scheme's)."""
+    target = url.raw_path_qs
+    if not method.isalpha() or _unsafe(target) or " " in target:
+        raise InvalidHead("the request line has characters HTTP/1.1 cannot carry")
+    lines = [f"{method} {target} HTTP/1.1", f"Host: {url.host_port_subcomponent}"]
     stream: BodyStream | None = None
     chunked = False
     skip: tuple[str, ...]
     if body is None or isinstance(body, bytes | bytearray):
-        skip = ("content-length", "transfer-encoding")
+        skip = ("content-length", "transfer-encoding", "host")
         size = len(body) if body is not None else 0
         if body is not None or method in BODY_METHODS:
             lines.append(f"Content-Length: {size}")
     else:
         stream = cast(BodyStream, body)
-        skip = ("transfer-encoding",)
+        skip = ("transfer-encoding", "host")
         if "Content-Length" not in headers:
             chunked = True
             lines.append("Transfer-Encoding: chunked")
     for name, value in headers.items():
-        if name.lower() not in skip:
-            lines.append(f"{name}: {value}")
+        if name.lower() in skip:
+            continue
+        if _unsafe(name) or _unsafe(value) or ":" in name:
+            raise InvalidHead(f"the header {name[:40]!r} has characters HTTP/1.1 cannot carry")
+        lines.append(f"{name}: {value}")
     text = "\r\n".join(lines) + "\r\n\r\n"
     return text.encode("utf-8", "surrogateescape"), stream, chunked
 
 
-async def _send_stream(conn: _Conn, stream: BodyStream, chunked: bool) -> None:
-    async for chunk in stream.iter_any():
-        if not chunk:
-            continue
-        conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
-        await conn.drain()
-    if chunked:
-        conn.write(b"0\r\n\r\n")
-    with contextlib.suppress(Exception):
-        await conn.drain()
+_CONTROL = frozenset(chr(c) for c in (*range(0x20), 0x7F)) - {"\t"}
+
+
+def _unsafe(text: str) -> bool:
+    return not _CONTROL.isdisjoint(text)

@@ -34,7 +34,7 @@ from ...clock import Clock
 from ...config import Config
 from ...errors import GatewayError, StoreUnavailable, WaitTimeout
 from ...metrics import Metrics
-from ...proxy.forward import NeverLeft, Upstream
+from ...proxy.forward import NeverLeft, Upstream, translate
 from ...vault import Vault
 from ..catalog import Catalog
 from .jobs import Job, JobStore, State
@@ -245,6 +245,12 @@ class Dispatcher:
             return None
         try:
             status, data = resp.status, await resp.read()
+        except (OSError, TimeoutError) as exc:  # the answer was lost on the way: as a failed POST
+            log.warning(
+                "job %s: upstream's answer to the POST was lost (%s); requeued", job.id, translate(exc)
+            )
+            await self.requeue(job)
+            return None
         finally:
             resp.release()
         return await self._outcome(job, status, data)

@@ -302,7 +302,8 @@ class Transcripts:
             return None
         if not job.upstream_id:
             raise BadRequest(f"Transcript is not completed (status: {job.status})")
-        query = f"?{request.query_string}" if request.query_string else ""
+        raw = request.rel_url.raw_query_string  # as the client encoded it
+        query = f"?{raw}" if raw else ""
         return await self._forward(request, job, f"/v2/transcript/{job.upstream_id}/{sub}{query}")
 
     async def list_transcripts(self, request: web.Request) -> web.StreamResponse:
