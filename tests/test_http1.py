@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -302,3 +304,33 @@ def test_request_heads_refuse_control_characters_and_name_the_host_properly() ->
     assert b"Host: xn--bcher-kva.de\r\n" in head and b"Content-Length: 0\r\n" in head
     with pytest.raises(InvalidHead):
         _request_head("GET", URL("http://h/x"), CIMultiDict({"X-A": "a\x00b"}), None)
+
+
+async def test_https_with_the_servers_certificate_checked(tmp_path: Path) -> None:
+    from tests.test_ws_wire import _self_signed
+
+    cert, key = _self_signed(tmp_path)
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert, key)
+
+    async def hello(request: web.Request) -> web.Response:
+        return web.json_response({"host": request.headers["Host"]})
+
+    app = web.Application()
+    app.router.add_get("/v2/x", hello)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_tls)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    url = URL(f"https://localhost:{port}/v2/x")
+    try:
+        p = Pool(connect_timeout_s=5, read_timeout_s=5, tls=ssl.create_default_context(cafile=str(cert)))
+        resp = await p.request("GET", url, H, None)
+        assert resp.status == 200 and b'"host": "localhost:' in await resp.read()
+        resp.release()
+        await p.close()
+        with pytest.raises(NeverLeft):  # the system's CAs do not know this certificate
+            await pool().request("GET", url, H, None)
+    finally:
+        await runner.cleanup()

@@ -389,7 +389,15 @@ def _timeout(read_timeout_s: float, deadline: float | None) -> float:
 class Pool:
     """Keep-alive connections to the upstream hosts; ``request`` sends one request."""
 
-    def __init__(self, *, connect_timeout_s: float, read_timeout_s: float, keepalive_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        *,
+        connect_timeout_s: float,
+        read_timeout_s: float,
+        keepalive_s: float = 30.0,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        self._tls = tls  # for https; default_tls() (the system's CAs) unless given
         self._connect_timeout_s = connect_timeout_s
         self._read_timeout_s = read_timeout_s
         self._keepalive_s = keepalive_s
@@ -463,7 +471,7 @@ class Pool:
 
     async def _connect(self, key: tuple[str, str, int], deadline: float | None) -> _Conn:
         scheme, host, port = key
-        tls = default_tls() if scheme == "https" else None
+        tls = (self._tls or default_tls()) if scheme == "https" else None
         loop = asyncio.get_running_loop()
         timeout_s = self._connect_timeout_s
         if deadline is not None:
