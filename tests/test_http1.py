@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -17,6 +16,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.proxy.http1 import NeverLeft, PayloadError, Pool
+from tests.helpers import self_signed_tls, serving
 
 H: CIMultiDict[str] = CIMultiDict({"Authorization": "k"})
 CLOSE = b"<close>"
@@ -184,13 +184,8 @@ async def test_bodies_stream_both_ways_chunked_or_sized_with_flow_control() -> N
 
     app = web.Application(client_max_size=1 << 30)
     app.router.add_post("/v2/upload", upload)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    url = URL(f"http://127.0.0.1:{port}/v2/upload")
-    try:
+    async with serving(app) as port:
+        url = URL(f"http://127.0.0.1:{port}/v2/upload")
         p = pool()
         parts = [b"x" * 65536] * 80  # 5 MB up
         resp = await p.request("POST", url, H, Stream(parts))  # no Content-Length: chunked
@@ -211,8 +206,6 @@ async def test_bodies_stream_both_ways_chunked_or_sized_with_flow_control() -> N
         resp.release()
         assert seen["cl"] == "8" and seen["size"] == 8
         await p.close()
-    finally:
-        await runner.cleanup()
 
 
 async def test_a_stray_answer_on_an_idle_connection_never_reaches_the_next_request() -> None:
@@ -307,30 +300,19 @@ def test_request_heads_refuse_control_characters_and_name_the_host_properly() ->
 
 
 async def test_https_with_the_servers_certificate_checked(tmp_path: Path) -> None:
-    from tests.test_ws_wire import _self_signed
-
-    cert, key = _self_signed(tmp_path)
-    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_tls.load_cert_chain(cert, key)
+    server_tls, trusting = self_signed_tls(tmp_path)
 
     async def hello(request: web.Request) -> web.Response:
         return web.json_response({"host": request.headers["Host"]})
 
     app = web.Application()
     app.router.add_get("/v2/x", hello)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_tls)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    url = URL(f"https://localhost:{port}/v2/x")
-    try:
-        p = Pool(connect_timeout_s=5, read_timeout_s=5, tls=ssl.create_default_context(cafile=str(cert)))
+    async with serving(app, tls=server_tls) as port:
+        url = URL(f"https://localhost:{port}/v2/x")
+        p = Pool(connect_timeout_s=5, read_timeout_s=5, tls=trusting)
         resp = await p.request("GET", url, H, None)
         assert resp.status == 200 and b'"host": "localhost:' in await resp.read()
         resp.release()
         await p.close()
         with pytest.raises(NeverLeft):  # the system's CAs do not know this certificate
             await pool().request("GET", url, H, None)
-    finally:
-        await runner.cleanup()

@@ -11,7 +11,7 @@ from aiohttp import web
 
 from gateway.sim.app import NEGATIVE_BALANCE, SimConfig
 from gateway.sim.recorder import RollingWindow, busiest_window
-from tests.helpers import running_sim
+from tests.helpers import running_sim, serving
 
 KEY = {"Authorization": "k"}
 
@@ -54,12 +54,7 @@ async def test_transcripts_throttle_beyond_concurrency_and_webhooks_retry() -> N
 
     hook_app = web.Application()
     hook_app.router.add_post("/hook", hook)
-    runner = web.AppRunner(hook_app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
+    async with serving(hook_app) as port:
         async with (
             running_sim(SimConfig(async_concurrency=1, job_seconds=0.2, webhook_retry_s=0.05)) as (sim, url),
             aiohttp.ClientSession() as http,
@@ -88,8 +83,6 @@ async def test_transcripts_throttle_beyond_concurrency_and_webhooks_retry() -> N
             assert sim.transcripts.max_running == 1
             attempts = [e["attempt"] for e in sim.transcripts.webhook_log if e["transcript_id"] == ids[0]]
             assert attempts == [1, 2, 3]  # two 500s, then the 200 stops the retries
-    finally:
-        await runner.cleanup()
 
 
 async def test_negative_balance_refuses_new_work() -> None:

@@ -4,7 +4,6 @@ split of the byte stream, masks applied and removed, caps enforced, and the clie
 from __future__ import annotations
 
 import asyncio
-import ssl
 import struct
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from yarl import URL
 
 from gateway.products import ws_wire
 from gateway.products.ws_wire import BINARY, CLOSE, PING, TEXT, FrameReader, FrameTooLarge
+from tests.helpers import self_signed_tls, serving
 
 
 def test_frames_are_read_whole_from_any_split_of_the_stream() -> None:
@@ -83,12 +83,7 @@ async def test_connect_speaks_to_a_real_websocket_server() -> None:
     app = web.Application()
     app.router.add_get("/v3/ws", handler)
     app.router.add_get("/refuse", refuse)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
+    async with serving(app) as port:
         got: asyncio.Queue[ws_wire.Frame] = asyncio.Queue()
         up = await ws_wire.connect(
             URL(f"ws://127.0.0.1:{port}/v3/ws?x=1"), {"Authorization": "k"}, timeout_s=5, max_frame=1 << 20
@@ -109,8 +104,6 @@ async def test_connect_speaks_to_a_real_websocket_server() -> None:
         with pytest.raises(ws_wire.HandshakeRefused) as refused:
             await ws_wire.connect(URL(f"ws://127.0.0.1:{port}/refuse"), {}, timeout_s=5, max_frame=100)
         assert refused.value.status == 401
-    finally:
-        await runner.cleanup()
     with pytest.raises(ws_wire.NotReached):  # nothing listens there any more
         await ws_wire.connect(URL(f"ws://127.0.0.1:{port}/v3/ws"), {}, timeout_s=2, max_frame=100)
 
@@ -139,44 +132,8 @@ def test_a_deeply_nested_message_is_not_an_error() -> None:
     assert _kind(b'{"type": "Terminate"}') == "Terminate"
 
 
-def _self_signed(tmp: Path) -> tuple[Path, Path]:
-    """A certificate for localhost, and its key, written as PEM files."""
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = tmp / "cert.pem", tmp / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    return cert_path, key_path
-
-
 async def test_connect_over_tls_checks_the_servers_certificate(tmp_path: Path) -> None:
-    cert, key = _self_signed(tmp_path)
-    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_tls.load_cert_chain(cert, key)
+    server_tls, trusting = self_signed_tls(tmp_path)
 
     async def handler(request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse()
@@ -188,14 +145,8 @@ async def test_connect_over_tls_checks_the_servers_certificate(tmp_path: Path) -
 
     app = web.Application()
     app.router.add_get("/v3/ws", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_tls)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    url = URL(f"wss://localhost:{port}/v3/ws")
-    try:
-        trusting = ssl.create_default_context(cafile=str(cert))
+    async with serving(app, tls=server_tls) as port:
+        url = URL(f"wss://localhost:{port}/v3/ws")
         up = await ws_wire.connect(url, {}, timeout_s=5, max_frame=1 << 20, ssl_context=trusting)
         got: asyncio.Queue[ws_wire.Frame] = asyncio.Queue()
         up.attach(lambda frames: [got.put_nowait(f) for f in frames] and None, lambda: None)
@@ -203,5 +154,3 @@ async def test_connect_over_tls_checks_the_servers_certificate(tmp_path: Path) -
         up.close()
         with pytest.raises(ws_wire.NotReached):  # the system's CAs do not know this certificate
             await ws_wire.connect(url, {}, timeout_s=5, max_frame=1 << 20)
-    finally:
-        await runner.cleanup()
