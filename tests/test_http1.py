@@ -316,3 +316,35 @@ async def test_https_with_the_servers_certificate_checked(tmp_path: Path) -> Non
         await p.close()
         with pytest.raises(NeverLeft):  # the system's CAs do not know this certificate
             await pool().request("GET", url, H, None)
+
+
+def test_answers_that_are_not_strict_http_are_refused() -> None:
+    from gateway.proxy.http1 import _Conn
+
+    def parse(raw: bytes) -> _Conn:
+        conn = _Conn(("http", "h", 80))
+        conn.reset(head_only=False)
+        conn.data_received(raw)
+        return conn
+
+    for bad in (
+        b"HTTP/1.1 2_00 OK\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/2 200 OK\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\nhello",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-2\r\nab\r\n0\r\n\r\n",
+    ):
+        assert parse(bad).error is not None, bad
+    body = b"2\r\nab\r\n0\r\n\r\n"
+    codings = b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n"
+    two_lines = parse(b"HTTP/1.1 200 OK\r\n" + codings + b"\r\n" + body)
+    assert two_lines.eof and two_lines.take() == b"ab" and two_lines.keep_alive
+    both = parse(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\n" + body)
+    assert both.eof and both.take() == b"ab" and not both.keep_alive  # ambiguous: never reused
+
+
+def test_a_retry_after_that_is_neither_seconds_nor_a_date_is_ignored() -> None:
+    from gateway.proxy.handler import upstream_retry_delay
+
+    assert upstream_retry_delay({"Retry-After": "soon"}, default=1.5) == 1.5
+    assert upstream_retry_delay({"Retry-After": "2"}) == 2.0

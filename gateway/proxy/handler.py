@@ -57,7 +57,10 @@ def upstream_retry_delay(headers: Mapping[str, str], default: float = 1.0) -> fl
         try:
             return max(0.0, float(value))
         except ValueError:
-            when = email.utils.parsedate_to_datetime(value) if value else None
+            try:
+                when = email.utils.parsedate_to_datetime(value)
+            except (ValueError, TypeError):  # neither seconds nor a date: ignored
+                when = None
             if when is not None:
                 return max(0.0, when.timestamp() - time.time())
     reset = headers.get("X-RateLimit-Reset")

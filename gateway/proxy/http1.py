@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import re
 import socket
 import ssl
 import time
@@ -35,6 +36,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol, cast
 
+import aiohappyeyeballs
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -187,7 +189,9 @@ class _Conn(asyncio.Protocol):
     def _fail(self, exc: Exception) -> None:
         self.error = exc
         if self.transport is not None:
-            self.transport.close()
+            self.transport.abort()  # not close(): that waits for unsent upload data to drain
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_exception(exc)
         self._wake()
 
     # -- parsing -------------------------------------------------------------------------
@@ -209,6 +213,8 @@ class _Conn(asyncio.Protocol):
                 head = bytes(self._buf[:end])
                 del self._buf[: end + 4]
                 status, reason, headers, version = _parse_head(head)
+                if status == 101:
+                    raise ValueError("101 Switching Protocols to a request that asked for no upgrade")
                 if 100 <= status < 200:
                     continue  # interim (100 Continue, 103 Early Hints): the real one follows
                 self._start_body(status, headers, version)
@@ -239,10 +245,12 @@ class _Conn(asyncio.Protocol):
         self.keep_alive = "close" not in connection and (version != "HTTP/1.0" or "keep-alive" in connection)
         if self.head_only or status in NO_BODY_STATUS:
             self._mode = "none"
-        elif "Transfer-Encoding" in headers:  # chunked, or (anything else) until the close
-            chunked = headers["Transfer-Encoding"].lower().rstrip().endswith("chunked")
+        elif "Transfer-Encoding" in headers:  # chunked last, or (anything else) until the close
+            codings = ",".join(headers.getall("Transfer-Encoding")).lower().split(",")
+            chunked = codings[-1].strip() == "chunked"
             self._mode = "chunked" if chunked else "close"
-            self.keep_alive = self.keep_alive and chunked
+            # With a Content-Length too the framing is ambiguous: read it as chunked, never reuse.
+            self.keep_alive = self.keep_alive and chunked and "Content-Length" not in headers
         elif "Content-Length" in headers:
             value = headers["Content-Length"].strip()
             if not value.isdigit() or not value.isascii():
@@ -287,6 +295,8 @@ class _Conn(asyncio.Protocol):
             return True
         end = buf.find(b"\r\n")  # trailer: lines until an empty one
         if end < 0:
+            if len(buf) > MAX_HEAD:
+                raise ValueError("trailer too long")
             return False
         del buf[: end + 2]
         if end == 0:
@@ -303,8 +313,8 @@ def _parse_head(head: bytes) -> tuple[int, str, CIMultiDict[str], str]:
     lines = head.decode("utf-8", "surrogateescape").split("\r\n")  # as aiohttp decodes them
     version, _, rest = lines[0].partition(" ")
     code, _, reason = rest.partition(" ")
-    if not version.startswith("HTTP/1."):
-        raise ValueError(f"not an HTTP/1.x answer: {lines[0][:40]!r}")
+    if version not in ("HTTP/1.1", "HTTP/1.0") or len(code) != 3 or not code.isascii() or not code.isdigit():
+        raise ValueError(f"not an HTTP/1.x status line: {lines[0][:40]!r}")
     headers: CIMultiDict[str] = CIMultiDict()
     for line in lines[1:]:
         name, sep, value = line.partition(":")
@@ -403,6 +413,7 @@ class Pool:
         self._keepalive_s = keepalive_s
         self._idle: dict[tuple[str, str, int], list[_Conn]] = {}
         self._dns: dict[tuple[str, int], tuple[float, list[Any]]] = {}  # (host, port) -> (until, addresses)
+        self._resolving: dict[tuple[str, int], asyncio.Future[list[Any]]] = {}
         self._closed = False
 
     async def request(
@@ -420,9 +431,9 @@ class Pool:
         head, stream, chunked = _request_head(method, url, headers, body)  # before any connection
         conn = self._reuse(key) or await self._connect(key, deadline)
         conn.reset(head_only=method == "HEAD")
-        if on_send is not None:
-            on_send()
         try:
+            if on_send is not None:
+                on_send()
             try:
                 if stream is None:
                     conn.write(head + cast(bytes, body or b""))
@@ -454,8 +465,8 @@ class Pool:
                 conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
                 await conn.drain(_timeout(self._read_timeout_s, deadline))
         else:
-            if chunked and conn.head is None:
-                conn.write(b"0\r\n\r\n")
+            if chunked:
+                conn.write(b"0\r\n\r\n")  # the body is whole: the connection stays usable
             return
         conn.unfinished = True
 
@@ -464,8 +475,10 @@ class Pool:
         now = time.monotonic()
         while idle:
             conn = idle.pop()
-            if not conn.lost and not conn._buf and now - conn.idle_since < conn.idle_limit:
-                return conn
+            usable = not conn.lost and conn.error is None and not conn._buf
+            if usable and conn.transport is not None and not conn.transport.is_closing():
+                if now - conn.idle_since < conn.idle_limit:
+                    return conn
             self._discard(conn)
         return None
 
@@ -480,17 +493,16 @@ class Pool:
         try:
             async with asyncio.timeout(timeout_s):
                 addresses = await self._resolve(host, port)
-                for i, (family, _, proto, _, address) in enumerate(addresses):
-                    try:  # each address in turn (a dead IPv6 route falls back to IPv4)
-                        transport, _ = await loop.create_connection(
-                            lambda: conn, address[0], address[1], ssl=tls, family=family, proto=proto,
-                            server_hostname=host if tls else None,
-                        )  # fmt: skip
-                        break
-                    except OSError:
-                        if i == len(addresses) - 1:
-                            raise
+                # Happy eyeballs (RFC 8305, as aiohttp connects): an address that drops the
+                # attempt silently does not spend the whole timeout before the next is tried.
+                sock = await aiohappyeyeballs.start_connection(
+                    addresses, happy_eyeballs_delay=0.25, interleave=1
+                )
+                transport, _ = await loop.create_connection(
+                    lambda: conn, sock=sock, ssl=tls, server_hostname=host if tls else None
+                )
         except TimeoutError as exc:
+            self._dns.pop((host, port), None)
             raise NeverLeft("Timed out connecting to the upstream API") from exc
         except OSError as exc:
             self._dns.pop((host, port), None)
@@ -505,7 +517,13 @@ class Pool:
         cached = self._dns.get((host, port))
         if cached is not None and cached[0] > now:
             return cached[1]
-        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        lookup = self._resolving.get((host, port))  # one lookup for a burst of connections
+        if lookup is None:
+            loop = asyncio.get_running_loop()
+            lookup = asyncio.ensure_future(loop.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+            self._resolving[(host, port)] = lookup
+            lookup.add_done_callback(lambda _: self._resolving.pop((host, port), None))
+        infos = await asyncio.shield(lookup)
         if not infos:
             raise OSError(f"no address for {host}")
         self._dns[(host, port)] = (now + DNS_TTL_S, infos)
@@ -533,14 +551,17 @@ class Pool:
 
     @staticmethod
     def _discard(conn: _Conn) -> None:
+        """Closed at once (abort): a connection given up mid-upload may hold unsent data that
+        a graceful close would wait on for as long as upstream does not read."""
         if conn.transport is not None:
-            conn.transport.close()
+            conn.transport.abort()
 
     async def close(self) -> None:
         self._closed = True
         for idle in self._idle.values():
             for conn in idle:
-                self._discard(conn)
+                if conn.transport is not None:
+                    conn.transport.close()
         self._idle.clear()
 
 
@@ -555,7 +576,7 @@ def _request_head(
     and whether it goes chunked. Host: as the URL says it (IDNA, IPv6 in brackets, the port
     unless it is the scheme's)."""
     target = url.raw_path_qs
-    if not method.isalpha() or _unsafe(target) or " " in target:
+    if not _TOKEN.fullmatch(method) or _unsafe(target) or " " in target:
         raise InvalidHead("the request line has characters HTTP/1.1 cannot carry")
     lines = [f"{method} {target} HTTP/1.1", f"Host: {url.host_port_subcomponent}"]
     stream: BodyStream | None = None
@@ -575,13 +596,14 @@ def _request_head(
     for name, value in headers.items():
         if name.lower() in skip:
             continue
-        if _unsafe(name) or _unsafe(value) or ":" in name:
+        if not _TOKEN.fullmatch(name) or _unsafe(value):
             raise InvalidHead(f"the header {name[:40]!r} has characters HTTP/1.1 cannot carry")
         lines.append(f"{name}: {value}")
     text = "\r\n".join(lines) + "\r\n\r\n"
     return text.encode("utf-8", "surrogateescape"), stream, chunked
 
 
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token: methods, header names
 _CONTROL = frozenset(chr(c) for c in (*range(0x20), 0x7F)) - {"\t"}
 
 

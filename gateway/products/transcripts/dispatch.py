@@ -243,12 +243,17 @@ class Dispatcher:
             log.warning("job %s: upstream POST failed (%s); requeued", job.id, exc)
             await self.requeue(job)
             return None
+        status = resp.status
         try:
-            status, data = resp.status, await resp.read()
-        except (OSError, TimeoutError) as exc:  # the answer was lost on the way: as a failed POST
-            log.warning(
-                "job %s: upstream's answer to the POST was lost (%s); requeued", job.id, translate(exc)
-            )
+            data = await resp.read()
+        except (OSError, TimeoutError) as exc:  # the answer's body was lost on the way
+            lost = translate(exc)
+            if status == 200:  # the job exists upstream: the reconciler adopts it once the claim lapses
+                log.warning("job %s: upstream's 200 to the POST was cut short (%s); left to the reconciler",
+                            job.id, lost)  # fmt: skip
+                return None
+            log.warning("job %s: upstream's %s to the POST was cut short (%s); requeued",
+                        job.id, status, lost)  # fmt: skip
             await self.requeue(job)
             return None
         finally:
