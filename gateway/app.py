@@ -192,7 +192,7 @@ def build_app(
 
     app.cleanup_ctx.append(lifecycle)
     sessions = StreamingRelay(
-        config, engine=engine, catalog=catalog, upstream=upstream, handler=handler, vault=vault,
+        config, engine=engine, catalog=catalog, handler=handler, vault=vault,
         ledger=ledger, tokens=tokens, metrics=metrics, clock=clock,
     )  # fmt: skip
 

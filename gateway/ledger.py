@@ -18,7 +18,6 @@ instances record into one ledger without coordinating. Two backends, one contrac
 from __future__ import annotations
 
 import datetime as dt
-import sqlite3
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -29,6 +28,7 @@ from redis import exceptions as redis_errors
 
 from .admission.keys import Keys
 from .errors import StoreUnavailable
+from .localdb import open_db
 
 RETENTION_DAYS = 400
 
@@ -105,10 +105,7 @@ class SqliteLedger:
     kind = "sqlite"
 
     def __init__(self, path: str | Path, *, wall: Callable[[], float] = time.time) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db = open_db(path)
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS usage (day TEXT, owner TEXT, product TEXT, metric TEXT, "
             "value REAL NOT NULL, PRIMARY KEY (day, owner, product, metric))"

@@ -42,7 +42,7 @@ from ..config import Config
 from ..errors import GatewayError, RateLimited, StoreUnavailable, Unauthorized
 from ..ledger import Ledger
 from ..metrics import Metrics
-from ..proxy.forward import Upstream, request_headers
+from ..proxy.forward import request_headers
 from ..proxy.handler import GROUP, ProxyHandler
 from ..vault import Vault
 from . import streaming, ws_wire
@@ -57,7 +57,7 @@ TERMINATE = b'{"type": "Terminate"}'
 MAX_FRAME = 8 * 1024 * 1024
 CLIENT_BUFFER = 4 * 1024 * 1024  # unread bytes to a client before it is cut off
 LINGER_S = 1.0
-PING = ws_wire.frame(ws_wire.PING, b"aai-gateway", mask=False)
+PING_FRAME = ws_wire.frame(ws_wire.PING, b"aai-gateway", mask=False)
 AUDIO, MESSAGE, TERMINATE_KIND = 0, 1, 2  # what a client frame is, for the relay
 
 
@@ -68,7 +68,6 @@ class StreamingRelay:
         *,
         engine: AdmissionEngine,
         catalog: Catalog,
-        upstream: Upstream,
         handler: ProxyHandler,
         vault: Vault,
         ledger: Ledger,
@@ -81,7 +80,6 @@ class StreamingRelay:
         self._s = cfg.streaming
         self._engine = engine
         self._catalog = catalog
-        self._upstream = upstream
         self._handler = handler
         self._vault = vault
         self._ledger = ledger
@@ -619,7 +617,7 @@ class _Session:
                 return
             if quiet >= s.ping_interval_s and now - self.pinged >= s.ping_interval_s:
                 self.pinged = now
-                self._to_client(PING)
+                self._to_client(PING_FRAME)
         if not open_:
             return
         if now - self.last_audio >= s.idle_timeout_s:

@@ -31,9 +31,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
+from multidict import CIMultiDict
 from yarl import URL
 
-from ..proxy.http1 import default_tls
+from ..proxy.http1 import default_tls, parse_head
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 CONT, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
@@ -186,7 +187,7 @@ class Upstream(asyncio.Protocol):
         self._on_pause: Callable[[bool], None] | None = None
         self._reader = FrameReader(max_frame)
         self._head = b""
-        self._handshake: asyncio.Future[tuple[int, dict[str, str], bytes]] | None = None
+        self._handshake: asyncio.Future[tuple[int, CIMultiDict[str], bytes]] | None = None
         self._open = False
         self._early: list[Frame] = []
         self._lost = False
@@ -217,7 +218,10 @@ class Upstream(asyncio.Protocol):
             if len(self._head) > MAX_HEAD:
                 self._fail(ConnectionError("upstream's handshake answer is too long"))
             return
-        status, headers = _parse_head(self._head[:end])
+        try:
+            status, _, headers, _ = parse_head(self._head[:end])
+        except (ValueError, IndexError):
+            status, headers = 502, CIMultiDict()
         rest = self._head[end + 4 :]
         self._head = b""
         if status == 101:
@@ -288,15 +292,14 @@ async def connect(
     ``TimeoutError`` / ``ConnectionError``: connected, but the handshake never ended."""
     loop = asyncio.get_running_loop()
     secure = url.scheme == "wss"
-    host = url.host or ""
+    host = url.raw_host or ""  # IDNA, as DNS and TLS want it
     port = url.port or (443 if secure else 80)
     if secure and ssl_context is None:
         ssl_context = default_tls()
     key = base64.b64encode(os.urandom(16)).decode()
-    default_port = port == (443 if secure else 80)
     lines = [
         f"GET {url.raw_path_qs} HTTP/1.1",
-        f"Host: {host if default_port else f'{host}:{port}'}",
+        f"Host: {url.host_port_subcomponent}",
         "Upgrade: websocket",
         "Connection: Upgrade",
         f"Sec-WebSocket-Key: {key}",
@@ -333,16 +336,3 @@ async def connect(
         proto.close()
         raise
     return proto
-
-
-def _parse_head(head: bytes) -> tuple[int, dict[str, str]]:
-    lines = head.decode("latin-1").split("\r\n")
-    try:
-        status = int(lines[0].split(" ", 2)[1])
-    except (IndexError, ValueError):
-        status = 502
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    return status, headers

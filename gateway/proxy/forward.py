@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-import aiohttp
 from aiohttp import hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
@@ -130,16 +129,13 @@ class Upstream:
 
 
 def translate(exc: BaseException) -> Exception:
-    """The client error an aiohttp failure becomes (the one place they are mapped)."""
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return NeverLeft("Timed out connecting to the upstream API")
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return NeverLeft("Could not connect to the upstream API")
+    """The client error an upstream failure becomes (the one place they are mapped);
+    http1.py raises NeverLeft itself when no connection could be made."""
     if isinstance(exc, NeverLeft):
         return exc
-    if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+    if isinstance(exc, TimeoutError):
         return GatewayTimeout()
-    if isinstance(exc, aiohttp.ClientPayloadError | PayloadError):
+    if isinstance(exc, PayloadError):
         return BadGateway("The upstream API's response was cut short")
     return BadGateway(f"Upstream request failed ({type(exc).__name__})")
 

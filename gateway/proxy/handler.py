@@ -17,7 +17,6 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 
-import aiohttp
 from aiohttp import hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
@@ -135,7 +134,7 @@ class ProxyHandler:
         try:
             extra = admitted_headers(grant.limits, grant.states) if grant else {}
             return await relay(request, resp, extra_headers=extra, rewrite=self._rewriter(request, plan))
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        except (OSError, TimeoutError) as exc:  # a lost connection either way
             raise translate(exc) from exc
         finally:
             resp.release()
@@ -148,7 +147,7 @@ class ProxyHandler:
         resp, _ = await self._exchange(plan, method, path, CIMultiDict(headers), plan.body or None, None)
         try:
             return resp.status, resp.headers, await resp.read()
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        except (OSError, TimeoutError) as exc:  # a lost connection either way
             raise translate(exc) from exc
         finally:
             resp.release()

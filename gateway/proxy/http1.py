@@ -212,7 +212,7 @@ class _Conn(asyncio.Protocol):
                     return
                 head = bytes(self._buf[:end])
                 del self._buf[: end + 4]
-                status, reason, headers, version = _parse_head(head)
+                status, reason, headers, version = parse_head(head)
                 if status == 101:
                     raise ValueError("101 Switching Protocols to a request that asked for no upgrade")
                 if 100 <= status < 200:
@@ -309,7 +309,7 @@ class _Conn(asyncio.Protocol):
             self.unread += len(data)
 
 
-def _parse_head(head: bytes) -> tuple[int, str, CIMultiDict[str], str]:
+def parse_head(head: bytes) -> tuple[int, str, CIMultiDict[str], str]:
     lines = head.decode("utf-8", "surrogateescape").split("\r\n")  # as aiohttp decodes them
     version, _, rest = lines[0].partition(" ")
     code, _, reason = rest.partition(" ")

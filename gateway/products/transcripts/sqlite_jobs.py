@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ...localdb import open_db
 from .jobs import Job, State, queue_score
 
 SCHEMA = """
@@ -41,11 +42,7 @@ class SqliteJobStore:
     kind = "sqlite"
 
     def __init__(self, path: str | Path, *, wall: Callable[[], float] = time.time) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._db = open_db(path)
         self._db.executescript(SCHEMA)
         self._wall = wall
         self._swept = 0
