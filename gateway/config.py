@@ -11,7 +11,9 @@ validates everything. A bad file stops the gateway with the key's path and the r
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ROUTE_GROUPS = ("rest", "llm", "token", "streaming")
+_HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})(?:\.[A-Za-z0-9_-]{1,63})*\.?")
 
 # Environment variables that override deployment values, and the key each one sets.
 ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
@@ -166,8 +169,22 @@ class Queue(_Model):
     # LLM chat waits less: the SDK's 30 s timeout covers the wait AND the generation.
     llm_max_wait_s: float = Field(10.0, gt=0)
     max_depth: int = Field(10_000, gt=0)
+    # One API key's share of max_depth (later: one project's), so one client filling the
+    # queue does not turn every other client away with queue_full. None: a quarter of it.
+    max_depth_per_key: int | None = Field(None, gt=0)
     # How long a waiting ticket lives without being refreshed by its instance.
     ticket_ttl_ms: int = Field(4000, ge=500)
+
+    @model_validator(mode="after")
+    def _share(self) -> Queue:
+        if self.max_depth_per_key is not None and self.max_depth_per_key > self.max_depth:
+            raise ValueError(f"max_depth_per_key ({self.max_depth_per_key}) is above max_depth")
+        return self
+
+    @property
+    def depth_per_key(self) -> int:
+        """How many of one key's requests may wait at once, account-wide."""
+        return self.max_depth_per_key or max(1, self.max_depth // 4)
 
 
 class Proxy(_Model):
@@ -178,6 +195,11 @@ class Proxy(_Model):
     # Retry an upstream 429 after its Retry-After, within the request's max wait.
     retry_upstream_429: bool = True
     max_upstream_retries: int = Field(3, ge=0)
+    # A client's request body must keep coming (Apache's mod_reqtimeout, body=...,MinRate=...):
+    # it may take client_body_timeout_s plus one second per client_body_min_rate bytes
+    # received; a trickle slower than that is cut (408) and nothing of it is charged.
+    client_body_timeout_s: float = Field(30.0, gt=0)
+    client_body_min_rate: int = Field(500, ge=0)
 
 
 class Transcripts(_Model):
@@ -207,6 +229,23 @@ class Transcripts(_Model):
     webhook_attempts: int = Field(10, ge=1)
     webhook_retry_s: float = Field(10.0, ge=0)
     webhook_timeout_s: float = Field(10.0, gt=0)
+    # Client webhooks go to public addresses only; these CIDRs or host names open internal
+    # targets deliberately (e.g. ["10.0.0.0/8", "hooks.internal"]).
+    webhook_allow: tuple[str, ...] = ()
+
+    @field_validator("webhook_allow")
+    @classmethod
+    def _allow(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for item in v:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                if not _HOSTNAME.fullmatch(item):
+                    raise ValueError(f"{item!r} is neither a CIDR nor a host name") from None
+        return v
+
+    # A transcript request is a few KB; a larger body is refused (413), never stored.
+    max_request_bytes: int = Field(64 * 1024, gt=0)
 
 
 class Streaming(_Model):
@@ -229,6 +268,10 @@ class Streaming(_Model):
     ping_interval_s: float = Field(10.0, gt=0)
     # Optionally also cap the sessions open at once (a concurrency limit on the same engine).
     max_open_sessions: int | None = Field(None, gt=0)
+    # Caps across all sessions of this instance: sessions waiting for admission (more are
+    # refused with 3009 at once), and bytes held for them (kept backlogs, unfinished frames).
+    max_waiting_sessions: int = Field(1000, gt=0)
+    max_buffered_bytes: int = Field(256 * 1024 * 1024, gt=0)
 
 
 class Log(_Model):
@@ -262,6 +305,19 @@ class Config(_Model):
         if v is not None and not v.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return v.rstrip("/") if v else v
+
+    def warnings(self) -> list[str]:
+        """Values that are valid but probably not what the operator wants (logged at start)."""
+        out = []
+        sdk_timeout_s = 30.0  # the Python SDK's http_timeout
+        for name, value in (("queue.max_wait_s", self.queue.max_wait_s),
+                            ("queue.llm_max_wait_s", self.queue.llm_max_wait_s)):  # fmt: skip
+            if value >= sdk_timeout_s:
+                out.append(
+                    f"{name} is {value:g}s: the AssemblyAI SDK gives up on a request after "
+                    f"{sdk_timeout_s:g}s, so its clients time out before the gateway answers"
+                )
+        return out
 
     @field_validator("account")
     @classmethod
