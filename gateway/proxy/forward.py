@@ -1,5 +1,7 @@
 """Forwarding to upstream: one connection pool per app (http1.py), streamed bodies both ways.
 
+- Idle connections are pooled per client identity (``send(identity=...)``, a fingerprint of
+  the client's key): a confused upstream can at worst mislead the client it was talking to.
 - The connection pool is unbounded, so an admitted request never waits for a connection
   (that wait would push its arrival upstream past the guard, ADMISSION.md I1); the delay from
   admission to the request's head leaving is measured.
@@ -105,9 +107,12 @@ class Upstream:
         group: str,
         admitted_at: float,
         timeout_s: float | None = None,
+        identity: str = "",
     ) -> Response:
         """Send one request; return the response with its body unread (the caller releases it).
-        ``timeout_s`` bounds the whole exchange (a dispatch must end within its claim)."""
+        ``timeout_s`` bounds the whole exchange (a dispatch must end within its claim).
+        ``identity`` (a fingerprint of the client's key) picks the connection pool: an idle
+        upstream connection is never shared between two identities."""
         assert self._pool is not None, "Upstream.start() was not awaited"
         m = self._metrics
         started = time.perf_counter()
@@ -116,7 +121,9 @@ class Upstream:
             m.admission_to_send.observe(max(0.0, time.perf_counter() - admitted_at))
 
         try:
-            resp = await self._pool.request(method, url, headers, data, timeout_s=timeout_s, on_send=sending)
+            resp = await self._pool.request(
+                method, url, headers, data, timeout_s=timeout_s, on_send=sending, identity=identity
+            )
         except NeverLeft:
             raise
         except InvalidHead as exc:

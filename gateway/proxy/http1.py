@@ -4,24 +4,40 @@ aiohttp's ClientSession costs ~110 µs of CPU per request on this path (bench/
 profile_gateway.py: request and response objects, tracing, cookie and redirect machinery,
 timers re-armed on every read), more than the gateway's own work. The proxy needs little of
 it: one upstream per host, requests whose headers it already prepared, responses it relays.
-So this client writes the request head itself and parses the response with a small state
-machine on an ``asyncio.Protocol`` (~15 µs per request).
+So this client writes the request head itself and reads the response on an
+``asyncio.Protocol`` (~15 µs per request), parsed by llhttp (Node.js's parser, fuzzed and
+maintained) through ``httptools``, as uvicorn parses requests.
 
-- Connections are kept per (scheme, host, port), reused last-in first-out, never limited
-  (an admitted request never waits for a connection: ADMISSION.md I1), closed after
-  ``keepalive_s`` idle or the server's ``Keep-Alive: timeout``. A request is never retried:
-  upstream may have counted it.
+- Strict framing, as nginx reads an upstream: a status line of HTTP/1.0 or 1.1; no folded
+  (obs-fold) header lines, no control characters, no bare CR or LF; one ``Content-Length`` of
+  digits only, never with ``Transfer-Encoding``; a ``Transfer-Encoding`` that is exactly
+  ``chunked``; valid chunk sizes; no byte after the response's end (none may come before
+  the next request is sent). A response that breaks any of these is a ``ConnectionError``
+  (the caller's 502), its connection aborted.
+- Connections are pooled per (scheme, host, port, identity), ``identity`` being the
+  fingerprint of the client's key: an idle connection is never shared between two clients,
+  so a confused upstream can at worst mislead the client whose connection it confused. They
+  are reused last-in first-out, never limited (an admitted request never waits for a
+  connection: ADMISSION.md I1), closed after ``keepalive_s`` idle or the server's
+  ``Keep-Alive: timeout``. A request is never retried: upstream may have counted it.
+- A connection goes back to the pool only after a clean exchange: the response read to its
+  end, the request body all sent, no parse error, timeout, cancellation or stray byte. Bytes
+  arriving on an idle connection close it, and immediately before each reuse the socket is
+  polled (and a TLS connection's decrypted buffer checked): anything waiting, the
+  connection is closed and another taken.
 - Request bodies: ``None``, ``bytes`` (sent with the head in one write), or a stream (the
   client's body, never held in memory) sent with its ``Content-Length`` or chunked.
 - Responses: status, headers, and a body by ``Content-Length``, chunked, or until the
-  connection closes (no body for ``HEAD``, 1xx, 204, 304; interim 1xx answers are skipped).
+  connection closes (no body for ``HEAD``, 1xx, 204, 304). Interim 1xx answers are skipped,
+  up to ``MAX_INTERIM`` of them and ``MAX_HEAD`` bytes of heads in all; a 101 is refused.
   Content-Encoding is left as it is. The body is read by ``read()`` or ``content.iter_any()``
-  with flow control (reading pauses past 1 MiB unread); ``release()`` returns a fully read
-  connection to the pool and closes any other.
+  with flow control (reading pauses past 1 MiB unread); ``release()`` returns a cleanly read
+  connection to the pool and closes any other. A connection that answered a ``HEAD`` is not
+  reused (llhttp is stopped at its head).
 - Failures: ``NeverLeft`` when no connection could be made (connect error or timeout: the
   request never reached upstream); ``TimeoutError`` when upstream is silent for the read
-  timeout, or a request's ``timeout_s`` ends; ``PayloadError`` when a body is cut short;
-  ``ConnectionError`` otherwise.
+  timeout, or a request's ``timeout_s`` ends (checked on every read, so an endless body
+  ends too); ``PayloadError`` when a body is cut short; ``ConnectionError`` otherwise.
 """
 
 from __future__ import annotations
@@ -29,25 +45,28 @@ from __future__ import annotations
 import asyncio
 import functools
 import re
+import select
 import socket
 import ssl
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Protocol, cast
+from typing import Any, NoReturn, Protocol, cast
 
 import aiohappyeyeballs
+import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from ..errors import BadGateway
 
-MAX_HEAD = 64 * 1024
+MAX_HEAD = 64 * 1024  # bytes of response heads (interim ones included) per exchange
+MAX_INTERIM = 8  # interim 1xx answers skipped before the final one; more is an error
 DNS_TTL_S = 300.0
-HEX_DIGITS = b"0123456789abcdefABCDEF"
 PAUSE_AT = 1024 * 1024  # unread response bytes before the connection stops reading
 NO_BODY_STATUS = frozenset({204, 304})
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+_VERSIONS = {"1.1": "HTTP/1.1", "1.0": "HTTP/1.0"}
 
 
 class NeverLeft(BadGateway):
@@ -70,28 +89,94 @@ def default_tls() -> ssl.SSLContext:
     return ssl.create_default_context()
 
 
+class _Stop(Exception):
+    """Raised from a parser callback to stop llhttp (the head of a HEAD answer is all)."""
+
+
+def _final_head(
+    parser: httptools.HttpResponseParser, reason: bytes, raw: list[tuple[bytes, bytes]]
+) -> tuple[int, str, CIMultiDict[str], str]:
+    """The head llhttp just parsed, with what llhttp leaves to the caller checked: the
+    version, and a Transfer-Encoding that is exactly chunked (llhttp itself refuses folded
+    lines, duplicate or malformed Content-Length and Content-Length with Transfer-Encoding)."""
+    version = _VERSIONS.get(parser.get_http_version())
+    if version is None:
+        raise ValueError(f"not an HTTP/1.x response (HTTP/{parser.get_http_version()})")
+    headers: CIMultiDict[str] = CIMultiDict()
+    codings = 0
+    for name, value in raw:
+        key = name.decode("ascii")  # llhttp let only token characters through
+        text = value.decode("utf-8", "surrogateescape").strip(" \t")  # as aiohttp decodes them
+        if len(key) == 17 and key.lower() == "transfer-encoding":
+            codings += 1
+            if codings > 1 or text.lower() != "chunked":
+                raise ValueError("a Transfer-Encoding other than exactly chunked")
+        headers.add(key, text)
+    return parser.get_status_code(), reason.decode("utf-8", "surrogateescape"), headers, version
+
+
+class _Head:
+    """parse_head's llhttp callbacks."""
+
+    def __init__(self) -> None:
+        self.reason = b""
+        self.raw: list[tuple[bytes, bytes]] = []
+        self.done = False
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.raw.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.done = True
+        raise _Stop()
+
+
+def parse_head(head: bytes) -> tuple[int, str, CIMultiDict[str], str]:
+    """A response head (without its final blank line) as (status, reason, headers, version),
+    parsed as strictly as a response is; ValueError when it is not one."""
+    cb = _Head()
+    parser = httptools.HttpResponseParser(cb)
+    try:
+        parser.feed_data(head + b"\r\n\r\n")
+    except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+        if not cb.done:
+            raise ValueError(f"malformed response head ({exc})") from None
+    if not cb.done:
+        raise ValueError("incomplete response head")
+    return _final_head(parser, cb.reason, cb.raw)
+
+
 class _Conn(asyncio.Protocol):
     """One connection: the request head written by the pool, the response parsed here."""
 
-    def __init__(self, key: tuple[str, str, int]) -> None:
+    def __init__(self, key: tuple[str, str, int, str]) -> None:
         self.key = key
         self.transport: asyncio.Transport | None = None
+        self.fd = -1  # the socket's descriptor, for the quiet check before a reuse
         self.lost = False
         self.idle_since = 0.0
         self.idle_limit = 0.0
-        self._buf = bytearray()
+        self._parser = httptools.HttpResponseParser(self)
         self._waiter: asyncio.Future[None] | None = None  # head or body progress
         self._drain: asyncio.Future[None] | None = None
         self._paused_writing = False
         self._paused_reading = False
         self.in_use = False  # a request is in flight: what arrives is its answer
         self.unfinished = False  # its request body was cut short (answered early): not reusable
+        self.broken = False  # an exchange went wrong (timeout, cancelled, error): never reused
         # the response being read
         self.head: tuple[int, str, CIMultiDict[str]] | None = None
         self.head_only = False  # a HEAD request: no body, whatever the headers say
-        self._mode = ""  # "length", "chunked", "close", "none"
-        self._left = 0  # bytes of body (length) or of the current chunk (chunked)
-        self._chunk_state = "size"  # size, data, crlf, trailer
+        self._reason = b""
+        self._raw: list[tuple[bytes, bytes]] = []
+        self._head_bytes = 0  # bytes fed while no final head was complete
+        self._interim = 0  # 1xx answers so far
+        self._in_interim = False
+        self._until_close = False  # a body delimited by the connection's end
+        self._refusal = ""  # why a callback stopped llhttp
         self.chunks: deque[bytes] = deque()
         self.unread = 0
         self.eof = False
@@ -106,11 +191,19 @@ class _Conn(asyncio.Protocol):
         if not self.in_use:  # nothing was asked: a stray answer (a 408 before closing, say)
             self._fail(ConnectionError("upstream sent data on an idle connection"))
             return
-        self._buf += data
+        if self.eof:  # the answer was whole: nothing may follow before the next request
+            self._fail(ConnectionError("upstream sent bytes after its response"))
+            return
+        if self.head is None:
+            self._head_bytes += len(data)
         try:
-            self._parse()
-        except (ValueError, IndexError) as exc:
-            self._fail(ConnectionError(f"malformed response from upstream ({exc})"))
+            self._parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            if not (self.head_only and self.eof and not self._refusal):
+                self._fail(ConnectionError(f"malformed response from upstream ({self._refusal or exc})"))
+                return
+        if self.head is None and self._head_bytes > MAX_HEAD:
+            self._fail(ConnectionError("malformed response from upstream (head too long)"))
             return
         if self.unread > PAUSE_AT and self.transport is not None and not self._paused_reading:
             self._paused_reading = True
@@ -124,7 +217,7 @@ class _Conn(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
-        if self._mode == "close" and not self.eof and exc is None:
+        if self._until_close and not self.eof and exc is None and self.error is None:
             self.eof = True  # a body delimited by the connection's (clean) end
         elif not self.eof:
             self.error = self.error or (
@@ -143,6 +236,56 @@ class _Conn(asyncio.Protocol):
         self._paused_writing = False
         if self._drain is not None and not self._drain.done():
             self._drain.set_result(None)
+
+    # -- llhttp callbacks ----------------------------------------------------------------
+    def _refuse(self, why: str) -> NoReturn:
+        self._refusal = why
+        raise _Stop(why)
+
+    def on_message_begin(self) -> None:
+        if self.eof:  # a second answer to one request
+            self._refuse("bytes after the response")
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.head is None:  # (a chunked body's trailers are dropped)
+            self._raw.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        status = parser.get_status_code()
+        if status < 200:
+            self._interim += 1
+            if status == 101:
+                self._refuse("101 Switching Protocols to a request that asked for no upgrade")
+            if self._interim > MAX_INTERIM:
+                self._refuse(f"more than {MAX_INTERIM} interim responses")
+            self._in_interim = True  # no body; the real answer follows
+            self._reason, self._raw = b"", []
+            return
+        try:
+            status, reason, headers, _ = _final_head(parser, self._reason, self._raw)
+        except ValueError as exc:
+            self._refuse(str(exc))
+        self.head = (status, reason, headers)
+        self.keep_alive = parser.should_keep_alive()
+        if self.head_only:
+            self.eof = True
+            raise _Stop()  # llhttp would wait for the body the headers announce
+        framed = "Content-Length" in headers or "Transfer-Encoding" in headers
+        self._until_close = not framed and status not in NO_BODY_STATUS
+
+    def on_body(self, body: bytes) -> None:
+        self.chunks.append(body)
+        self.unread += len(body)
+
+    def on_message_complete(self) -> None:
+        if self._in_interim:
+            self._in_interim = False
+        else:
+            self.eof = True
 
     # -- writing -------------------------------------------------------------------------
     def write(self, data: bytes) -> None:
@@ -174,6 +317,9 @@ class _Conn(asyncio.Protocol):
         try:
             async with asyncio.timeout(timeout_s):
                 await self._waiter
+        except BaseException:
+            self.broken = True  # a timeout or a cancellation mid-exchange
+            raise
         finally:
             self._waiter = None
 
@@ -187,140 +333,45 @@ class _Conn(asyncio.Protocol):
         return data
 
     def _fail(self, exc: Exception) -> None:
-        self.error = exc
+        self.error, self.broken = exc, True
         if self.transport is not None:
             self.transport.abort()  # not close(): that waits for unsent upload data to drain
         if self._drain is not None and not self._drain.done():
             self._drain.set_exception(exc)
         self._wake()
 
-    # -- parsing -------------------------------------------------------------------------
+    # -- the pool's side -------------------------------------------------------------------
     def reset(self, head_only: bool) -> None:
         self.in_use, self.unfinished = True, False
         self.head, self.head_only = None, head_only
-        self._mode, self._left, self._chunk_state = "", 0, "size"
+        self._reason, self._raw, self._head_bytes, self._interim = b"", [], 0, 0
+        self._in_interim = self._until_close = False
         self.chunks.clear()
         self.unread, self.eof, self.keep_alive, self.error = 0, False, True, None
 
-    def _parse(self) -> None:
-        while True:
-            if self.head is None:
-                end = self._buf.find(b"\r\n\r\n")
-                if end < 0:
-                    if len(self._buf) > MAX_HEAD:
-                        raise ValueError("response head too long")
-                    return
-                head = bytes(self._buf[:end])
-                del self._buf[: end + 4]
-                status, reason, headers, version = parse_head(head)
-                if status == 101:
-                    raise ValueError("101 Switching Protocols to a request that asked for no upgrade")
-                if 100 <= status < 200:
-                    continue  # interim (100 Continue, 103 Early Hints): the real one follows
-                self._start_body(status, headers, version)
-                self.head = (status, reason, headers)
-                if self._mode == "none":
-                    self.eof = True
-                    return
-                continue
-            if self.eof or not self._buf:
-                return
-            if self._mode == "length":
-                n = min(self._left, len(self._buf))
-                self._emit(bytes(self._buf[:n]))
-                del self._buf[:n]
-                self._left -= n
-                if self._left == 0:
-                    self.eof = True
-                continue
-            if self._mode == "close":
-                self._emit(bytes(self._buf))
-                self._buf.clear()
-                return
-            if not self._chunked():  # needs more bytes
-                return
+    def reusable(self) -> bool:
+        """A clean exchange, read to its end, the connection still open."""
+        return (
+            self.eof
+            and self.keep_alive
+            and not (self.broken or self.unfinished or self.head_only or self.unread or self._paused_reading)
+            and self.error is None
+            and not self.lost
+            and self.transport is not None
+            and not self.transport.is_closing()
+        )
 
-    def _start_body(self, status: int, headers: CIMultiDict[str], version: str) -> None:
-        connection = headers.get("Connection", "").lower()
-        self.keep_alive = "close" not in connection and (version != "HTTP/1.0" or "keep-alive" in connection)
-        if self.head_only or status in NO_BODY_STATUS:
-            self._mode = "none"
-        elif "Transfer-Encoding" in headers:  # chunked last, or (anything else) until the close
-            codings = ",".join(headers.getall("Transfer-Encoding")).lower().split(",")
-            chunked = codings[-1].strip() == "chunked"
-            self._mode = "chunked" if chunked else "close"
-            # With a Content-Length too the framing is ambiguous: read it as chunked, never reuse.
-            self.keep_alive = self.keep_alive and chunked and "Content-Length" not in headers
-        elif "Content-Length" in headers:
-            value = headers["Content-Length"].strip()
-            if not value.isdigit() or not value.isascii():
-                raise ValueError(f"bad Content-Length {value[:20]!r}")
-            self._left = int(value)
-            self._mode = "length" if self._left else "none"
-        else:
-            self._mode, self.keep_alive = "close", False
-
-    def _chunked(self) -> bool:
-        """One step of chunked decoding; False when it needs more bytes."""
-        buf = self._buf
-        state = self._chunk_state
-        if state == "size":
-            end = buf.find(b"\r\n")
-            if end < 0:
-                if len(buf) > 4096:
-                    raise ValueError("chunk size line too long")
-                return False
-            size = bytes(buf[:end]).split(b";", 1)[0].strip()
-            if not size or size.strip(HEX_DIGITS):
-                raise ValueError(f"bad chunk size {size[:20]!r}")
-            self._left = int(size, 16)
-            del buf[: end + 2]
-            self._chunk_state = "data" if self._left else "trailer"
-            return True
-        if state == "data":
-            n = min(self._left, len(buf))
-            self._emit(bytes(buf[:n]))
-            del buf[:n]
-            self._left -= n
-            if self._left == 0:
-                self._chunk_state = "crlf"
-            return bool(buf)
-        if state == "crlf":
-            if len(buf) < 2:
-                return False
-            if buf[:2] != b"\r\n":
-                raise ValueError("chunk not followed by CRLF")
-            del buf[:2]
-            self._chunk_state = "size"
-            return True
-        end = buf.find(b"\r\n")  # trailer: lines until an empty one
-        if end < 0:
-            if len(buf) > MAX_HEAD:
-                raise ValueError("trailer too long")
+    def quiet(self) -> bool:
+        """Nothing waits to be read (nor an end or an error): polled on the socket itself,
+        since bytes may have arrived that the event loop has not handed over yet."""
+        if self.fd < 0 or self.transport is None:
             return False
-        del buf[: end + 2]
-        if end == 0:
-            self.eof = True
-        return True
-
-    def _emit(self, data: bytes) -> None:
-        if data:
-            self.chunks.append(data)
-            self.unread += len(data)
-
-
-def parse_head(head: bytes) -> tuple[int, str, CIMultiDict[str], str]:
-    lines = head.decode("utf-8", "surrogateescape").split("\r\n")  # as aiohttp decodes them
-    version, _, rest = lines[0].partition(" ")
-    code, _, reason = rest.partition(" ")
-    if version not in ("HTTP/1.1", "HTTP/1.0") or len(code) != 3 or not code.isascii() or not code.isdigit():
-        raise ValueError(f"not an HTTP/1.x status line: {lines[0][:40]!r}")
-    headers: CIMultiDict[str] = CIMultiDict()
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if sep:
-            headers.add(name.strip(), value.strip())
-    return int(code), reason, headers, version
+        ssl_object = self.transport.get_extra_info("ssl_object")
+        if ssl_object is not None and ssl_object.pending():
+            return False
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN | select.POLLPRI)
+        return not poller.poll(0)
 
 
 class Body:
@@ -352,9 +403,9 @@ class Response:
 
     @property
     def content_length(self) -> int | None:
-        """The body's length when upstream said it (and did not send it chunked)."""
+        """The body's length when upstream said it (never with Transfer-Encoding: refused)."""
         value = self.headers.get("Content-Length")
-        if value is None or not value.isdigit() or "Transfer-Encoding" in self.headers:
+        if value is None or not value.isdigit():
             return None
         return int(value)
 
@@ -366,14 +417,18 @@ class Response:
         conn = self._conn
         if conn is None:
             return None
+        deadline = self._deadline
         while True:
+            if conn.error is not None:  # even with bytes in hand: the answer is not to be trusted
+                raise conn.error
+            if deadline is not None and time.monotonic() >= deadline:
+                conn.broken = True  # a body that never ends still ends here
+                raise TimeoutError()
             if conn.chunks:
                 return conn.take()
             if conn.eof:
                 return None
-            if conn.error is not None:
-                raise conn.error
-            await conn.wait(_timeout(self._read_timeout_s, self._deadline))
+            await conn.wait(_timeout(self._read_timeout_s, deadline))
 
     async def read(self) -> bytes:
         parts = []
@@ -411,7 +466,7 @@ class Pool:
         self._connect_timeout_s = connect_timeout_s
         self._read_timeout_s = read_timeout_s
         self._keepalive_s = keepalive_s
-        self._idle: dict[tuple[str, str, int], list[_Conn]] = {}
+        self._idle: dict[tuple[str, str, int, str], list[_Conn]] = {}
         self._dns: dict[tuple[str, int], tuple[float, list[Any]]] = {}  # (host, port) -> (until, addresses)
         self._resolving: dict[tuple[str, int], asyncio.Future[list[Any]]] = {}
         self._closed = False
@@ -425,9 +480,12 @@ class Pool:
         *,
         timeout_s: float | None = None,
         on_send: Callable[[], Any] | None = None,
+        identity: str = "",
     ) -> Response:
+        """Send one request. ``identity`` (a fingerprint of the client's key) picks the pool:
+        idle connections are never shared between identities."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        key = (url.scheme, url.raw_host or "", url.port or (443 if url.scheme == "https" else 80))
+        key = (url.scheme, url.raw_host or "", url.port or (443 if url.scheme == "https" else 80), identity)
         head, stream, chunked = _request_head(method, url, headers, body)  # before any connection
         conn = self._reuse(key) or await self._connect(key, deadline)
         conn.reset(head_only=method == "HEAD")
@@ -470,20 +528,18 @@ class Pool:
             return
         conn.unfinished = True
 
-    def _reuse(self, key: tuple[str, str, int]) -> _Conn | None:
+    def _reuse(self, key: tuple[str, str, int, str]) -> _Conn | None:
         idle = self._idle.get(key)
         now = time.monotonic()
         while idle:
             conn = idle.pop()
-            usable = not conn.lost and conn.error is None and not conn._buf
-            if usable and conn.transport is not None and not conn.transport.is_closing():
-                if now - conn.idle_since < conn.idle_limit:
-                    return conn
+            if conn.reusable() and now - conn.idle_since < conn.idle_limit and conn.quiet():
+                return conn
             self._discard(conn)
         return None
 
-    async def _connect(self, key: tuple[str, str, int], deadline: float | None) -> _Conn:
-        scheme, host, port = key
+    async def _connect(self, key: tuple[str, str, int, str], deadline: float | None) -> _Conn:
+        scheme, host, port, _ = key
         tls = (self._tls or default_tls()) if scheme == "https" else None
         loop = asyncio.get_running_loop()
         timeout_s = self._connect_timeout_s
@@ -498,6 +554,7 @@ class Pool:
                 sock = await aiohappyeyeballs.start_connection(
                     addresses, happy_eyeballs_delay=0.25, interleave=1
                 )
+                conn.fd = sock.fileno()
                 transport, _ = await loop.create_connection(
                     lambda: conn, sock=sock, ssl=tls, server_hostname=host if tls else None
                 )
@@ -531,10 +588,7 @@ class Pool:
 
     def _release(self, conn: _Conn) -> None:
         conn.in_use = False
-        reusable = (
-            conn.eof and conn.keep_alive and not (conn.unfinished or conn.unread or conn._paused_reading)
-        )
-        if self._closed or conn.lost or conn.error or conn._buf or not reusable:
+        if self._closed or not conn.reusable():
             self._discard(conn)
             return
         limit = self._keepalive_s
@@ -548,11 +602,13 @@ class Pool:
         idle.append(conn)
         while idle and time.monotonic() - idle[0].idle_since >= idle[0].idle_limit:
             self._discard(idle.pop(0))  # the oldest first: LIFO reuse leaves them at the bottom
+        # (a pool emptied by its idle limit keeps its key: one per identity and host, small)
 
     @staticmethod
     def _discard(conn: _Conn) -> None:
         """Closed at once (abort): a connection given up mid-upload may hold unsent data that
         a graceful close would wait on for as long as upstream does not read."""
+        conn.broken = True
         if conn.transport is not None:
             conn.transport.abort()
 
