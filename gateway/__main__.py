@@ -5,35 +5,106 @@ aai-gateway check-config [PATH]       validate a config file; exit 1 with the ke
 aai-gateway demo [--port N]           the gateway in front of the upstream simulator
 aai-gateway gen-key                   print a new secret key (AAI_GATEWAY_SECRET_KEY)
 aai-gateway sim [--port N]            the upstream simulator alone (tests, benchmarks)
+
+A port that cannot be bound (another process holds it, no permission) ends the command at
+once with one line on stderr and exit code 2, before anything is logged as listening.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import gc
 import json
 import logging
 import os
+import signal
+import socket
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from aiohttp import web
-from aiohttp.abc import AbstractAccessLogger
 
 from .app import build_app
 from .config import Config, ConfigError, load_config
+from .logs import AccessLogger, setup_logging
+from .vault import ENV as SECRET_ENV
 from .vault import SecretError
 
 log = logging.getLogger("gateway")
 
+DEFAULT_SIM_PORT = 8099
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+
+class ListenError(Exception):
+    """An address the command cannot listen on; the message is the one line the user sees."""
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def bind(host: str, port: int, hint: str) -> list[socket.socket]:
+    """Sockets bound to ``host``:``port`` (every address it resolves to), as asyncio's
+    ``create_server`` would make them; not listening yet. ``ListenError`` (with ``hint``, what
+    the user can change) if any of them cannot be bound; none is left open then."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ListenError(f"cannot listen on {_hostport(host, port)}: {exc.strerror}; {hint}") from None
+    socks: list[socket.socket] = []
+    where = _hostport(host, port)
+    try:
+        for family, type_, proto, _, addr in dict.fromkeys(infos):
+            where = _hostport(str(addr[0]), port)
+            sock = socket.socket(family, type_, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(addr)
+    except OSError as exc:
+        for sock in socks:
+            sock.close()
+        reason = {
+            errno.EADDRINUSE: "the address is already in use (another process holds it)",
+            errno.EACCES: "permission denied (ports below 1024 need privileges)",
+            errno.EADDRNOTAVAIL: "that address is not one of this machine's",
+        }.get(exc.errno or 0, exc.strerror or str(exc))
+        raise ListenError(f"cannot listen on {where}: {reason}; {hint}") from None
+    return socks
+
+
+def _urls(socks: list[socket.socket]) -> str:
+    return ", ".join(f"http://{_hostport(*s.getsockname()[:2])}" for s in socks)
+
+
+@contextmanager
+def _sighup_ignored() -> Iterator[None]:
+    """SIGHUP (a closed terminal, a reload by habit) must not kill the gateway: ignored until
+    the loop runs, then logged and ignored (there is no reload yet)."""
+    if not hasattr(signal, "SIGHUP"):
+        yield
+        return
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
+async def _log_sighup(app: web.Application) -> None:
+    if hasattr(signal, "SIGHUP"):
+        asyncio.get_running_loop().add_signal_handler(
+            signal.SIGHUP,
+            log.warning,
+            "SIGHUP received and ignored: the gateway does not reload its config; "
+            "restart it to apply changes",
+        )
 
 
 def masked(url: str) -> str:
@@ -56,19 +127,6 @@ def _use_fast_loop() -> str:
         return "asyncio"
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     return "uvloop"
-
-
-class AccessLogger(AbstractAccessLogger):
-    """Method, path (never the query string: it can carry a streaming token), status, time."""
-
-    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        self.logger.info(
-            '%s "%s %s" %s %.1fms', request.remote, request.method, request.path, response.status, time * 1000
-        )
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.logger.isEnabledFor(logging.INFO))
 
 
 async def _warn_eviction(app: web.Application, config: Config) -> None:
@@ -102,18 +160,36 @@ def freeze_startup_heap() -> None:
 
 
 def serve(
-    config: Config, *, announce: str = "", companion: web.Application | None = None, companion_port: int = 0
+    config: Config,
+    *,
+    announce: str = "",
+    companion: web.Application | None = None,
+    companion_sock: socket.socket | None = None,
+    port_hint: str = "choose another with listen.port in the config (or $AAI_GATEWAY_PORT)",
 ) -> None:
-    """Run the gateway until SIGINT/SIGTERM. ``companion`` (the demo's simulator) runs beside it."""
-    _setup_logging(config.log.level)
+    """Run the gateway until SIGINT/SIGTERM. ``companion`` (the demo's simulator) runs beside it,
+    on ``companion_sock``. ``ListenError`` (before anything is logged) if the port is taken."""
+    socks = bind(config.listen.host, config.listen.port, port_hint)
+    secrets = [os.environ.get(SECRET_ENV, "")]
+    if config.redis.url:
+        secrets.append(urlsplit(config.redis.url).password or "")
+    setup_logging(config.log.level, secrets)
+    for warning in config.warnings():
+        log.warning("config: %s", warning)
     loop_name = _use_fast_loop()
-    app = build_app(config)
-    if companion is not None:
+    try:
+        app = build_app(config)
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    if companion is not None and companion_sock is not None:
+        sim_sock = companion_sock
 
         async def companion_ctx(app: web.Application) -> Any:
             runner = web.AppRunner(companion, access_log=None)
             await runner.setup()
-            await web.TCPSite(runner, "127.0.0.1", companion_port).start()
+            await web.SockSite(runner, sim_sock).start()
             yield
             await runner.cleanup()
 
@@ -125,27 +201,31 @@ def serve(
     async def on_start(app: web.Application) -> None:
         await _warn_eviction(app, config)
         freeze_startup_heap()
+
+    def listening(*_: Any, **__: Any) -> None:
+        """Called by run_app once every site is listening (in place of its banner)."""
         log.info(
-            "aai-gateway listening on http://%s:%s (store: %s; plan: %s; loop: %s)%s",
-            config.listen.host,
-            config.listen.port,
+            "aai-gateway listening on %s (store: %s; plan: %s; loop: %s)",
+            _urls(socks),
             store,
             config.limits.plan,
             loop_name,
-            announce,
         )
+        if announce:
+            print(announce, file=sys.stderr, flush=True)
 
+    app.on_startup.insert(0, _log_sighup)
     app.on_startup.append(on_start)
-    web.run_app(
-        app,
-        host=config.listen.host,
-        port=config.listen.port,
-        print=None,
-        handler_cancellation=True,  # a client that disconnects cancels its handler (and its wait)
-        access_log_class=AccessLogger,
-        access_log=logging.getLogger("gateway.access") if config.log.access_log else None,
-        shutdown_timeout=10,
-    )
+    with _sighup_ignored():
+        web.run_app(
+            app,
+            sock=socks,
+            print=listening,
+            handler_cancellation=True,  # a client that disconnects cancels its handler (and its wait)
+            access_log_class=AccessLogger,
+            access_log=logging.getLogger("gateway.access") if config.log.access_log else None,
+            shutdown_timeout=10,
+        )
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -157,7 +237,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return 2
     try:
         serve(config)
-    except SecretError as exc:
+    except (SecretError, ListenError) as exc:
         print(f"aai-gateway: {exc}", file=sys.stderr)
         return 2
     return 0
@@ -181,6 +261,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
     streaming = f"{lim.streaming_sessions.limit}/{lim.streaming_sessions.window_s:g}s"
     print(f"  plan: {lim.plan}; requests {lim.requests.limit}/{lim.requests.window_s:g}s")
     print(f"  async {lim.async_concurrency} at once; streaming {streaming}; llm {llm}")
+    for warning in config.warnings():
+        print(f"{path or '<defaults>'}: warning: {warning}", file=sys.stderr)
     return 0
 
 
@@ -194,19 +276,38 @@ def _cmd_gen_key(args: argparse.Namespace) -> int:
 def _cmd_sim(args: argparse.Namespace) -> int:
     from .sim.app import Sim, SimConfig, build_sim_app
 
-    _setup_logging("warning")
+    try:
+        socks = bind(args.host, args.port, "choose another with --port")
+    except ListenError as exc:
+        print(f"aai-gateway: {exc}", file=sys.stderr)
+        return 2
+    setup_logging("warning")
     overrides: dict[str, Any] = json.loads(args.sim_config) if args.sim_config else {}
-    web.run_app(
-        build_sim_app(Sim(SimConfig.from_dict(overrides))), host=args.host, port=args.port, print=None
-    )
+    web.run_app(build_sim_app(Sim(SimConfig.from_dict(overrides))), sock=socks, print=None)
     return 0
+
+
+def _bind_sim(port: int | None) -> socket.socket:
+    """The demo simulator's socket: ``port`` if given (else ``ListenError``), else 8099, or
+    any free port if 8099 is taken (the simulator's address is the demo's own business)."""
+    if port is not None:
+        return bind("127.0.0.1", port, "choose another with --sim-port (or leave it out)")[0]
+    try:
+        return bind("127.0.0.1", DEFAULT_SIM_PORT, "")[0]
+    except ListenError:
+        return bind("127.0.0.1", 0, "")[0]
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     """The gateway in front of the simulator, both in this process: no account, no network."""
     from .sim.app import Sim, SimConfig, build_sim_app
 
-    sim_port = args.sim_port
+    try:
+        sim_sock = _bind_sim(args.sim_port)
+    except ListenError as exc:
+        print(f"aai-gateway: {exc}", file=sys.stderr)
+        return 2
+    sim_port = sim_sock.getsockname()[1]
     sim_url = f"http://127.0.0.1:{sim_port}"
     environ = {
         **os.environ,
@@ -218,49 +319,85 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config, environ=environ)
     except ConfigError as exc:
+        sim_sock.close()
         print(f"aai-gateway: invalid config\n{exc}", file=sys.stderr)
         return 2
-    base = f"http://{config.listen.host}:{config.listen.port}"
-    serve(
-        config,
-        companion=build_sim_app(Sim(SimConfig(job_seconds=3.0))),
-        companion_port=sim_port,
-        announce=(
-            f"\n\n  demo: the upstream simulator answers on {sim_url} (any API key works)\n"
-            f"  try:  export ASSEMBLYAI_BASE_URL={base} ASSEMBLYAI_LLM_GATEWAY_BASE_URL={base} "
-            "ASSEMBLYAI_API_KEY=demo-key\n"
-            '        python -c "import assemblyai as aai; '
-            "print(aai.Transcriber().transcribe('https://example.com/a.mp3').text)\"\n"
-            f"        curl -s {base}/metrics | grep aai_gateway_admissions\n"
-        ),
-    )
+    base = f"http://{_hostport(config.listen.host, config.listen.port)}"
+    try:
+        serve(
+            config,
+            companion=build_sim_app(Sim(SimConfig(job_seconds=3.0))),
+            companion_sock=sim_sock,
+            port_hint="choose another with --port",
+            announce=(
+                f"\n  demo: the upstream simulator answers on {sim_url} (any API key works)\n"
+                f"  try:  export ASSEMBLYAI_BASE_URL={base} ASSEMBLYAI_LLM_GATEWAY_BASE_URL={base} "
+                "ASSEMBLYAI_API_KEY=demo-key\n"
+                '        python -c "import assemblyai as aai; '
+                "print(aai.Transcriber().transcribe('https://example.com/a.mp3').text)\"\n"
+                f"        curl -s {base}/metrics | grep aai_gateway_admissions\n"
+            ),
+        )
+    except (SecretError, ListenError) as exc:
+        sim_sock.close()
+        print(f"aai-gateway: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="aai-gateway", description="Keeps a shared AssemblyAI account inside its limits."
+        prog="aai-gateway",
+        description="Keeps a shared AssemblyAI account inside its limits.",
+        epilog="Exit codes: 0 ok; 1 check-config found errors; 2 bad config, missing secret or a port "
+        "that cannot be bound.",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("serve", help="run the gateway")
-    p.add_argument("--config", help="YAML config file (default: built-in defaults, or $AAI_GATEWAY_CONFIG)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("serve", help="run the gateway", description="Run the gateway until SIGINT/SIGTERM "
+                       "(SIGHUP is logged and ignored).")  # fmt: skip
+    p.add_argument(
+        "--config",
+        metavar="PATH",
+        help="YAML config file (default: built-in defaults, or $AAI_GATEWAY_CONFIG)",
+    )
     p.set_defaults(func=_cmd_serve)
-    p = sub.add_parser("check-config", help="validate a config file")
-    p.add_argument("path", nargs="?")
+    p = sub.add_parser(
+        "check-config",
+        help="validate a config file",
+        description="Validate a config file: exit 1 with each error and its key path on stderr; "
+        "warnings (valid but probably unintended values) are printed on stderr with exit 0.",
+    )
+    p.add_argument("path", nargs="?", help="YAML config file (default: $AAI_GATEWAY_CONFIG, or the defaults)")
     p.set_defaults(func=_cmd_check)
-    p = sub.add_parser("demo", help="the gateway in front of the upstream simulator")
-    p.add_argument("--config")
-    p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--sim-port", type=int, default=8099)
+    p = sub.add_parser(
+        "demo",
+        help="the gateway in front of the upstream simulator",
+        description="The gateway in front of the upstream simulator, both in this process: no account, "
+        "no network.",
+    )
+    p.add_argument(
+        "--config", metavar="PATH", help="YAML config file (its upstream URLs and port are replaced)"
+    )
+    p.add_argument("--port", type=int, default=8080, help="the gateway's port (default: 8080)")
+    p.add_argument(
+        "--sim-port",
+        type=int,
+        default=None,
+        help=f"the simulator's port (default: {DEFAULT_SIM_PORT}, or any free port if that one is taken)",
+    )
     p.set_defaults(func=_cmd_demo)
     p = sub.add_parser("gen-key", help="print a new AAI_GATEWAY_SECRET_KEY")
     p.set_defaults(func=_cmd_gen_key)
     p = sub.add_parser("sim", help="run the upstream simulator alone")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8099)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=DEFAULT_SIM_PORT, help=f"port (default: {DEFAULT_SIM_PORT})")
     p.add_argument("--sim-config", help='JSON overrides, e.g. {"requests_limit": 50, "requests_window_s": 2}')
     p.set_defaults(func=_cmd_sim)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     return int(args.func(args))
 
 
