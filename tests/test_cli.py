@@ -7,6 +7,7 @@ script) with a clean environment: no ``AAI_GATEWAY_*`` variable from the parent 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -24,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from gateway.__main__ import masked
+from gateway.__main__ import DEFAULT_SIM_PORT, _bind_sim, build_parser, masked
 
 REPO = Path(__file__).parent.parent
 SHIPPED = REPO / "config.yaml"
@@ -250,6 +251,159 @@ def test_demo_refuses_a_bad_config_like_serve(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "invalid config" in result.stderr and f"{bad}: nope: unknown key" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# --- rough edges: SIGHUP, a taken port, warnings, --help ------------------------------------------
+
+
+def test_sighup_is_logged_and_ignored(tmp_path: Path) -> None:
+    """SIGHUP (a closed terminal, a reload by habit) leaves the gateway serving, with a log line."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = tmp_path / "serve.log"
+    env = clean_env(AAI_GATEWAY_PORT=str(port))
+    with started([sys.executable, "-m", "gateway", "serve"], log, env) as proc:
+        wait_healthy(base, proc, log)
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while "SIGHUP" not in log.read_text() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert proc.poll() is None, f"exited with {proc.returncode}:\n{log.read_text()}"
+        assert http("GET", base + "/healthz")[0] == 200
+        assert stop(proc) == 0
+    sighup = [line for line in log.read_text().splitlines() if "SIGHUP" in line]
+    assert len(sighup) == 1 and " WARNING gateway: SIGHUP received and ignored" in sighup[0], sighup
+
+
+@contextmanager
+def taken_port() -> Iterator[int]:
+    """A port another process (here: this one) is listening on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield int(s.getsockname()[1])
+
+
+def assert_one_clean_line(result: subprocess.CompletedProcess[str], port: int, fix: str) -> None:
+    assert result.returncode == 2, result
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    head = f"aai-gateway: cannot listen on 127.0.0.1:{port}: the address is already in use"
+    assert lines[0].startswith(head)
+    assert fix in lines[0]
+
+
+def test_serve_reports_a_taken_port_in_one_line() -> None:
+    """Port in use: one line naming the address and the fix, exit 2, no traceback, not 'listening'."""
+    with taken_port() as port:
+        result = run([sys.executable, "-m", "gateway", "serve"], clean_env(AAI_GATEWAY_PORT=str(port)))
+    assert_one_clean_line(result, port, "listen.port")
+    assert "Traceback" not in result.stderr and "listening" not in result.stderr
+
+
+@pytest.mark.parametrize("option", ["--port", "--sim-port"])
+def test_demo_reports_a_taken_port_in_one_line(option: str) -> None:
+    """demo: the gateway's port or an explicitly chosen simulator port taken, the same clean line."""
+    with taken_port() as port:
+        other = "--sim-port" if option == "--port" else "--port"
+        argv = [sys.executable, "-m", "gateway", "demo", option, str(port), other, str(free_port())]
+        result = run(argv)
+    assert_one_clean_line(result, port, f"choose another with {option}")
+    assert "Traceback" not in result.stderr and "listening" not in result.stderr
+
+
+def test_demo_simulator_moves_off_a_taken_default_port() -> None:
+    """Without --sim-port, a taken 8099 (another demo) moves the simulator to a free port."""
+    holder = socket.socket()
+    try:
+        holder.bind(("127.0.0.1", DEFAULT_SIM_PORT))
+        holder.listen()
+    except OSError:
+        pass  # someone else holds it: just as good
+    try:
+        sock = _bind_sim(None)
+        try:
+            assert sock.getsockname()[1] != DEFAULT_SIM_PORT
+        finally:
+            sock.close()
+    finally:
+        holder.close()
+
+
+def test_check_config_warns_when_the_wait_outlasts_the_sdk(tmp_path: Path) -> None:
+    """A max wait above the SDK's 30 s timeout is valid (exit 0) but warned about."""
+    path = tmp_path / "slow.yaml"
+    path.write_text("queue: {max_wait_s: 40}\n")
+    result = run([sys.executable, "-m", "gateway", "check-config", str(path)])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == f"{path}: ok"
+    assert result.stderr.startswith(f"{path}: warning: queue.max_wait_s is 40s: ")
+    assert "30s" in result.stderr
+
+
+def test_every_command_and_option_has_help() -> None:
+    """--help describes every subcommand and every option."""
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    helped = {choice.dest for choice in subparsers._choices_actions if choice.help}
+    assert helped == set(subparsers.choices), helped
+    for name, sub in subparsers.choices.items():
+        for action in sub._actions:
+            assert action.help, f"{name} {action.option_strings or action.dest}: no help"
+    result = run([sys.executable, "-m", "gateway", "demo", "--help"])
+    assert result.returncode == 0 and "--sim-port" in result.stdout and "free port" in result.stdout
+
+
+# --- no key, token or control character in any log line ------------------------------------------
+
+
+def raw_exchange(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(request)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        return data
+
+
+def test_serve_logs_no_key_token_or_control_character(tmp_path: Path) -> None:
+    """At DEBUG, malformed requests carrying a key, a path decoding to a forged line and a hit on
+    the webhook receiver leave no key, no token and no raw control character in the log; the
+    config's warning is logged at start."""
+    port = free_port()
+    config = tmp_path / "gw.yaml"
+    config.write_text(f"listen: {{port: {port}}}\nlog: {{level: debug}}\nqueue: {{max_wait_s: 40}}\n")
+    log = tmp_path / "serve.log"
+    token = "0123456789abcdef0123456789abcdef"
+    job = "5e3c1f2a-1b2c-8d4e-8f00-123456789abc"
+    requests = [
+        f"GET /v2/x%0aFORGED HTTP/1.1\r\nHost: x\r\nAuthorization: {SECRET}\r\nBad Header Line\r\n\r\n",
+        f"GET /v2/x HTTP/1.1\r\nHost: x\r\nAuthorization: {SECRET}\x01\r\n\r\n",
+        f"GE\x01T /v2/x HTTP/1.1\r\nAuthorization: {SECRET}\r\n\r\n",
+        f"GET /v2/x%0d%0aFORGED?token={SECRET} HTTP/1.1\r\nHost: x\r\nAuthorization: {SECRET}\r\n\r\n",
+        f"POST /_aai/webhook/{job}/{token} HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{{}}",
+    ]
+    argv = [sys.executable, "-m", "gateway", "serve", "--config", str(config)]
+    with started(argv, log, clean_env()) as proc:
+        wait_healthy(f"http://127.0.0.1:{port}", proc, log)
+        for request in requests:
+            assert raw_exchange(port, request.encode()).startswith(b"HTTP/1.")
+        assert stop(proc) == 0
+    output = log.read_text()
+    assert "Error handling request" in output and "FORGED" in output and "/_aai/webhook/" in output
+    assert SECRET not in output and token not in output
+    assert f"/_aai/webhook/{job}/***" in output
+    assert not any(c in output for c in "\x00\x01\r\x1b"), repr(output)
+    for line in output.splitlines():
+        if "FORGED" in line and not line.startswith(" "):
+            assert "gateway.access" in line and '"GET /v2/x' in line, line
+    assert "WARNING gateway: config: queue.max_wait_s is 40s" in output
+    listening = [n for n, line in enumerate(output.splitlines()) if "listening on" in line]
+    assert len(listening) == 1
 
 
 # --- masking the Redis URL in log lines ----------------------------------------------------------
