@@ -19,9 +19,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from yarl import URL
 
 from .admission.engine import AdmissionEngine
 from .admission.keys import Keys
@@ -43,6 +45,7 @@ from .products.transcripts.redis_jobs import RedisJobStore
 from .products.transcripts.service import Transcripts
 from .products.transcripts.sqlite_jobs import SqliteJobStore
 from .products.transcripts.webhooks import RECEIVER_PATH
+from .proxy.body import BODY_LIMITS, BodyLimits
 from .proxy.forward import Upstream
 from .proxy.handler import GROUP, ClientGone, ProxyHandler
 from .vault import load_vault
@@ -106,6 +109,57 @@ def errors_middleware(metrics: Metrics) -> Callable[..., Awaitable[web.StreamRes
     return middleware
 
 
+def target_problem(path: str) -> str | None:
+    """Why a request path (raw, without its query) may not be routed, or None.
+
+    Routing (here) and forwarding (upstream) must read a path the same way, so a path another
+    server could read differently is refused rather than normalised: dot segments in any
+    spelling (``..``, ``%2e%2e``, ``%2E.``), empty segments (``//``), encoded slashes and
+    backslashes (``%2F``, ``%5C``), backslashes, and NUL or other control characters. No SDK
+    sends any of these (curl and browsers remove dot segments before sending).
+    """
+    if "%" not in path and "/." not in path and "//" not in path and path.isprintable():
+        return "a backslash" if "\\" in path else None  # the common case, decided at once
+    if "\\" in path:
+        return "a backslash"
+    segments = path.split("/")
+    for i, segment in enumerate(segments[1:], start=1):
+        decoded = unquote_to_bytes(segment)
+        if decoded in (b".", b".."):
+            return "a dot segment"
+        if not segment and i < len(segments) - 1:
+            return "an empty segment (//)"
+        if b"/" in decoded or b"\\" in decoded:
+            return "an encoded slash or backslash"
+        if any(b < 0x20 or b == 0x7F for b in decoded):
+            return "a control character"
+    return None
+
+
+@web.middleware
+async def target_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Check the request target before anything else runs (nothing is charged for a refusal).
+
+    An absolute-form target (``GET http://host/v2/x HTTP/1.1``, RFC 9112 section 3.2.2,
+    which servers must accept) is served by its path and query: aiohttp routed it by its
+    path, and the request is passed on with that origin-form target, so what is forwarded
+    is what was routed.
+    """
+    raw = request.raw_path
+    absolute = not raw.startswith("/")
+    if absolute and not raw[:8].lower().startswith(("http://", "https://")):
+        return error_response(400, "The request target must be a path (or an absolute http URL)")
+    target = request.rel_url.raw_path_qs if absolute else raw
+    problem = target_problem(target.partition("?")[0])
+    if problem is not None:
+        return error_response(400, f"The request path is not allowed: it has {problem}")
+    if absolute:
+        request = request.clone(rel_url=URL(target, encoded=True))
+    return await handler(request)
+
+
 def make_store(config: Config, clock: Clock, on_call: Callable[[str], None] | None = None) -> Store:
     if config.redis.url is None:
         return MemoryStore(clock)
@@ -158,7 +212,13 @@ def build_app(
         vault=vault, metrics=metrics, clock=clock,
     )  # fmt: skip
 
-    app = web.Application(middlewares=[errors_middleware(metrics)], handler_args={"max_field_size": 16384})
+    app = web.Application(
+        middlewares=[target_middleware, errors_middleware(metrics)],
+        # Bodies pass through as the client sent them: decompressing them here once let a
+        # gzip body smuggle requests upstream (proxy/body.py inflates what must be read).
+        handler_args={"max_field_size": 16384, "auto_decompress": False},
+    )
+    app[BODY_LIMITS] = BodyLimits(config.proxy.client_body_timeout_s, config.proxy.client_body_min_rate)
     app[CONFIG] = config
     app[ENGINE] = engine
     app[METRICS] = metrics

@@ -10,8 +10,10 @@ admission/redis_store.py, the upstream HTTP client in proxy/forward.py.
     ├── Unauthorized (401)          no Authorization header (upstream's own text)
     ├── Forbidden (403)             e.g. the LLM Gateway on the free plan
     ├── NotFound (404)              a route the gateway does not serve
+    ├── RequestTimeout (408)        a client's request body arrived too slowly
     ├── Conflict (409)              e.g. deleting a transcript while it is being submitted
     ├── PayloadTooLarge (413)       a JSON body the gateway must read is over its cap
+    ├── UnsupportedMediaType (415)  a body the gateway must read, in a Content-Encoding it cannot read
     ├── RateLimited (429)           waited max_wait, or max_depth waiters ahead; has Retry-After
     │   ├── WaitTimeout
     │   └── QueueFull
@@ -56,6 +58,11 @@ class NotFound(GatewayError):
     message = "Not found"
 
 
+class RequestTimeout(GatewayError):
+    status = 408
+    message = "The request body did not arrive in time"
+
+
 class Conflict(GatewayError):
     status = 409
     message = "Conflict"
@@ -64,6 +71,11 @@ class Conflict(GatewayError):
 class PayloadTooLarge(GatewayError):
     status = 413
     message = "Request body too large"
+
+
+class UnsupportedMediaType(GatewayError):
+    status = 415
+    message = "Unsupported Content-Encoding"
 
 
 class RateLimited(GatewayError):

@@ -4,7 +4,10 @@
   from the body; a missing model or a malformed body is a 400), plus the account window.
   Only the primary ``model`` counts: ``fallbacks`` run upstream only when it fails.
 - ``POST /v1/understanding``: its own bucket (``llm_requests.understanding``), no model.
-- ``GET /v1/models`` and anything else: the account window only.
+- ``GET /v1/models`` and anything else: the account window only, waiting up to
+  ``queue.max_wait_s`` (only chat waits the shorter ``queue.llm_max_wait_s``).
+- A chat or understanding body is read whatever its Content-Type, inflated to be read when
+  compressed (gzip, deflate), and forwarded as received.
 - On the free plan the LLM Gateway does not exist: 403 without calling upstream.
 - A ``transcript_id`` in a chat or understanding body names a transcript by the gateway's
   id: it is swapped for upstream's on the way out, and back in the response.
@@ -21,7 +24,7 @@ from aiohttp import hdrs, web
 from ..config import Config
 from ..errors import BadRequest, Forbidden
 from .catalog import Catalog, valid_model_name
-from .plan import Plan, held_body, parse_object, read_capped
+from .plan import Plan, hold, parse_object, read_held
 from .transcripts.ids import swap, transcript_ids
 
 CHAT = "/v1/chat/completions"
@@ -45,8 +48,9 @@ async def plan(
     window = catalog.account_window("llm", method)
     cap = cfg.proxy.max_json_body_bytes
     if method == hdrs.METH_POST and path in (CHAT, UNDERSTANDING):
-        body = await read_capped(request, cap)
-        doc = parse_object(body)
+        held = await read_held(request, cap)  # whatever its Content-Type: curl sends form data
+        doc = parse_object(held.decoded(cap))
+        body, own = held.raw, False  # forwarded as received (compressed, if it was)
         if path == CHAT:
             model = doc.get("model")
             if not isinstance(model, str) or not model.strip():
@@ -62,8 +66,8 @@ async def plan(
             # The client names transcripts by the gateway's ids; upstream knows its own.
             mapping = await ids.to_upstream(wanted, request.headers.get(hdrs.AUTHORIZATION, ""))
             if mapping:
-                body = json.dumps(swap(doc, mapping)).encode()
+                body, own = json.dumps(swap(doc, mapping)).encode(), True
                 back = {up: mine for mine, up in mapping.items()}
                 rewrite = partial(swap, mapping=back)
-        return Plan("llm", cfg.upstream.llm_url, limits, max_wait, body, rewrite=rewrite)
-    return Plan("llm", cfg.upstream.llm_url, window, cfg.queue.llm_max_wait_s, await held_body(request, cap))
+        return Plan("llm", cfg.upstream.llm_url, limits, max_wait, body, rewrite=rewrite, own_body=own)
+    return Plan("llm", cfg.upstream.llm_url, window, cfg.queue.max_wait_s, await hold(request, cap))

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from aiohttp import web
 
 from ..admission.limits import Limit
-from ..errors import BadRequest, PayloadTooLarge
+from ..errors import BadRequest
+from ..proxy.body import codings, inflate, read_whole
 
 JSON_TYPES = ("application/json",)
 
@@ -17,9 +19,10 @@ JSON_TYPES = ("application/json",)
 class Plan(NamedTuple):
     """The classification of one request, made before admission.
 
-    ``body`` is the request body when the gateway had to read it (a JSON body: it can be
-    forwarded again after an upstream 429); ``None`` means stream it from the client (an
-    upload), in which case an upstream 429 is passed back, not retried.
+    ``body`` is the request body when the gateway had to hold it (a JSON body: it can be
+    forwarded again after an upstream 429), as the client sent it (compressed, if it was);
+    ``None`` means stream it from the client (an upload), in which case an upstream 429 is
+    passed back, not retried.
     """
 
     group: str  # route group: rest | llm | token (metrics label, requests.route_groups)
@@ -30,31 +33,56 @@ class Plan(NamedTuple):
     rewrite_urls: bool = False  # JSON responses may carry absolute URLs back to the API
     path: str | None = None  # the upstream path and query, when not the client's own
     rewrite: Callable[[Any], Any] | None = None  # applied to a JSON response document
+    own_body: bool = False  # ``body`` is the gateway's own JSON, not the client's bytes: no Content-Encoding
 
     @property
     def retryable(self) -> bool:
         return self.body is not None
 
 
-async def held_body(request: web.Request, cap: int) -> bytes | None:
-    """The body the gateway holds: a JSON body (read, capped), b"" for none, None to stream."""
+@dataclass(frozen=True, slots=True)
+class Held:
+    """A body the gateway read whole: ``raw`` as the client sent it (what is forwarded) and
+    its content codings; ``decoded`` is what the gateway parses."""
+
+    raw: bytes
+    codings: tuple[str, ...] = ()
+
+    def decoded(self, cap: int) -> bytes:
+        """The body inflated (gzip, deflate), within ``cap`` inflated bytes (413 beyond);
+        415 for a coding the gateway cannot read, 400 for corrupt data."""
+        return inflate(self.raw, list(self.codings), cap) if self.codings else self.raw
+
+
+async def read_held(request: web.Request, cap: int) -> Held:
+    """Read a body the gateway must hold, whatever its content type: at most ``cap`` bytes
+    as sent (413), within the client body timeout (408)."""
+    return Held(await read_whole(request, cap), tuple(codings(request.headers)))
+
+
+async def hold(request: web.Request, cap: int) -> bytes | None:
+    """The body to forward when the gateway holds it: a JSON body (as sent, capped), b"" for
+    none, None to stream."""
     if not request.can_read_body:
         return b""
     if request.content_type in JSON_TYPES:
-        return await read_capped(request, cap)
+        return await read_whole(request, cap)
     return None
 
 
-async def read_capped(request: web.Request, cap: int) -> bytes:
-    """Read a body the gateway must hold, refusing (413) anything over ``cap`` bytes."""
-    if request.content_length is not None and request.content_length > cap:
-        raise PayloadTooLarge(f"Request body is larger than the gateway's limit of {cap} bytes")
-    buf = bytearray()
-    async for chunk in request.content.iter_chunked(64 * 1024):
-        buf += chunk
-        if len(buf) > cap:
-            raise PayloadTooLarge(f"Request body is larger than the gateway's limit of {cap} bytes")
-    return bytes(buf)
+async def held_body(request: web.Request, cap: int) -> bytes | None:
+    """A JSON body to parse (inflated, capped), b"" for none, None for another content type."""
+    if not request.can_read_body:
+        return b""
+    if request.content_type in JSON_TYPES:
+        return (await read_held(request, cap)).decoded(cap)
+    return None
+
+
+async def read_object(request: web.Request, cap: int) -> dict[str, Any]:
+    """The body as a JSON object, whatever its Content-Type (curl sends JSON as form data by
+    default), inflated and capped; a clear 400 when it is not one."""
+    return parse_object((await read_held(request, cap)).decoded(cap))
 
 
 def parse_object(body: bytes) -> dict[str, Any]:

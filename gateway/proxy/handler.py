@@ -12,6 +12,7 @@ within the request's max wait and with NEW leases, when the gateway still holds 
 from __future__ import annotations
 
 import email.utils
+import hashlib
 import json
 import logging
 import time
@@ -28,6 +29,7 @@ from ..errors import RateLimited, Unauthorized
 from ..metrics import Metrics
 from ..products.catalog import Catalog
 from ..products.plan import Plan
+from .body import ClientBody
 from .forward import NeverLeft, Unsendable, Upstream, relay, request_headers, translate
 from .headers import admitted_headers, refused_headers
 from .http1 import Response
@@ -42,6 +44,14 @@ Planner = Callable[[web.Request, Config, Catalog], Awaitable[Plan]]
 
 class ClientGone(Exception):
     """The client left while its request waited; nothing was forwarded or charged."""
+
+
+def key_identity(authorization: str) -> str:
+    """Who a request is for, as the upstream pool keys idle connections (never shared between
+    keys): a digest of the Authorization header, "" without one."""
+    if not authorization:
+        return ""
+    return hashlib.blake2b(authorization.encode("utf-8", "surrogateescape"), digest_size=16).hexdigest()
 
 
 def client_gone(request: web.Request) -> bool:
@@ -128,6 +138,8 @@ class ProxyHandler:
         """Admit, send upstream and relay the answer to the client (streamed)."""
         path = plan.path or request.raw_path  # as the client sent it: encoded, query untouched
         headers = request_headers(request.headers, keep_length=plan.body is None)
+        if plan.own_body:  # the gateway's own JSON, not the client's (maybe compressed) bytes
+            headers.popall(hdrs.CONTENT_ENCODING, None)
         resp, grant = await self._exchange(
             plan, request.method, path, headers, self._data(request, plan), request
         )
@@ -166,6 +178,7 @@ class ProxyHandler:
         deadline = self._clock.now() + plan.max_wait_s
         retries = 0
         url = URL(plan.base_url + path, encoded=True)
+        identity = key_identity(headers.get(hdrs.AUTHORIZATION, ""))  # noqa: F841  TODO(request)
         while True:
             grant = await self._admit(plan, deadline)
             if request is not None and client_gone(request):
@@ -173,7 +186,13 @@ class ProxyHandler:
                 raise ClientGone()
             try:
                 resp = await self._upstream.send(
-                    method, url, headers=headers, data=data, group=plan.group, admitted_at=time.perf_counter()
+                    method,
+                    url,
+                    headers=headers,
+                    data=data,
+                    group=plan.group,
+                    admitted_at=time.perf_counter(),
+                    # identity=identity,  # TODO(request): once Upstream.send takes it
                 )
             except (NeverLeft, Unsendable):
                 await self._refund(grant)
@@ -219,7 +238,11 @@ class ProxyHandler:
     @staticmethod
     def _data(request: web.Request, plan: Plan) -> object:
         if plan.body is None:
-            return request.content  # streamed: never held in memory
+            # Streamed, never held in memory: counted against its Content-Length and bounded in
+            # time; a mismatch or a stall raises from the stream, which aborts the upstream
+            # exchange (the connection is discarded, never pooled). Bytes may have reached
+            # upstream by then, so the window token is not refunded.
+            return ClientBody(request)
         return plan.body or None
 
     def _rewriter(self, request: web.Request, plan: Plan) -> Callable[[bytes], bytes] | None:
