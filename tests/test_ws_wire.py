@@ -154,3 +154,105 @@ async def test_connect_over_tls_checks_the_servers_certificate(tmp_path: Path) -
         up.close()
         with pytest.raises(ws_wire.NotReached):  # the system's CAs do not know this certificate
             await ws_wire.connect(url, {}, timeout_s=5, max_frame=1 << 20)
+
+
+# -- strictness (RFC 6455 section 5) and the instance's byte budget -------------------------------
+def raw_frame(b0: int, payload: bytes, *, mask: bool = True, length: int | None = None) -> bytes:
+    """A frame built by hand, whatever its first byte says (FIN, RSV, opcode)."""
+    n = len(payload) if length is None else length
+    bit = 0x80 if mask else 0
+    if n < 126:
+        head = struct.pack("!BB", b0, bit | n)
+    elif n < 65536:
+        head = struct.pack("!BBH", b0, bit | 126, n)
+    else:
+        head = struct.pack("!BBQ", b0, bit | 127, n)
+    if not mask:
+        return head + payload
+    key = b"\x01\x02\x03\x04"
+    return head + key + ws_wire.unmask(payload, key)
+
+
+@pytest.mark.parametrize(
+    ("stream", "expected"),
+    [
+        (raw_frame(0x82, b"audio", mask=False), "unmasked client frame"),
+        (raw_frame(0x82 | 0x40, b"audio"), "RSV bits"),
+        (raw_frame(0x82 | 0x10, b"audio"), "RSV bits"),
+        (raw_frame(0x83, b"x"), "reserved opcode 0x3"),
+        (raw_frame(0x8B, b"x"), "reserved opcode 0xb"),
+        (raw_frame(0x89, b"p" * 126), "control frame over 125 bytes"),
+        (raw_frame(0x09, b"p"), "fragmented control frame"),
+        (raw_frame(0x80, b"rest"), "continuation frame outside a message"),
+        (raw_frame(0x02, b"part") + raw_frame(0x81, b"{}"), "new message inside one"),
+        (raw_frame(0x01, b"{") + raw_frame(0x82, b"x"), "new message inside one"),
+    ],
+)
+def test_a_frame_rfc_6455_forbids_is_a_protocol_error_with_the_frames_before_it(
+    stream: bytes, expected: str
+) -> None:
+    before = raw_frame(0x82, b"fine")
+    for step in (1, 3, len(before) + len(stream)):  # the same verdict from any split
+        reader = FrameReader(1 << 20, masked=True)
+        got: list[bytes] = []
+        data = before + stream
+        with pytest.raises(ws_wire.ProtocolError) as failed:
+            for i in range(0, len(data), step):
+                got += [f.raw for f in reader.feed(data[i : i + step])]
+        got += [f.raw for f in failed.value.frames]
+        assert expected in str(failed.value) and failed.value.code == 1002
+        assert got[0] == before and all(raw[0] & 0x0F in (1, 2) and not raw[0] & 0x80 for raw in got[1:])
+        with pytest.raises(ws_wire.ProtocolError):  # and it stays broken
+            reader.feed(before)
+
+
+def test_a_masked_frame_from_a_server_is_a_protocol_error_and_fragments_are_fine() -> None:
+    with pytest.raises(ws_wire.ProtocolError, match="masked server frame"):
+        FrameReader(100, masked=False).feed(raw_frame(0x81, b"{}", mask=True))
+    reader = FrameReader(100, masked=True)  # text in two fragments, a ping between them
+    stream = raw_frame(0x01, b"{") + raw_frame(0x89, b"p") + raw_frame(0x80, b"}")
+    assert [(f.opcode, f.fin) for f in reader.feed(stream)] == [(TEXT, False), (PING, True), (0, True)]
+
+
+@pytest.mark.parametrize("code", [0, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000, 65535])
+def test_close_codes_no_endpoint_may_send_are_protocol_errors(code: int) -> None:
+    with pytest.raises(ws_wire.ProtocolError) as failed:
+        ws_wire.check_close(struct.pack("!H", code) + b"bye")
+    assert failed.value.code == 1002
+
+
+def test_close_bodies_are_checked() -> None:
+    for code in (1000, 1001, 1003, 1007, 1011, 1014, 3000, 3009, 4999):
+        assert ws_wire.check_close(struct.pack("!H", code) + "é".encode()) == (code, "é")
+    assert ws_wire.check_close(b"") == (1005, "")
+    with pytest.raises(ws_wire.ProtocolError, match="1-byte"):
+        ws_wire.check_close(b"\x03")
+    with pytest.raises(ws_wire.InvalidText) as failed:
+        ws_wire.check_close(struct.pack("!H", 1000) + b"\xff\xfe")
+    assert failed.value.code == 1007
+
+
+def test_unfinished_frames_are_held_within_the_budget() -> None:
+    budget = ws_wire.Budget(1000)
+    a, b = FrameReader(1 << 20, budget=budget), FrameReader(1 << 20, budget=budget)
+    frame_a = ws_wire.frame(BINARY, b"a" * 900, mask=True)
+    a.feed(frame_a[:600])
+    assert budget.used == 600 == a.pending
+    with pytest.raises(ws_wire.OverBudget) as failed:
+        b.feed(ws_wire.frame(BINARY, b"b" * 900, mask=True)[:500])  # 600 + 500 > 1000
+    assert failed.value.code == 1008 and budget.used == 600 and b.pending == 0
+    (done,) = a.feed(frame_a[600:])
+    assert done.raw == frame_a and budget.used == 0  # a whole frame is no longer held
+    a.feed(frame_a[:10])
+    a.close()
+    assert budget.used == 0 and a.pending == 0
+
+
+def test_unmasking_is_aiohttps_c_function() -> None:
+    from aiohttp._websocket.helpers import websocket_mask
+
+    assert ws_wire._mask is websocket_mask
+    data = bytes(range(256)) * 3 + b"xyz"
+    buf = bytearray(data)
+    ws_wire._mask_python(b"abcd", buf)  # the fallback agrees with it
+    assert ws_wire.unmask(data, b"abcd") == bytes(buf) and ws_wire.unmask(bytes(buf), b"abcd") == data

@@ -54,11 +54,23 @@ log = logging.getLogger(__name__)
 PASS_HEADERS = (hdrs.AUTHORIZATION, "AssemblyAI-Version")
 TOO_MANY = 3009
 TERMINATE = b'{"type": "Terminate"}'
+FINAL_CONT_MASKED = ws_wire.frame(ws_wire.CONT, b"", mask=True)  # ends a fragmented message
+FINAL_CONT = ws_wire.frame(ws_wire.CONT, b"", mask=False)
 MAX_FRAME = 8 * 1024 * 1024
 CLIENT_BUFFER = 4 * 1024 * 1024  # unread bytes to a client before it is cut off
 LINGER_S = 1.0
 PING_FRAME = ws_wire.frame(ws_wire.PING, b"aai-gateway", mask=False)
 AUDIO, MESSAGE, TERMINATE_KIND = 0, 1, 2  # what a client frame is, for the relay
+# Only a client's final text frames up to this size are unmasked and read (for Terminate,
+# 21 bytes; the SDK's messages are all small): a bigger one is forwarded unread. Upstream's
+# text frames are read for Termination up to UPSTREAM_READ_MAX.
+READ_MAX = 1024
+UPSTREAM_READ_MAX = 64 * 1024
+FRAME_COST = 64  # a kept frame costs its payload plus this (its bookkeeping), so empty frames count
+# The SDK waits 5 s for Termination after its Terminate (then stops reading): a Terminate
+# the gateway keeps must reach upstream within this long, less than that by a second for
+# upstream's answer; else the audio kept before it is dropped and the session ends at once.
+TERMINATE_WITHIN_S = 4.0
 
 
 class StreamingRelay:
@@ -88,6 +100,10 @@ class StreamingRelay:
         self._clock = clock
         self._wall = wall
         self._sessions: set[_Session] = set()
+        # Across all sessions of this instance: bytes held (kept backlogs, unfinished frames)
+        # and sessions waiting for admission, each under its cap.
+        self._budget = ws_wire.Budget(self._s.max_buffered_bytes)
+        self._waiting = 0
         self._sweep: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()  # every session's task
         self._frames_audio = metrics.child(metrics.session_frames, "audio")
@@ -165,7 +181,7 @@ class StreamingRelay:
         ws.force_close()
         await ws.prepare(request)
         session = _Session(self, request, owner=owner, max_wait_s=max_wait)
-        request.protocol.set_parser(_ClientLeg(session, MAX_FRAME))  # type: ignore[arg-type]
+        request.protocol.set_parser(session.leg)  # type: ignore[arg-type]
         request.protocol.keep_alive(False)
         self._sessions.add(session)
         self._start_sweep()
@@ -192,6 +208,7 @@ class StreamingRelay:
             with contextlib.suppress(Exception):
                 await session.abort()
         finally:
+            session.release()
             self._sessions.discard(session)
             m.sessions_open.inc(-1)
             m.child(m.sessions_ended, session.end_reason).inc()
@@ -247,13 +264,16 @@ class StreamingRelay:
 
 class _ClientLeg:
     """The client's connection after the handshake: aiohttp hands every chunk it reads to
-    this parser (``RequestHandler.set_parser``, as its own WebSocket reader gets them)."""
+    this parser (``RequestHandler.set_parser``, as its own WebSocket reader gets them).
+    Frames are checked as RFC 6455 requires (ws_wire.FrameReader, masked): a bad one closes
+    the client with 1002 (1009 over the size cap, 1008 past the instance's byte cap) and
+    ends the session, its upstream session terminated."""
 
     __slots__ = ("session", "reader", "broken")
 
-    def __init__(self, session: _Session, max_frame: int) -> None:
+    def __init__(self, session: _Session, max_frame: int, budget: ws_wire.Budget) -> None:
         self.session = session
-        self.reader = ws_wire.FrameReader(max_frame)
+        self.reader = ws_wire.FrameReader(max_frame, masked=True, budget=budget)
         self.broken = False
 
     def feed_data(self, data: bytes) -> tuple[bool, bytes]:
@@ -261,9 +281,11 @@ class _ClientLeg:
             return False, b""  # past a frame it refused, the stream cannot be read
         try:
             frames = self.reader.feed(data)
-        except ws_wire.FrameTooLarge as exc:
+        except ws_wire.ProtocolError as exc:
             self.broken = True
-            self.session.client_broke(1009, f"aai-gateway: {exc}")
+            if exc.frames:
+                self.session.on_client_frames(exc.frames)
+            self.session.client_broke(exc.code, f"aai-gateway: {exc}")
             return False, b""
         if frames:
             self.session.on_client_frames(frames)
@@ -305,7 +327,7 @@ class _Session:
         self.backlog_bytes = 0
         self.client_gone = False  # it closed, or its connection ended
         self.client_closed = False  # the gateway sent it a close frame
-        self.client_ended = False  # it sent Terminate while waiting
+        self.client_ended = False  # it sent Terminate while waiting: no session opens
         self.terminated = False  # a Terminate went upstream
         self.end_reason = "client"  # it sent Terminate, unless set otherwise
         self.last_audio = self.last_seen = time.monotonic()
@@ -322,13 +344,32 @@ class _Session:
         self.paused = False  # reading the client, while upstream reads slower
         self.fragment = AUDIO  # what a continuation frame continues
         self.gone = asyncio.Event()  # client_gone, awaitable
+        self.replay_lag = 0.0  # how far the replay runs behind the client
+        self.give_up: asyncio.TimerHandle | None = None  # a Terminate's wait for admission
+        self.upstream_open = False  # a fragmented message forwarded upstream is not finished
+        self.client_open = False  # nor one forwarded to the client
+        self.skip_cont = False  # the rest of upstream's message, after the gateway ended it
+        self.leg = _ClientLeg(self, MAX_FRAME, relay._budget)
 
     # -- waiting for admission, keeping the client's messages --------------------------
     async def run(self) -> None:
+        relay = self.relay
+        cap = relay._s.max_waiting_sessions
+        if relay._waiting >= cap:  # checked and counted in one step: no await between
+            self.end_reason = "refused"
+            self._send_error(TOO_MANY, f"aai-gateway: {cap} sessions already wait on this instance "
+                             "(streaming.max_waiting_sessions)")  # fmt: skip
+            return
+        relay._waiting += 1
         admit = asyncio.create_task(self._admit())
         watch = asyncio.create_task(self.left.wait())
         try:
-            done, _ = await asyncio.wait({admit, watch}, return_when=asyncio.FIRST_COMPLETED)
+            try:
+                done, _ = await asyncio.wait({admit, watch}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                relay._waiting -= 1
+                if self.give_up is not None:
+                    self.give_up.cancel()
             if admit not in done:  # the client left, or ended, while waiting: no session opens
                 admit.cancel()
                 with contextlib.suppress(asyncio.CancelledError, GatewayError):
@@ -352,9 +393,8 @@ class _Session:
                 self.end_reason = "error"
                 self._send_error(1011, f"aai-gateway: {exc.message}")
                 return
-            if self.relay._s.backlog == "drop":  # audio is dropped; a Terminate never is
-                self.backlog = deque(x for x in self.backlog if x[1] == TERMINATE_KIND)
-                self.backlog_bytes = sum(f.size for _, _, f in self.backlog)
+            if self.relay._s.backlog == "drop":
+                self._drop_backlog()
             if self.client_gone or (self.client_ended and not any(k == AUDIO for _, k, _ in self.backlog)):
                 # Gone, or ended with no audio to send, by the time it was admitted: no
                 # session opens, and the admission is handed back.
@@ -401,7 +441,11 @@ class _Session:
                 self.fragment = AUDIO
                 self._client_data(now, AUDIO, f)
             elif op == ws_wire.TEXT:
-                kind = TERMINATE_KIND if _kind(f.payload()) == "Terminate" else MESSAGE
+                kind = MESSAGE
+                if f.fin and f.size <= READ_MAX:  # a bigger one is forwarded unread
+                    data = f.payload()
+                    if b"Terminate" in data and _kind(data) == "Terminate":
+                        kind = TERMINATE_KIND
                 self.fragment = MESSAGE
                 self._client_data(now, kind, f)
             elif op == ws_wire.CONT:  # the rest of a fragmented message: of the same kind
@@ -411,8 +455,12 @@ class _Session:
             elif op == ws_wire.PING:
                 self._to_client(ws_wire.frame(ws_wire.PONG, f.payload(), mask=False))
             elif op == ws_wire.CLOSE:
-                code, _ = ws_wire.parse_close(f.payload())
-                self._close_client(code if code not in (1005, 1006) else WSCloseCode.OK)
+                try:
+                    code, _ = ws_wire.check_close(f.payload())
+                except ws_wire.ProtocolError as exc:
+                    self.client_broke(exc.code, f"aai-gateway: {exc}")
+                    return
+                self._close_client(code if code != 1005 else WSCloseCode.OK)
                 self.client_went()
                 return
 
@@ -420,25 +468,81 @@ class _Session:
         state = self.state
         if state == RELAYING:
             self._send_upstream(kind, f)
-        elif state == REPLAYING:
-            self.backlog.append((now, kind, f))  # after the backlog, at the same pace
-            self.backlog_bytes += f.size
         elif state == WAITING and not self.client_ended:
-            m = self.relay._metrics
-            if kind != TERMINATE_KIND and self.backlog_bytes + f.size > self.relay._s.buffer_bytes:
-                m.child(m.session_frames, "dropped").inc()
-                return  # over the buffer: dropped (the oldest audio is what matters most)
-            self.backlog.append((now, kind, f))
-            self.backlog_bytes += f.size
+            self._keep(now, kind, f)
             if kind == TERMINATE_KIND:
-                self.client_ended = True  # its audio is still transcribed: the session opens, replays it all
-                if not any(k == AUDIO for _, k, _ in self.backlog):
-                    self.left.set()  # it ended before it sent audio: nothing to open
+                # Before Begin. The SDK waits 5 s for Termination: the kept audio is
+                # transcribed only if admission comes soon enough for its replay (at its
+                # pace) to end within TERMINATE_WITHIN_S; else the session ends when that
+                # becomes impossible, with no upstream session opened.
+                self.client_ended = True
+                span = now - self.backlog[0][0]  # how long the replay would take
+                nothing = self.relay._s.backlog == "drop" or not any(k == AUDIO for _, k, _ in self.backlog)
+                if nothing or span >= TERMINATE_WITHIN_S:
+                    self._give_up()
+                else:
+                    loop = asyncio.get_running_loop()
+                    self.give_up = loop.call_later(TERMINATE_WITHIN_S - span, self._give_up)
+        elif state == REPLAYING:
+            if kind == TERMINATE_KIND and self.replay_lag > TERMINATE_WITHIN_S:
+                # Replayed at its pace, this Terminate would reach upstream after the SDK
+                # stopped waiting: the rest of the backlog is dropped, Terminate goes now.
+                if self.replaying is not None:
+                    self.replaying.cancel()
+                self._drop_backlog()
+                self.state = RELAYING
+                self._send_upstream(kind, f)
+                return
+            self._keep(now, kind, f)  # after the backlog, at the same pace
+
+    def _keep(self, now: float, kind: int, f: ws_wire.Frame) -> None:
+        """Keep a frame for the replay, within ``streaming.buffer_bytes`` for the session and
+        ``streaming.max_buffered_bytes`` for the instance; over either, audio and messages
+        are dropped (the oldest audio is what matters most), a Terminate never is."""
+        cost = f.size + FRAME_COST
+        budget = self.relay._budget
+        if kind == TERMINATE_KIND:
+            budget.force(cost)
+        elif self.backlog_bytes + cost > self.relay._s.buffer_bytes or not budget.take(cost):
+            m = self.relay._metrics
+            m.child(m.session_frames, "dropped").inc()
+            return
+        self.backlog.append((now, kind, f))
+        self.backlog_bytes += cost
+
+    def _give_up(self) -> None:
+        """A session that ended before Begin ends now: nothing is replayed (nobody would read
+        the transcript), no upstream session opens, the client gets Termination."""
+        if self.state == WAITING:
+            self._drop_backlog()
+            self.left.set()
+
+    def _drop_backlog(self) -> None:
+        if self.backlog:
+            m = self.relay._metrics
+            m.child(m.session_frames, "dropped").inc(sum(1 for _, k, _ in self.backlog if k == AUDIO))
+        self.backlog.clear()
+        self.relay._budget.give(self.backlog_bytes)
+        self.backlog_bytes = 0
+
+    def release(self) -> None:
+        """The session is over: what it held leaves the instance's byte budget."""
+        self._drop_backlog()
+        self.leg.reader.close()
 
     def _send_upstream(self, kind: int, f: ws_wire.Frame) -> None:
         up = self.upstream
         if up is None or up.closed or self.terminated:
             return
+        # Upstream must see well-formed messages even when frames were dropped (a full
+        # buffer, a cut replay): a continuation whose start was dropped is dropped too, and
+        # a message left open is ended (an empty final continuation) before the next one.
+        if f.opcode == ws_wire.CONT:
+            if not self.upstream_open:
+                return
+        elif self.upstream_open:
+            up.write(FINAL_CONT_MASKED)
+        self.upstream_open = not f.fin
         up.write(f.raw)
         r = self.relay
         if kind == AUDIO:
@@ -474,22 +578,53 @@ class _Session:
         for f in frames:
             op = f.opcode
             if op == ws_wire.TEXT:
-                ended = b"Termination" in f.raw and _kind(f.payload()) == "Termination"
+                ended = (
+                    f.size <= UPSTREAM_READ_MAX
+                    and b"Termination" in f.raw
+                    and _kind(f.payload()) == "Termination"
+                )
                 if ended:
                     self.relay._frames_termination.inc()
                     self.usage = _usage(f.payload())
+                self.client_open, self.skip_cont = not f.fin, False
                 self._to_client(f.raw)
                 if ended:
                     self.termination.set()
-            elif op == ws_wire.BINARY or op == ws_wire.CONT:
+            elif op == ws_wire.BINARY:
+                self.client_open, self.skip_cont = not f.fin, False
+                self._to_client(f.raw)
+            elif op == ws_wire.CONT:
+                if self.skip_cont:  # the gateway ended this message to tell the client something
+                    self.skip_cont = not f.fin
+                    continue
+                self.client_open = not f.fin
                 self._to_client(f.raw)
             elif op == ws_wire.PING:
                 up.write(ws_wire.frame(ws_wire.PONG, f.payload(), mask=True))
             elif op == ws_wire.CLOSE:
-                self.upstream_close = ws_wire.parse_close(f.payload())
+                try:
+                    self.upstream_close = ws_wire.check_close(f.payload())
+                except ws_wire.ProtocolError as exc:
+                    self._upstream_broke(exc)
+                    return
                 up.write(ws_wire.close_frame(self.upstream_close[0], mask=True))
                 up.close()
                 return
+
+    def _upstream_broke(self, exc: ws_wire.ProtocolError) -> None:
+        """Upstream sent a frame RFC 6455 forbids (a buggy upstream): it is not forwarded; the
+        upstream session still ends with Terminate (billing), then the connection closes
+        with the error's code; the client is closed with 1011, told why."""
+        up = self.upstream
+        if up is None:
+            return
+        self.end_reason = "upstream_error"
+        self.upstream_close = (1011, f"aai-gateway: the streaming service broke the protocol ({exc})")
+        if self.replaying is not None:
+            self.replaying.cancel()
+        self._write_terminate(up)
+        up.write(ws_wire.close_frame(exc.code, str(exc), mask=True))
+        up.close()
 
     def _upstream_lost(self) -> None:
         self.termination.set()
@@ -537,7 +672,7 @@ class _Session:
         up = self.upstream
         self.opened_at = self.last_audio = self.renewed = time.monotonic()
         relay._metrics.sessions_admitted.inc()
-        up.attach(self.on_upstream_frames, self._upstream_lost, self._pause_client)
+        up.attach(self.on_upstream_frames, self._upstream_lost, self._pause_client, self._upstream_broke)
         if self.backlog:
             self.state = REPLAYING
             self.replaying = self._spawn(self._replay())
@@ -565,6 +700,7 @@ class _Session:
     async def _replay(self) -> None:
         """The backlog, with its original spacing: never faster than the client sent it."""
         first_at, start = self.backlog[0][0], time.monotonic()
+        self.replay_lag = start - first_at
         replayed = self.relay._metrics.child(self.relay._metrics.session_frames, "replayed")
         while self.backlog:
             at, kind, f = self.backlog[0]
@@ -572,7 +708,9 @@ class _Session:
             if delay > 0:
                 await asyncio.sleep(delay)
             self.backlog.popleft()
-            self.backlog_bytes -= f.size
+            cost = f.size + FRAME_COST
+            self.backlog_bytes -= cost
+            self.relay._budget.give(cost)
             self._send_upstream(kind, f)
             if kind == AUDIO:
                 self.last_audio = time.monotonic()  # replayed audio is audio: not idle
@@ -657,15 +795,23 @@ class _Session:
             return
         if self.replaying is not None:
             self.replaying.cancel()  # nothing goes upstream after the gateway's Terminate
-        if not self.terminated:
-            self.terminated = True
-            self.terminated_at = time.monotonic()
-            up.write(ws_wire.frame(ws_wire.TEXT, TERMINATE, mask=True))
+        self._write_terminate(up)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.termination.wait(), self.relay._s.terminate_wait_s)
         if not up.closed:
             up.write(ws_wire.close_frame(WSCloseCode.OK, mask=True))
             up.close()
+
+    def _write_terminate(self, up: ws_wire.Upstream) -> None:
+        """The gateway's own Terminate (once), after ending a message the client left open."""
+        if self.terminated:
+            return
+        self.terminated = True
+        self.terminated_at = time.monotonic()
+        if self.upstream_open:
+            up.write(FINAL_CONT_MASKED)
+            self.upstream_open = False
+        up.write(ws_wire.frame(ws_wire.TEXT, TERMINATE, mask=True))
 
     async def abort(self) -> None:
         """After an unexpected error: the upstream session still ends with Terminate, and the
@@ -692,6 +838,9 @@ class _Session:
                 self.client_broke(1008, "aai-gateway: the client does not read its messages")
 
     def _tell(self, message: dict[str, Any]) -> None:
+        if self.client_open:  # inside upstream's fragmented message: end it first, skip its rest
+            self._to_client(FINAL_CONT)
+            self.client_open, self.skip_cont = False, True
         self._to_client(ws_wire.frame(ws_wire.TEXT, json.dumps(message).encode(), mask=False))
 
     def _send_error(self, code: int, reason: str) -> None:
