@@ -173,6 +173,7 @@ class _Conn(asyncio.Protocol):
         self._reason = b""
         self._raw: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0  # bytes fed while no final head was complete
+        self._head_size = 0  # bytes of header names and values in this exchange's heads
         self._interim = 0  # 1xx answers so far
         self._in_interim = False
         self._until_close = False  # a body delimited by the connection's end
@@ -252,10 +253,13 @@ class _Conn(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.head is None:  # (a chunked body's trailers are dropped)
             self._raw.append((name, value))
+            self._head_size += len(name) + len(value) + 4  # with ': ' and CRLF
 
     def on_headers_complete(self) -> None:
         parser = self._parser
         status = parser.get_status_code()
+        if self._head_size > MAX_HEAD:  # (a head that came whole in one read)
+            self._refuse("head too long")
         if status < 200:
             self._interim += 1
             if status == 101:
@@ -344,7 +348,7 @@ class _Conn(asyncio.Protocol):
     def reset(self, head_only: bool) -> None:
         self.in_use, self.unfinished = True, False
         self.head, self.head_only = None, head_only
-        self._reason, self._raw, self._head_bytes, self._interim = b"", [], 0, 0
+        self._reason, self._raw, self._head_bytes, self._head_size, self._interim = b"", [], 0, 0, 0
         self._in_interim = self._until_close = False
         self.chunks.clear()
         self.unread, self.eof, self.keep_alive, self.error = 0, False, True, None
