@@ -468,3 +468,55 @@ async def test_a_header_that_is_not_latin_1_gets_a_close_not_an_http_error() -> 
         writer.close()
         assert data.startswith(b"HTTP/1.1 101") and b"HTTP/1.1 500" not in data
         assert sim.streaming.report()["sessions"] == 0
+
+
+async def test_a_terminate_before_begin_ends_the_session_within_the_sdks_wait() -> None:
+    """The SDK waits 5 s for Termination after its Terminate, then stops reading: a session
+    still queued then (the window frees in 30 s) ends with no upstream session opened."""
+    window = {"limit": 1, "window_s": 30}
+    async with (
+        streaming(limits={"streaming_sessions": window}) as (sim, url, _, registry),
+        aiohttp.ClientSession() as http,
+    ):
+        async with http.ws_connect(url, headers=KEY) as first:
+            await first.receive()  # Begin: the window's one session
+            second = await http.ws_connect(url, headers={"Authorization": "other-key"})
+            await talk(second, 0.3)
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            await second.send_str(json.dumps({"type": "Terminate"}))
+            got = await messages(second, within=5)
+            assert loop.time() - started < 5 and [m["type"] for m in got] == ["Termination"]
+            assert second.close_code == 1000
+            await first.send_str(json.dumps({"type": "Terminate"}))
+            await messages(first)
+        assert sim.streaming.report()["sessions"] == 1  # none opened for the second
+        assert metric(registry, "aai_gateway_sessions_ended_total", reason="client_left_waiting") == 1
+
+
+async def test_a_terminate_behind_a_long_replay_cuts_it_short() -> None:
+    """Admitted after 6 s of queued audio, a session's replay runs 6 s behind the client: its
+    Terminate would reach upstream after the SDK stopped waiting, so it goes at once."""
+    window = {"limit": 1, "window_s": 6}
+    sim_cfg = SimConfig(streaming_limit=1, streaming_window_s=6)
+    async with (
+        streaming(sim_cfg, limits={"streaming_sessions": window}) as (sim, url, _, _),
+        aiohttp.ClientSession() as http,
+    ):
+        async with http.ws_connect(url, headers=KEY) as first:
+            await first.receive()
+            await first.send_str(json.dumps({"type": "Terminate"}))
+            await messages(first)
+        second = await http.ws_connect(url, headers=KEY)
+        speaking = asyncio.ensure_future(talk(second, 30))  # queued, then relayed
+        begin = json.loads((await second.receive(timeout=10)).data)
+        assert begin["type"] == "Begin"
+        await asyncio.sleep(0.3)
+        speaking.cancel()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await second.send_str(json.dumps({"type": "Terminate"}))
+        got = await messages(second, within=5)
+        assert loop.time() - started < 5 and got[-1]["type"] == "Termination"
+        assert sim.recorder.violations == []  # the audio that did go up went at real time
+        await second.close()
