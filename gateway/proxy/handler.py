@@ -178,7 +178,7 @@ class ProxyHandler:
         deadline = self._clock.now() + plan.max_wait_s
         retries = 0
         url = URL(plan.base_url + path, encoded=True)
-        identity = key_identity(headers.get(hdrs.AUTHORIZATION, ""))  # noqa: F841  TODO(request)
+        identity = key_identity(headers.get(hdrs.AUTHORIZATION, ""))
         while True:
             grant = await self._admit(plan, deadline)
             if request is not None and client_gone(request):
@@ -192,7 +192,7 @@ class ProxyHandler:
                     data=data,
                     group=plan.group,
                     admitted_at=time.perf_counter(),
-                    # identity=identity,  # TODO(request): once Upstream.send takes it
+                    identity=identity,
                 )
             except (NeverLeft, Unsendable):
                 await self._refund(grant)

@@ -37,6 +37,7 @@ class Seen:
     target: str
     headers: dict[str, str]
     body: bytes
+    conn: int = 0  # the gateway's port for the upstream connection it came on
 
     @property
     def auth(self) -> str:
@@ -51,8 +52,13 @@ class TagUpstream:
     cut: int = 0  # requests whose body never completed (the gateway aborted the connection)
     bad: int = 0  # bytes llhttp could not parse as requests
     delay_s: float = 0.0  # before each answer
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
         done: asyncio.Queue[Seen | None] = asyncio.Queue()
         cur: dict[str, Any] = {}
 
@@ -73,9 +79,11 @@ class TagUpstream:
             def on_message_complete(self) -> None:
                 cur["open"] = False
                 method = parser.get_method().decode()
-                done.put_nowait(Seen(method, cur["url"].decode("latin-1"), cur["headers"], cur["body"]))
+                seen = Seen(method, cur["url"].decode("latin-1"), cur["headers"], cur["body"], port)
+                done.put_nowait(seen)
 
         parser = httptools.HttpRequestParser(Events())
+        port = writer.get_extra_info("peername")[1]
 
         async def feed() -> None:
             try:
@@ -108,6 +116,7 @@ class TagUpstream:
             pass
         finally:
             feeder.cancel()
+            await asyncio.gather(feeder, return_exceptions=True)
             writer.close()
 
 
@@ -135,6 +144,9 @@ async def rig(**overrides: Any) -> AsyncIterator[Rig]:
             yield Rig(upstream, url, int(url.rsplit(":", 1)[1]), registry)
     finally:
         server.close()
+        for task in list(upstream.tasks):
+            task.cancel()
+        await asyncio.gather(*upstream.tasks, return_exceptions=True)
         await server.wait_closed()
 
 
@@ -283,6 +295,21 @@ async def test_bodies_the_gateway_cannot_read_are_refused_and_cost_nothing() -> 
                 payload = await r.json()
                 assert r.status == status and set(payload) == {"error"} and text in payload["error"], payload
         assert g.upstream.seen == [] and g.admitted == 0
+
+
+async def test_upstream_connections_are_never_shared_between_keys() -> None:
+    async with rig() as g:
+        await asyncio.gather(alice_polls(g.url, 20), *(alice_polls(g.url, 5) for _ in range(3)))
+        async with aiohttp.ClientSession() as http:
+            for i in range(20):
+                headers = {"Authorization": MALLORY if i % 2 else "another-key"}
+                async with http.get(f"{g.url}/v2/transcript/m-{i}", headers=headers) as r:
+                    assert (await r.json())["tag"] == headers["Authorization"]
+        keys_per_conn: dict[int, set[str]] = {}
+        for s in g.upstream.seen:
+            keys_per_conn.setdefault(s.conn, set()).add(s.auth)
+        assert all(len(keys) == 1 for keys in keys_per_conn.values()), keys_per_conn
+        assert len(keys_per_conn) < len(g.upstream.seen)  # connections were reused, within a key
 
 
 # -- CL/TE games and pipelining from a raw client -------------------------------------------
