@@ -172,11 +172,12 @@ class FrameReader:
         if self._error is not None:
             raise type(self._error)(str(self._error))
         if self._buf:
-            if not self._hold(len(data)):
-                raise self._fail(OverBudget("the gateway holds too many unfinished frames"), [])
-            self._buf += data  # a large frame arriving in many chunks: no quadratic copying
-            if len(self._buf) < self._need:
+            if len(self._buf) + len(data) < self._need:  # still unfinished: held
+                if not self._hold(len(data)):
+                    raise self._fail(OverBudget("the gateway holds too many unfinished frames"), [])
+                self._buf += data  # a large frame arriving in many chunks: no quadratic copying
                 return []
+            self._buf += data
             buf: bytes = bytes(self._buf)
             self._buf.clear()
             self._release()
