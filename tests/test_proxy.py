@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import logging
+import zlib
 
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.app import CONFIG, ENGINE
+from gateway.app import CONFIG, ENGINE, target_problem
+from gateway.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 from gateway.products.catalog import Catalog
+from gateway.proxy.body import inflate
+from gateway.proxy.handler import key_identity
 from gateway.sim.app import SimConfig
 from tests.helpers import free_port, gateway_config, metric, running_gateway, running_sim, stack
 
@@ -278,3 +283,59 @@ async def test_maxmemory_policy_that_could_evict_is_warned(caplog: pytest.LogCap
             with caplog.at_level(logging.WARNING, logger="gateway"):
                 await _warn_eviction(s.app, s.app[CONFIG])
     assert "maxmemory-policy is 'volatile-lru'" in caplog.text and "noeviction" in caplog.text
+
+
+def test_request_paths_routing_and_upstream_could_read_differently_are_named() -> None:
+    fine = [
+        "/",
+        "/v2/transcript",
+        "/v2/transcript/abc?x=..",
+        "/v2/a.b",
+        "/v2/...",
+        "/.well-known/x",
+        "/v2/%41",
+    ]
+    assert [target_problem(p.partition("?")[0]) for p in fine] == [None] * len(fine)
+    refused = {
+        "/v2/x/../../v2/transcript": "dot segment",
+        "/v2/%2e%2e/transcript": "dot segment",
+        "/v2/%2E./transcript": "dot segment",
+        "/v2/.%2e": "dot segment",
+        "/v2/./transcript": "dot segment",
+        "/v2//transcript": "empty segment",
+        "/v2/a%2Fb": "encoded slash",
+        "/v2/a%5cb": "encoded slash",
+        "/v2/a\\b": "backslash",
+        "/v2/%00": "control character",
+        "/v2/a%0d%0aX: y": "control character",
+    }
+    for path, problem in refused.items():
+        assert problem in (target_problem(path) or ""), path
+
+
+def test_bodies_are_inflated_within_the_cap_only_to_be_read() -> None:
+    doc = b'{"model": "gpt-5"}'
+    assert inflate(gzip.compress(doc), ["gzip"], 100) == doc
+    assert inflate(gzip.compress(doc[:5]) + gzip.compress(doc[5:]), ["gzip"], 100) == doc  # two members
+    assert inflate(zlib.compress(doc), ["deflate"], 100) == doc
+    raw_deflate = zlib.compressobj(wbits=-15)
+    assert inflate(raw_deflate.compress(doc) + raw_deflate.flush(), ["deflate"], 100) == doc
+    assert inflate(gzip.compress(gzip.compress(doc)), ["gzip", "gzip"], 100) == doc
+    assert inflate(gzip.compress(doc), ["gzip"], len(doc)) == doc  # exactly the cap
+    for data, codings, error in [
+        (gzip.compress(doc), ["gzip"], PayloadTooLarge),  # cap below
+        (gzip.compress(b"0" * 10_000_000), ["gzip"], PayloadTooLarge),  # a bomb: stops at cap + 1
+        (gzip.compress(doc)[:-4], ["gzip"], BadRequest),
+        (b"plain", ["gzip"], BadRequest),
+        (gzip.compress(doc) + b"junk", ["gzip"], BadRequest),
+        (doc, ["br"], UnsupportedMediaType),
+        (doc, ["compress"], UnsupportedMediaType),
+    ]:
+        with pytest.raises(error):
+            inflate(data, codings, len(doc) - 1 if error is PayloadTooLarge else 100)
+
+
+def test_key_identity_tells_keys_apart_without_holding_them() -> None:
+    a, b = key_identity("key-a"), key_identity("key-b")
+    assert a != b and len(a) == 32 and "key-a" not in a and a == key_identity("key-a")
+    assert key_identity("") == ""
