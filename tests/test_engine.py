@@ -14,9 +14,9 @@ import pytest
 
 from gateway.admission.engine import AdmissionEngine, Grant
 from gateway.admission.limits import RANK_MODEL, RANK_WINDOW, Limit, window_limit
-from gateway.admission.store import AcquireRequest, AcquireResult, Status, Store
+from gateway.admission.store import AcquireRequest, AcquireResult, LimitState, Status, Store
 from gateway.clock import settle
-from gateway.errors import StoreUnavailable, WaitTimeout
+from gateway.errors import QueueFull, StoreUnavailable, WaitTimeout
 from tests.conftest import CountingStore, StoreEnv
 
 W = 0.3
@@ -306,3 +306,119 @@ async def test_an_admission_that_does_not_wait_is_one_round_trip(store_env: Stor
         for _ in range(50):
             await e.admit([model, limit], max_wait_s=1)
         assert e.store.calls == {"acquire": 50}  # type: ignore[attr-defined]
+
+
+async def test_an_admission_with_an_owner_that_does_not_wait_is_still_one_round_trip(
+    store_env: StoreEnv,
+) -> None:
+    limit = window_limit("requests", 1000, 60, 0, rank=RANK_WINDOW)
+    async with engines(store_env) as (e,):
+        for i in range(50):
+            await e.admit([limit], max_wait_s=1, owner=f"{i % 3:064x}", max_owner_depth=1)
+        assert e.store.calls == {"acquire": 50}  # type: ignore[attr-defined]
+
+
+class Recorder:
+    """An EngineObserver that keeps what it was told."""
+
+    def __init__(self) -> None:
+        self.refusals: list[tuple[str, str, str]] = []
+        self.admissions: list[str] = []
+
+    def admitted(
+        self, limits: Sequence[Limit], states: Sequence[LimitState], waited_s: float, group: str
+    ) -> None:
+        self.admissions.append(group)
+
+    def refused(self, limit: Limit, reason: str, group: str) -> None:
+        self.refusals.append((limit.name, reason, group))
+
+    def waiting(self, limit: Limit, delta: int) -> None:
+        pass
+
+    def lapsed(self) -> None:
+        pass
+
+
+async def test_one_keys_flood_is_refused_at_its_share_and_others_still_queue(store_env: StoreEnv) -> None:
+    """Issue 8: one key filled queue.max_depth and every other key got 429 queue_full. With a
+    share per key, the flooding key is refused at its share (at once, nothing kept or charged)
+    and another key's requests still queue and are admitted in order."""
+    rec = Recorder()
+    log: list[str] = []
+    a_fp, b_fp = "a" * 64, "b" * 64
+    async with engines(store_env, 2, observer=rec) as (e1, e2):
+        for i in range(2):
+            await launch(store_env, e1, [REQ], log, f"fill{i}")
+        share = {"max_depth": 4, "max_owner_depth": 2}
+        flood = [
+            await launch(store_env, (e1, e2)[i % 2], [REQ], log, f"a{i}", owner=a_fp, **share)
+            for i in range(2)
+        ]
+        releases = sum(e.store.calls.get("release", 0) for e in (e1, e2))  # type: ignore[attr-defined]
+        for e in (e1, e2):  # refused on either instance: the share is account-wide
+            with pytest.raises(QueueFull) as info:
+                await e.admit([REQ], max_wait_s=5, owner=a_fp, **share)  # type: ignore[arg-type]
+            assert "your share of the gateway's queue" in info.value.message
+            assert "2 of your requests already wait" in info.value.message
+            assert info.value.limit == "requests" and info.value.retry_after_s >= 1
+        assert rec.refusals == [("requests", "queue_share", "")] * 2
+        assert sum(e.store.calls.get("release", 0) for e in (e1, e2)) == releases  # nothing to abort
+        assert (await e1.store.usage(REQ))[1] == 2  # only A's two wait
+        others = [await launch(store_env, e2, [REQ], log, f"b{i}", owner=b_fp, **share) for i in range(2)]
+        await until(store_env, lambda: len(log) == 6, within=4 * W)
+        assert log == ["fill0", "fill1", "a0", "a1", "b0", "b1"]
+        for t in (*flood, *others):
+            await t
+        # The share freed as A's waiters were admitted: A may queue again.
+        again = await launch(store_env, e1, [REQ], log, "a-again", owner=a_fp, **share)
+        assert not again.done() and rec.refusals == [("requests", "queue_share", "")] * 2
+        again.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await again
+
+
+async def test_a_durable_job_that_stops_waiting_is_not_counted_as_refused(store_env: StoreEnv) -> None:
+    """Issue 8: "a refusal metric counted a timeout although every client succeeded". The
+    transcripts dispatcher asks for a queued job with max_wait_s=0 (try it now) and waits in
+    rounds; each give-up was counted as a refusal (timeout) while the job kept waiting and
+    ended well. Only refusals a client receives are counted."""
+    rec = Recorder()
+    log: list[str] = []
+    async with engines(store_env, observer=rec) as (e,):
+        for i in range(2):
+            await launch(store_env, e, [REQ], log, f"fill{i}")
+        with pytest.raises(WaitTimeout):  # try_now: the job stays queued
+            await e.admit([REQ], max_wait_s=0.0, ticket="job1", durable=True, group="transcripts")
+        first = await e.store.acquire(AcquireRequest("job1", (REQ,)))  # what the job record keeps
+        job = await launch(store_env, e, [REQ], log, "job1", ticket="job1", seq=first.seq, durable=True,
+                           max_wait_s=0.05, group="transcripts")  # fmt: skip
+        await store_env.advance(0.06)
+        await until(store_env, job.done, within=0.5)
+        with pytest.raises(WaitTimeout):  # one round of the dispatcher's wait
+            job.result()
+        job = await launch(store_env, e, [REQ], log, "job1", ticket="job1", seq=first.seq, durable=True,
+                           max_wait_s=5, group="transcripts")  # fmt: skip
+        await until(store_env, job.done, within=3 * W)
+        assert job.result().ticket == "job1" and rec.admissions[-1] == "transcripts"
+        assert rec.refusals == []
+        # A client's own timeout is still counted, once.
+        for i in range(2):
+            await launch(store_env, e, [REQ], log, f"more{i}")
+        with pytest.raises(WaitTimeout):
+            await e.admit([REQ], max_wait_s=0.0, group="rest")
+        assert rec.refusals == [("requests", "timeout", "rest")]
+
+
+async def test_a_timeout_says_how_long_it_waited_in_round_numbers(store_env: StoreEnv) -> None:
+    """Issue 8: "waited 9.99999s" (the handler passes what is left of the request's wait)."""
+    log: list[str] = []
+    async with engines(store_env) as (e,):
+        for i in range(2):
+            await launch(store_env, e, [REQ], log, f"fill{i}")
+        late = await launch(store_env, e, [REQ], log, "late", max_wait_s=0.0999999)
+        await store_env.advance(0.11)
+        await until(store_env, late.done, within=0.5)
+        with pytest.raises(WaitTimeout) as info:
+            late.result()
+        assert "waited 0.1s for the gateway's 'requests' limit" in info.value.message

@@ -23,6 +23,7 @@ from typing import NamedTuple
 
 from ..clock import Clock
 from ..errors import GatewayError, QueueFull, RateLimited, StoreUnavailable, WaitTimeout
+from .keys import owner_id
 from .limits import Limit, ordered
 from .store import AcquireRequest, AcquireResult, LimitState, Status, Store
 from .waking import EngineObserver, Waiter, Waking
@@ -97,6 +98,8 @@ class AdmissionEngine(Waking):
         ticket: str | None = None,
         seq: int = 0,
         durable: bool = False,
+        owner: str = "",
+        max_owner_depth: int | None = None,
     ) -> Grant:
         """Wait until the request holds a lease on every limit, in order with other waiters.
 
@@ -104,10 +107,18 @@ class AdmissionEngine(Waking):
         are ahead, ``StoreUnavailable`` when the store cannot be reached. On any of these, and
         on cancellation (the client left), nothing is held afterwards.
 
+        ``owner`` (a key fingerprint; later a project) with ``max_owner_depth`` is its share of
+        the queue: a request that would start waiting while ``max_owner_depth`` of the owner's
+        requests already wait, account-wide (admitted ones do not count), is refused at once
+        with ``QueueFull``, nothing kept or charged; other owners are unaffected. An admission
+        that does not wait costs no extra store call for it.
+
         A ``durable`` ticket (a queued transcript job: ``ticket`` and its ``seq`` come from the
         job record) is the exception: it is not aborted when this call gives up, because
         the job still waits; dispatchers on any instance may wait on the same ticket (acquire
         is idempotent per ticket), and its place in the queue lapses only if none refreshes it.
+        A durable admission that gives up (``WaitTimeout``) is not a refusal: the job still
+        waits, so it is not counted in the refusal metric.
         """
         ordered_limits = ordered(limits)
         start = self._clock.now()
@@ -120,6 +131,8 @@ class AdmissionEngine(Waking):
             start,
         )
         w.seq = seq
+        if owner and max_owner_depth is not None:
+            w.owner, w.owner_depth = owner_id(owner), max(0, max_owner_depth)
         # Registered before its first acquire: a wake-up that lands while that acquire is in
         # flight sets ``rerun``, so no capacity freed in between is missed.
         self._pending.add(w)
@@ -134,7 +147,8 @@ class AdmissionEngine(Waking):
                 remaining = start + max_wait_s - self._clock.now()
                 got = await self._wait(w, remaining) if remaining > 0 else None
                 if got is None:
-                    raise self._refusal(WaitTimeout, w, w.last or result, f"waited {max_wait_s:g}s for")
+                    why = f"waited {_seconds(max_wait_s)}s for"
+                    raise self._refusal(WaitTimeout, w, w.last or result, why, counted=not durable)
                 result = got
             if result.status is Status.ADMITTED:
                 waited = self._clock.now() - start
@@ -143,17 +157,34 @@ class AdmissionEngine(Waking):
                 return Grant(w.ticket, ordered_limits, result.states, waited)
             if result.status is Status.FULL:
                 raise self._refusal(QueueFull, w, result, f"{result.ahead} requests already wait for")
+            if result.status is Status.SHARE_FULL:
+                why = (
+                    f"{result.ahead} of your requests already wait, your share of the gateway's queue "
+                    f"(at most {w.owner_depth} per key: queue.max_depth_per_key), for"
+                )
+                raise self._refusal(QueueFull, w, result, why, reason="queue_share")
             raise GatewayError("admission was aborted")
         finally:
             self._forget(w)
             # Refused, timed out, or abandoned (cancelled): hold nothing. FULL kept nothing.
-            if not w.admitted and not durable and not (w.last is not None and w.last.status is Status.FULL):
+            if not w.admitted and not durable and not (w.last is not None and w.last.status in _KEPT_NOTHING):
                 await self._abort(w)
 
-    def _refusal(self, kind: type[RateLimited], w: Waiter, result: AcquireResult, why: str) -> RateLimited:
-        """The 429 for a waiter refused on the limit that blocked it (counted in metrics)."""
+    def _refusal(
+        self,
+        kind: type[RateLimited],
+        w: Waiter,
+        result: AcquireResult,
+        why: str,
+        *,
+        reason: str = "",
+        counted: bool = True,
+    ) -> RateLimited:
+        """The 429 for a waiter refused on the limit that blocked it, counted in metrics when
+        it is final for the request (``counted``: a durable job that stops waiting still waits)."""
         limit = w.limits[result.blocked - 1]
-        self._obs.refused(limit, "timeout" if kind is WaitTimeout else "queue_full", w.group)
+        if counted:
+            self._obs.refused(limit, reason or ("timeout" if kind is WaitTimeout else "queue_full"), w.group)
         return kind(
             f"Too Many Requests: {why} the gateway's {limit.name!r} limit "
             f"({limit.capacity} per {_span(limit)})",
@@ -190,6 +221,8 @@ class AdmissionEngine(Waking):
             ttl_ms=self._ttl_ms,
             max_depth=w.max_depth,
             floor=self._max_seq,
+            owner=w.owner,
+            owner_depth=w.owner_depth,
         )
         result = await self.store.acquire(request)
         w.seq, w.score, w.last = result.seq, result.score, result
@@ -213,6 +246,14 @@ class AdmissionEngine(Waking):
     def __repr__(self) -> str:
         waiting = {name: len(q) for name, q in self._queues.items()}
         return f"AdmissionEngine({self.instance}, store={self.store.kind}, waiting={waiting})"
+
+
+_KEPT_NOTHING = (Status.FULL, Status.SHARE_FULL)
+
+
+def _seconds(s: float) -> str:
+    """A duration for a message: tenths below 10 s, whole seconds above (never 9.99999)."""
+    return f"{round(s, 1):g}" if s < 10 else f"{round(s)}"
 
 
 def _span(limit: Limit) -> str:

@@ -10,6 +10,10 @@ unchanged on Redis Cluster (one account lives on one shard; Cluster spreads acco
     <prefix>:{<account>}:resv:<limit>     sorted set: reservation holder -> its ordering score
     <prefix>:{<account>}:seq              arrival counter
     <prefix>:{<account>}:tomb:<ticket>    tombstone of an aborted ticket (short TTL)
+    <prefix>:{<account>}:share:dead       sorted set: waiting ticket with an owner -> deadline (ms)
+    <prefix>:{<account>}:share:owner      hash: waiting ticket with an owner -> owner id
+    <prefix>:{<account>}:share:lex        sorted set, every score 0: "<owner id>\t<ticket>" (counted
+                                          per owner with ZLEXCOUNT: the owner's waiting tickets)
     <prefix>:{<account>}:wake             pub/sub channel: wake-up messages (store.py)
     <prefix>:{<account>}:job:<id>         hash: a transcript job (products/transcripts/jobs.py)
     <prefix>:{<account>}:jobs:queued      sorted set: queued job ids -> (priority, arrival)
@@ -22,13 +26,28 @@ unchanged on Redis Cluster (one account lives on one shard; Cluster spreads acco
 
 from __future__ import annotations
 
+import hashlib
+import re
 from dataclasses import dataclass
+
+# An owner id (who a waiting ticket belongs to: a key fingerprint, later a project) goes into
+# Redis members and the ``share:lex`` ranges: a plain token is kept, anything else is hashed.
+_PLAIN_OWNER = re.compile(r"[0-9A-Za-z_.:-]{1,128}")
 
 
 def _check_part(what: str, value: str) -> str:
     if not value or any(c in value for c in "{}\r\n "):
         raise ValueError(f"{what} {value!r} must be non-empty and contain no braces, spaces or newlines")
     return value
+
+
+def owner_id(owner: str) -> str:
+    """``owner`` as stored: itself when it is a plain token (a hex fingerprint is), else
+    ``~`` and a hash of it (``~`` is not in a plain token, so the two kinds never collide).
+    Never contains a tab, the separator in ``share:lex`` members."""
+    if _PLAIN_OWNER.fullmatch(owner):
+        return owner
+    return "~" + hashlib.blake2b(owner.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +81,18 @@ class Keys:
 
     def tomb(self, ticket: str) -> str:
         return f"{self.base}:tomb:{ticket}"
+
+    @property
+    def share_dead(self) -> str:
+        return f"{self.base}:share:dead"
+
+    @property
+    def share_owner(self) -> str:
+        return f"{self.base}:share:owner"
+
+    @property
+    def share_lex(self) -> str:
+        return f"{self.base}:share:lex"
 
     @property
     def channel(self) -> str:

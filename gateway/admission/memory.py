@@ -101,6 +101,10 @@ class MemoryStore:
         self._resv: dict[str, ZSet] = {}
         self._seq = 0
         self._tombs: dict[str, int] = {}
+        # The owners' shares of the queue (share:dead, share:owner, share:lex in Redis).
+        self._share_dead = ZSet()  # waiting ticket with an owner -> deadline
+        self._share_owner: dict[str, str] = {}  # ticket -> owner
+        self._shares: dict[str, set[str]] = {}  # owner -> its waiting tickets
         self._subscribers: list[WakeCallback] = []
         self._swept = clock.now_ms()
 
@@ -141,6 +145,7 @@ class MemoryStore:
         if now - self._swept >= SWEEP_MS:
             # What key expiry does in Redis: buckets nobody uses (a model tried once) go away.
             self._swept = now
+            self._prune_shares(now)
             for name in list(self._leases.keys() | self._dead.keys() | self._resv.keys()):
                 self._purge(name, now)
                 resv, leases = self._resv.get(name), self._leases.get(name)
@@ -151,6 +156,34 @@ class MemoryStore:
                     z = table.get(name)
                     if z is not None and not len(z):
                         del table[name]
+
+    def _leave_share(self, ticket: str) -> None:
+        owner = self._share_owner.pop(ticket, None)
+        if owner is not None:
+            mine = self._shares.get(owner)
+            if mine is not None:
+                mine.discard(ticket)
+                if not mine:
+                    del self._shares[owner]
+        self._share_dead.remove(ticket)
+
+    def _join_share(self, ticket: str, owner: str, deadline: int) -> None:
+        self._share_dead.add(ticket, deadline)
+        self._share_owner[ticket] = owner
+        self._shares.setdefault(owner, set()).add(ticket)
+
+    def _prune_shares(self, now: int) -> None:
+        """Lapsed share entries go (their tickets' deadlines passed: an instance died)."""
+        for ticket in self._share_dead.pop_upto(now):
+            self._leave_share(ticket)
+
+    def _share_count(self, owner: str, now: int) -> int:
+        self._prune_shares(now)
+        return len(self._shares.get(owner, ()))
+
+    def share_size(self) -> int:
+        """Entries held for owners' shares (tests: nothing is left behind)."""
+        return len(self._share_dead) + len(self._share_owner) + sum(map(len, self._shares.values()))
 
     def limit_names(self) -> set[str]:
         """The limits this store holds any state for (what KEYS would show in Redis)."""
@@ -227,12 +260,20 @@ class MemoryStore:
                     leases.add(ticket, now + limit.lease_ms)
                 if cur_q == i:
                     leave_queue(i)
+                    self._leave_share(ticket)
                 first = leases.at(0)
                 reset = int(first[0]) - now if first else 0
                 states.append(LimitState(limit.capacity - len(leases), max(0, reset)))
             return done(AcquireResult(Status.ADMITTED, seq, score, states=tuple(states)))
 
-        if cur_q != blocked and ahead_b >= request.max_depth:
+        # The owner's share (see acquire.lua): only a ticket about to start waiting is refused.
+        mine = -1
+        if cur_q < 0 and request.owner_depth >= 0:
+            mine = self._share_count(request.owner, now)
+            if mine < request.owner_depth:
+                mine = -1
+
+        if mine >= 0 or (cur_q != blocked and ahead_b >= request.max_depth):
             for i, limit in enumerate(limits):
                 if holds[i] == "r":
                     self._z(self._leases, limit.name).remove(resv)
@@ -240,7 +281,10 @@ class MemoryStore:
                     publish[i] = True
             if cur_q >= 0:
                 leave_queue(cur_q)
+                self._leave_share(ticket)
                 publish[cur_q] = True
+            if mine >= 0:
+                return done(AcquireResult(Status.SHARE_FULL, seq, score, blocked=blocked + 1, ahead=mine))
             return done(AcquireResult(Status.FULL, seq, score, blocked=blocked + 1, ahead=ahead_b))
 
         deadline = now + request.ttl_ms
@@ -261,6 +305,8 @@ class MemoryStore:
         blocking = limits[blocked].name
         self._z(self._wait, blocking).add(ticket, score)
         self._z(self._dead, blocking).add(ticket, deadline)
+        if request.owner_depth >= 0:
+            self._join_share(ticket, request.owner, deadline)
 
         # Priority inheritance (see acquire.lua).
         band = score // SEQ_SPAN
@@ -310,6 +356,7 @@ class MemoryStore:
             if got:
                 removed += got
                 names.append(limit.name)
+        self._leave_share(ticket)
         if tombstone:
             if len(self._tombs) > 1024:  # what Redis's key expiry does for the Redis store
                 self._tombs = {t: until for t, until in self._tombs.items() if until > now}
@@ -336,6 +383,9 @@ class MemoryStore:
                 self._z(self._dead, limits[where - 1].name).update(ticket, deadline)
                 for limit in limits[: where - 1]:
                     self._z(self._leases, limit.name).update(ticket + ":r", deadline)
+                self._share_dead.update(ticket, deadline)
+            else:
+                self._leave_share(ticket)
             out.append(where)
         self._gc(limits)
         return out

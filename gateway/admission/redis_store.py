@@ -154,6 +154,10 @@ class RedisStore:
             keys += [self._keys.leases(n), self._keys.wait(n), self._keys.dead(n), self._keys.resv(n)]
         return keys
 
+    def _share_keys(self) -> list[str]:
+        k = self._keys
+        return [k.share_dead, k.share_owner, k.share_lex]
+
     async def acquire(self, request: AcquireRequest) -> AcquireResult:
         self._count("acquire")
         pipe = self._pipe
@@ -162,13 +166,15 @@ class RedisStore:
             # limits (_acquire_frame); the ticket's fields in one format each side of them.
             head, middle, pub, tail = self._acquire_frame(request.limits)
             r = request
-            t, p, q, ttl, d, f = (
+            t, p, q, ttl, d, f, o, od = (
                 r.ticket,
                 str(r.priority),
                 str(r.seq),
                 str(r.ttl_ms),
                 str(r.max_depth),
                 str(r.floor),
+                r.owner,
+                str(r.owner_depth),
             )
             tomb = self._tomb_prefix + t
             payload = b"".join((
@@ -178,7 +184,7 @@ class RedisStore:
                 f"${len(t)}\r\n{t}\r\n${len(p)}\r\n{p}\r\n${len(q)}\r\n{q}\r\n${len(ttl)}\r\n{ttl}\r\n"
                 f"${len(d)}\r\n{d}\r\n".encode(),
                 pub,
-                f"${len(f)}\r\n{f}\r\n".encode(),
+                f"${len(f)}\r\n{f}\r\n${len(o)}\r\n{o}\r\n${len(od)}\r\n{od}\r\n".encode(),
                 tail,
             ))  # fmt: skip
             if self._open_until:
@@ -190,9 +196,15 @@ class RedisStore:
             self._failures = 0
             return parse_acquire(raw)
         k = self._keys
-        keys = [k.seq, k.tomb(request.ticket), k.channel, *self._limit_keys(request.limits)]
+        keys = [
+            k.seq,
+            k.tomb(request.ticket),
+            k.channel,
+            *self._limit_keys(request.limits),
+            *self._share_keys(),
+        ]
         args: list[Any] = [request.ticket, request.priority, request.seq, request.ttl_ms, request.max_depth]
-        args += [self._pubcmd, request.floor, len(request.limits)]
+        args += [self._pubcmd, request.floor, request.owner, request.owner_depth, len(request.limits)]
         for limit in request.limits:
             args += [limit.name, limit.capacity, limit.lease_ms]
         return parse_acquire(await self._call("acquire", self._acquire(keys=keys, args=args)))
@@ -202,8 +214,8 @@ class RedisStore:
         frame = self._frames.get(limits)
         if frame is None:
             k, n = self._keys, len(limits)
-            limit_keys = self._limit_keys(limits)
-            nkeys, nargs = 3 + len(limit_keys), 8 + 3 * n
+            limit_keys = self._limit_keys(limits) + self._share_keys()
+            nkeys, nargs = 3 + len(limit_keys), 10 + 3 * n
             head = array_header(3 + nkeys + nargs) + bulk("EVALSHA") + bulk(self._acquire.sha)
             head += bulk(nkeys) + bulk(k.seq)
             middle = bulk(k.channel) + b"".join(bulk(key) for key in limit_keys)
@@ -217,7 +229,7 @@ class RedisStore:
 
     async def release(self, ticket: str, limits: Sequence[Limit], *, tombstone: bool = False) -> int:
         k = self._keys
-        keys = [k.tomb(ticket), k.channel, *self._limit_keys(limits)]
+        keys = [k.tomb(ticket), k.channel, *self._limit_keys(limits), *self._share_keys()]
         args: list[Any] = [ticket, TOMBSTONE_MS if tombstone else 0, self._pubcmd, len(limits)]
         args += [limit.name for limit in limits]
         self._count("release")
@@ -226,7 +238,7 @@ class RedisStore:
     async def refresh(self, limits: Sequence[Limit], tickets: Sequence[str], ttl_ms: int) -> list[int]:
         if not tickets:
             return []
-        keys = [self._keys.channel, *self._limit_keys(limits)]
+        keys = [self._keys.channel, *self._limit_keys(limits), *self._share_keys()]
         args: list[Any] = [ttl_ms, self._pubcmd, len(limits), *[limit.name for limit in limits], *tickets]
         self._count("refresh")
         raw = await self._call("refresh", self._run(self._refresh, keys, args))

@@ -12,9 +12,14 @@ acquire(request)
     on each (ADMITTED), or hold reservations on the limits passed so far and queue the
     ticket on the first limit that blocks it (BLOCKED, with a wait hint), or refuse because
     ``max_depth`` tickets already wait ahead of it (FULL, nothing kept), or refuse because
-    the ticket was aborted (ABORTED, nothing written). Idempotent per ticket.
+    it would start waiting while ``owner_depth`` tickets of its ``owner`` already wait,
+    account-wide (SHARE_FULL, nothing kept; a ticket already waiting keeps its place), or
+    refuse because the ticket was aborted (ABORTED, nothing written). Idempotent per ticket.
+    A waiting ticket with an owner counts in its owner's share until it is admitted, refused,
+    released, or its deadline lapses (its instance died): no counter that could leak.
 release(ticket, limits, tombstone=...)
-    Remove the ticket's leases, reservations and queue entries on ``limits``; with
+    Remove the ticket's leases, reservations and queue entries on ``limits`` (and its place
+    in its owner's share); with
     ``tombstone`` also leave a short-lived marker that makes a late acquire of the ticket
     return ABORTED. Used to abort a waiter (tombstone), to end a concurrency lease, and to
     refund a window lease for a request that provably never left.
@@ -54,6 +59,7 @@ class Status(enum.IntEnum):
     BLOCKED = 2
     FULL = 3
     ABORTED = 4
+    SHARE_FULL = 5  # FULL for its owner: its share of the queue is taken (nothing kept)
 
 
 def score_of(priority: int, seq: int) -> int:
@@ -71,6 +77,8 @@ class AcquireRequest(NamedTuple):
     ttl_ms: int = 4000  # how long a waiting ticket and its reservations live without refresh
     max_depth: int = 10_000
     floor: int = 0  # the highest sequence the caller has seen: a new one is always above it
+    owner: str = ""  # who the ticket belongs to (keys.owner_id: a key fingerprint, a project)
+    owner_depth: int = -1  # refuse (SHARE_FULL) when this many of owner's tickets wait; -1: no share
 
 
 class LimitState(NamedTuple):
@@ -84,8 +92,8 @@ class AcquireResult(NamedTuple):
     status: Status
     seq: int
     score: int = 0  # the ticket's effective ordering score
-    blocked: int = 0  # 1-based index into the request's limits (BLOCKED / FULL)
-    ahead: int = 0  # tickets ahead of this one on the blocking limit
+    blocked: int = 0  # 1-based index into the request's limits (BLOCKED / FULL / SHARE_FULL)
+    ahead: int = 0  # tickets ahead of this one on the blocking limit (SHARE_FULL: its owner's waiting)
     wait_ms: int = 0  # when it is worth asking again (BLOCKED)
     states: tuple[LimitState, ...] = ()  # per limit, in order (ADMITTED)
 

@@ -81,6 +81,8 @@ class Waiter:
         "admitted",
         "max_depth",
         "placed_score",
+        "owner",
+        "owner_depth",
     )
 
     def __init__(
@@ -90,6 +92,8 @@ class Waiter:
         self.limits = limits
         self.priority = priority
         self.max_depth = max_depth
+        self.owner = ""  # keys.owner_id of who it belongs to, when it has a share of the queue
+        self.owner_depth = -1  # that share (-1: none)
         self.admitted = False
         self.placed_score = 0
         self.group = group

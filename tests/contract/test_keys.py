@@ -9,7 +9,7 @@ from importlib import resources
 import pytest
 from redis.crc import key_slot
 
-from gateway.admission.keys import Keys
+from gateway.admission.keys import Keys, owner_id
 
 SCRIPTS = [
     *(("gateway.admission", s) for s in ["acquire", "release", "refresh", "usage", "renew"]),
@@ -30,6 +30,9 @@ def test_exact_key_strings() -> None:
     assert k.channel == "aai:{acme}:wake"
     assert k.usage("2026-11-26") == "aai:{acme}:usage:2026-11-26"
     assert k.streaming_token("ab12") == "aai:{acme}:stoken:ab12"
+    assert k.share_dead == "aai:{acme}:share:dead"
+    assert k.share_owner == "aai:{acme}:share:owner"
+    assert k.share_lex == "aai:{acme}:share:lex"
 
 
 def test_every_key_of_an_account_is_on_one_cluster_slot() -> None:
@@ -44,6 +47,9 @@ def test_every_key_of_an_account_is_on_one_cluster_slot() -> None:
         k.channel,
         k.usage("2026-11-26"),
         k.streaming_token("fp"),
+        k.share_dead,
+        k.share_owner,
+        k.share_lex,
     ]
     assert len({key_slot(key.encode()) for key in keys}) == 1
     other = Keys(prefix="aai", account="other-account")
@@ -98,3 +104,17 @@ def test_scripts_touch_only_declared_keys(script: tuple[str, str]) -> None:
 def test_scripts_open_with_their_contract(script: tuple[str, str]) -> None:
     head = _script(script).split("\n\n", 1)[0]
     assert "KEYS" in head and "ARGV" in head and "Returns" in head
+
+
+def test_owner_ids_are_plain_tokens_or_hashes() -> None:
+    """An owner goes into Redis members and ZLEXCOUNT ranges (``<owner>\\t<ticket>``): a hex
+    fingerprint is kept as it is; anything else is hashed, so no owner can carry a tab, a
+    range bracket or a newline into them, and a hashed owner never equals a plain one."""
+    fp = "0123456789abcdef" * 4
+    assert owner_id(fp) == fp
+    assert owner_id("token") == "token"
+    for odd in ["", "a\tb", "a b", "x" * 129, "[a", "é", "a\nb", "~" + "0" * 32]:
+        got = owner_id(odd)
+        assert got.startswith("~") and len(got) == 33 and got != odd
+        assert all(c in "~0123456789abcdef" for c in got)
+    assert owner_id("a\tb") != owner_id("a b")

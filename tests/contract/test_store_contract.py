@@ -17,7 +17,7 @@ from gateway.admission.limits import (
     window_limit,
 )
 from gateway.admission.store import SEQ_SPAN, AcquireRequest, Status, score_of
-from tests.conftest import StoreEnv
+from tests.conftest import StoreEnv, redis_client
 
 W = 0.2  # window seconds
 G = 50  # guard ms
@@ -286,3 +286,122 @@ async def test_renew_pushes_back_a_live_lease_and_never_revives_a_released_one(s
     assert await store.renew("job", jobs, 300, create=True)  # restored (a job running upstream)
     assert await store.renew("other", jobs, 300, create=True)  # whatever the capacity
     assert await store.usage(jobs) == (2, 0)
+
+
+# -- an owner's share of the queue (queue.max_depth_per_key) -------------------------------
+# A long window, so nothing comes back by itself while a test runs (real Redis included).
+LONG = window_limit("requests", 1, 10.0, 0, rank=RANK_WINDOW)
+
+
+def owned(
+    ticket: str, owner: str, depth: int = 2, *limits, seq: int = 0, ttl_ms: int = 4000
+) -> AcquireRequest:
+    return AcquireRequest(
+        ticket, tuple(limits or (LONG,)), seq=seq, ttl_ms=ttl_ms, owner=owner, owner_depth=depth
+    )
+
+
+async def _fill_long(store) -> None:  # type: ignore[no-untyped-def]
+    assert (await store.acquire(req("fill", LONG))).admitted
+
+
+async def test_owner_share_refuses_a_new_waiter_at_once_keeping_nothing(store_env: StoreEnv) -> None:
+    store = store_env.store()
+    await _fill_long(store)
+    a1, a2 = await store.acquire(owned("a1", "A")), await store.acquire(owned("a2", "A"))
+    assert a1.status is a2.status is Status.BLOCKED
+    a3 = await store.acquire(owned("a3", "A"))
+    assert a3.status is Status.SHARE_FULL and a3.ahead == 2 and a3.blocked == 1
+    assert await store.usage(LONG) == (1, 2)  # a3 kept nothing: no lease, no queue place
+    # Other owners are unaffected: B queues behind A's two, in arrival order.
+    b1 = await store.acquire(owned("b1", "B"))
+    assert b1.status is Status.BLOCKED and b1.ahead == 2
+    # Requests without an owner (a durable job) are not subject to any share.
+    assert (await store.acquire(req("job", LONG))).status is Status.BLOCKED
+    # A ticket already waiting is never refused by its share when it asks again.
+    again = await store.acquire(owned("a2", "A", seq=a2.seq))
+    assert again.status is Status.BLOCKED and again.ahead == 1
+    # Refused on every instance alike: the share is account-wide.
+    other = store_env.store()
+    assert (await other.acquire(owned("a4", "A"))).status is Status.SHARE_FULL
+
+
+async def test_owner_share_does_not_refuse_what_does_not_wait(store_env: StoreEnv) -> None:
+    store = store_env.store()
+    big = window_limit("llm:big", 5, 10.0, 0, rank=RANK_MODEL)
+    for i in range(3):  # depth 0: no request of A may wait; admissions still go through
+        assert (await store.acquire(owned(f"a{i}", "A", 0, big))).admitted
+    for i in range(2):
+        assert (await store.acquire(owned(f"w{i}", "A", 5, big))).admitted
+    r = await store.acquire(owned("late", "A", 0, big))
+    assert r.status is Status.SHARE_FULL and r.ahead == 0
+    assert await store.usage(big) == (5, 0)
+
+
+async def test_owner_share_frees_when_a_waiter_is_admitted(store_env: StoreEnv) -> None:
+    store = store_env.store()
+    jobs = concurrency_limit("async", 1, 30.0, rank=RANK_CONCURRENCY)
+    assert (await store.acquire(req("running", jobs))).admitted
+    a1 = await store.acquire(owned("a1", "A", 2, jobs))
+    a2 = await store.acquire(owned("a2", "A", 2, jobs))
+    assert (await store.acquire(owned("a3", "A", 2, jobs))).status is Status.SHARE_FULL
+    assert await store.release("running", [jobs]) == 1
+    assert (await store.acquire(owned("a1", "A", 2, jobs, seq=a1.seq))).admitted
+    # a1 no longer waits: A has one waiter (a2), so one more may wait.
+    assert (await store.acquire(owned("a3", "A", 2, jobs))).status is Status.BLOCKED
+    assert (await store.acquire(owned("a4", "A", 2, jobs))).status is Status.SHARE_FULL
+    assert a2.status is Status.BLOCKED
+
+
+async def test_owner_share_frees_when_a_waiter_is_aborted(store_env: StoreEnv) -> None:
+    store = store_env.store()
+    await _fill_long(store)
+    for t in ("a1", "a2"):
+        assert (await store.acquire(owned(t, "A"))).status is Status.BLOCKED
+    assert (await store.acquire(owned("a3", "A"))).status is Status.SHARE_FULL
+    assert await store.release("a1", [LONG], tombstone=True) == 1
+    assert (await store.acquire(owned("a3", "A"))).status is Status.BLOCKED
+    assert (await store.acquire(owned("a4", "A"))).status is Status.SHARE_FULL
+
+
+async def test_owner_share_lapses_with_a_dead_instances_tickets(store_env: StoreEnv) -> None:
+    """A dead instance neither refreshes nor aborts: its tickets, and their places in their
+    owner's share, lapse at their deadline; a refreshed ticket keeps its place."""
+    store = store_env.store()
+    await _fill_long(store)
+    ttl = 300
+    assert (await store.acquire(owned("kept", "A", ttl_ms=ttl))).status is Status.BLOCKED
+    assert (await store.acquire(owned("dead", "A", ttl_ms=ttl))).status is Status.BLOCKED
+    assert (await store.acquire(owned("x", "A"))).status is Status.SHARE_FULL
+    await store_env.advance(0.2)
+    assert await store.refresh([LONG], ["kept"], ttl) == [1]
+    await store_env.advance(0.15)  # "dead" lapsed; "kept" was refreshed
+    assert (await store.acquire(owned("y", "A"))).status is Status.BLOCKED
+    assert (await store.acquire(owned("z", "A"))).status is Status.SHARE_FULL  # kept + y
+    assert await store.refresh([LONG], ["kept", "dead"], ttl) == [1, 0]
+
+
+async def test_owner_share_entries_leave_no_trace(store_env: StoreEnv) -> None:
+    """Admitted, refused and aborted waiters leave nothing in the share keys."""
+    store = store_env.store()
+    jobs = concurrency_limit("async", 1, 30.0, rank=RANK_CONCURRENCY)
+    assert (await store.acquire(req("running", jobs))).admitted
+    w1 = await store.acquire(owned("w1", "A", 1, jobs))
+    assert (await store.acquire(owned("w2", "A", 1, jobs))).status is Status.SHARE_FULL
+    w3 = await store.acquire(owned("w3", "B", 1, jobs))
+    await store.release("running", [jobs])
+    assert (await store.acquire(owned("w1", "A", 1, jobs, seq=w1.seq))).admitted
+    await store.release("w3", [jobs], tombstone=True)
+    assert w3.status is Status.BLOCKED
+    if store_env.kind == "memory":
+        assert store.share_size() == 0  # type: ignore[attr-defined]
+        return
+    client, k = store._client, store._keys  # type: ignore[attr-defined]
+    if store_env.kind == "redis":
+        client = await redis_client()
+    try:
+        for key in (k.share_dead, k.share_owner, k.share_lex):
+            assert not await client.exists(key), key
+    finally:
+        if store_env.kind == "redis":
+            await client.aclose()

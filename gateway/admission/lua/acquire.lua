@@ -4,6 +4,7 @@
 -- KEYS[2]            tombstone of this ticket
 -- KEYS[3]            wake channel (declared so Cluster routes the publish with the account)
 -- KEYS[4i..4i+3]     for limit i = 1..n, in the engine's total order: leases, wait, dead, resv
+-- KEYS[4n+4..4n+6]   the account's share keys: share:dead, share:owner, share:lex (keys.py)
 -- ARGV[1]            ticket id
 -- ARGV[2]            priority, 0..99 (higher goes first)
 -- ARGV[3]            arrival sequence, or 0 on the first acquire
@@ -11,19 +12,25 @@
 -- ARGV[5]            max depth: refuse (FULL) when this many tickets wait ahead on the blocking limit
 -- ARGV[6]            publish command: PUBLISH or SPUBLISH
 -- ARGV[7]            floor: the highest arrival sequence the caller has seen (0 if none)
--- ARGV[8]            n, the number of limits
--- ARGV[3i+6..3i+8]   for limit i: name, capacity, lease ms (window + guard, or concurrency ttl)
+-- ARGV[8]            owner id of the ticket (keys.owner_id; no tab), or '' for none
+-- ARGV[9]            owner depth: refuse (SHARE_FULL) a ticket that would START waiting when
+--                    this many of its owner's tickets already wait, account-wide; -1 for no share
+-- ARGV[10]           n, the number of limits
+-- ARGV[3i+8..3i+10]  for limit i: name, capacity, lease ms (window + guard, or concurrency ttl)
 --
 -- Returns an array of integers (never false: it would arrive as None):
 --   ADMITTED {1, seq, score, 0, 0, 0, remaining_1, reset_ms_1, ..., remaining_n, reset_ms_n}
 --   BLOCKED  {2, seq, score, blocked index (1-based), tickets ahead, wait hint ms}
 --   FULL     {3, seq, score, blocked index, tickets ahead, 0}
 --   ABORTED  {4, seq, 0, 0, 0, 0}
+--   SHARE_FULL {5, seq, score, blocked index, the owner's waiting tickets, 0}
 -- Times are Redis's clock (TIME), in ms. Members of leases:L are the ticket itself (a lease)
 -- and ticket..':r' (a reservation), so a reservation refresh can never touch a lease.
 -- resv:L maps each reservation holder to its ordering score (for priority inheritance).
 -- Publishes "<limit>" when capacity on it may be owed to a waiter, and
 -- "<limit>\t<ticket>\t<score>" when a waiter in that limit's queue inherited a priority.
+-- A waiting ticket with an owner is in the share keys, with the same deadline as in dead:L
+-- (so it lapses with it); it leaves them when it is admitted, refused or released.
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -36,7 +43,9 @@ local ttl = tonumber(ARGV[4])
 local max_depth = tonumber(ARGV[5])
 local pubcmd = ARGV[6]
 local floor = tonumber(ARGV[7])
-local n = tonumber(ARGV[8])
+local owner = ARGV[8]
+local odepth = tonumber(ARGV[9])
+local n = tonumber(ARGV[10])
 local resv = ticket .. ':r'
 local SPAN = 1000000000000
 
@@ -68,9 +77,10 @@ local function lk(i) return KEYS[4 * i] end
 local function wk(i) return KEYS[4 * i + 1] end
 local function dk(i) return KEYS[4 * i + 2] end
 local function rk(i) return KEYS[4 * i + 3] end
-local function name(i) return ARGV[3 * i + 6] end
-local function cap(i) return tonumber(ARGV[3 * i + 7]) end
-local function lease_ms(i) return tonumber(ARGV[3 * i + 8]) end
+local function name(i) return ARGV[3 * i + 8] end
+local function cap(i) return tonumber(ARGV[3 * i + 9]) end
+local function lease_ms(i) return tonumber(ARGV[3 * i + 10]) end
+local sdead, sowner, slex = KEYS[4 * n + 4], KEYS[4 * n + 5], KEYS[4 * n + 6]
 local function fmt(x) return string.format('%.0f', x) end
 -- Key lifetimes only ever grow: a key outlives every entry written into it (a short-lived
 -- ticket must not cut short a queue that also holds a longer-lived one).
@@ -132,6 +142,16 @@ local function do_publish()
   for _, msg in ipairs(inherited) do redis.call(pubcmd, KEYS[3], msg) end
 end
 
+-- The ticket's entry in the share keys (it waited with an owner), if any.
+local function leave_share(t)
+  local o = redis.call('HGET', sowner, t)
+  if o then
+    redis.call('ZREM', slex, o .. '\t' .. t)
+    redis.call('HDEL', sowner, t)
+  end
+  redis.call('ZREM', sdead, t)
+end
+
 local function leave_queue(i)
   redis.call('ZREM', wk(i), ticket)
   redis.call('ZREM', dk(i), ticket)
@@ -147,7 +167,10 @@ if blocked == 0 then
       redis.call('ZADD', lk(i), now + lease_ms(i), ticket)
       extend(lk(i), math.max(lease_ms(i), ttl) + 1000)
     end
-    if cur_q == i then leave_queue(i) end
+    if cur_q == i then
+      leave_queue(i)
+      leave_share(ticket)
+    end
     local first = redis.call('ZRANGE', lk(i), 0, 0, 'WITHSCORES')
     local reset = 0
     if #first > 0 then reset = tonumber(first[2]) - now end
@@ -158,7 +181,19 @@ if blocked == 0 then
   return out
 end
 
-if cur_q ~= blocked and ahead_b >= max_depth then
+-- The owner's share: a ticket about to START waiting is refused when its owner already has
+-- odepth tickets waiting (lapsed ones pruned first, in Redis time). One that already waits
+-- keeps its place. Only this path reads the share keys: an admission that does not wait
+-- costs nothing more.
+local mine = -1
+if cur_q == 0 and odepth >= 0 then
+  local lapsed = redis.call('ZRANGEBYSCORE', sdead, '-inf', now)
+  for _, d in ipairs(lapsed) do leave_share(d) end
+  mine = redis.call('ZLEXCOUNT', slex, '[' .. owner .. '\t', '(' .. owner .. '\n')
+  if mine < odepth then mine = -1 end
+end
+
+if mine >= 0 or (cur_q ~= blocked and ahead_b >= max_depth) then
   -- Refused outright: keep nothing, and tell those this ticket was holding up.
   for i = 1, n do
     if holds[i] == 'r' then
@@ -169,9 +204,11 @@ if cur_q ~= blocked and ahead_b >= max_depth then
   end
   if cur_q > 0 then
     leave_queue(cur_q)
+    leave_share(ticket)
     publish[cur_q] = true
   end
   do_publish()
+  if mine >= 0 then return {5, seq, score, blocked, mine, 0} end
   return {3, seq, score, blocked, ahead_b, 0}
 end
 
@@ -200,6 +237,14 @@ redis.call('ZADD', wk(blocked), score, ticket)
 redis.call('ZADD', dk(blocked), deadline, ticket)
 extend(wk(blocked), ttl + 1000)
 extend(dk(blocked), ttl + 1000)
+if odepth >= 0 then
+  redis.call('ZADD', sdead, deadline, ticket)
+  redis.call('HSET', sowner, ticket, owner)
+  redis.call('ZADD', slex, 0, owner .. '\t' .. ticket)
+  extend(sdead, ttl + 1000)
+  extend(sowner, ttl + 1000)
+  extend(slex, ttl + 1000)
+end
 
 -- Priority inheritance: a reservation is never taken away, but a holder that blocks this
 -- ticket on B while ranking below it takes this ticket's priority (keeping its own arrival

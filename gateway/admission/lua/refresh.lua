@@ -2,6 +2,7 @@
 --
 -- KEYS[1]            wake channel
 -- KEYS[4i-2..4i+1]   for limit i = 1..n: leases, wait, dead, resv
+-- KEYS[4n+2..4n+4]   the account's share keys: share:dead, share:owner, share:lex
 -- ARGV[1]            ticket ttl (ms): the new deadline is now + ttl
 -- ARGV[2]            publish command: PUBLISH or SPUBLISH
 -- ARGV[3]            n, the number of limits
@@ -11,6 +12,8 @@
 -- Returns, per ticket, the 1-based index of the limit whose queue it waits in, or 0 when it
 -- waits nowhere (its deadline lapsed and it was purged: the owner must acquire afresh).
 -- Lapsed entries are purged first, so a refresh never revives one (ZADD XX only updates).
+-- A ticket waiting with an owner has its share entry's deadline pushed back with it; one that
+-- waits nowhere leaves its owner's share.
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -37,6 +40,7 @@ for i = 1, n do
   end
 end
 
+local sdead, sowner, slex = KEYS[4 * n + 2], KEYS[4 * n + 3], KEYS[4 * n + 4]
 local out = {}
 for j = 4 + n, #ARGV do
   local ticket = ARGV[j]
@@ -53,6 +57,18 @@ for j = 4 + n, #ARGV do
       redis.call('ZADD', lk, 'XX', deadline, ticket .. ':r')
       extend(lk, ttl + 1000)
       extend(KEYS[4 * i + 1], ttl + 1000)
+    end
+    if redis.call('ZADD', sdead, 'XX', 'CH', deadline, ticket) == 1 then
+      extend(sdead, ttl + 1000)
+      extend(sowner, ttl + 1000)
+      extend(slex, ttl + 1000)
+    end
+  else
+    local owner = redis.call('HGET', sowner, ticket)
+    if owner then
+      redis.call('ZREM', slex, owner .. '\t' .. ticket)
+      redis.call('HDEL', sowner, ticket)
+      redis.call('ZREM', sdead, ticket)
     end
   end
   out[#out + 1] = where

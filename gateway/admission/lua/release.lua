@@ -4,6 +4,7 @@
 -- KEYS[1]            tombstone of this ticket
 -- KEYS[2]            wake channel
 -- KEYS[4i-1..4i+2]   for limit i = 1..n: leases, wait, dead, resv
+-- KEYS[4n+3..4n+5]   the account's share keys: share:dead, share:owner, share:lex
 -- ARGV[1]            ticket id
 -- ARGV[2]            tombstone ttl (ms), 0 for none
 -- ARGV[3]            publish command: PUBLISH or SPUBLISH
@@ -12,7 +13,8 @@
 --
 -- Returns the number of live entries removed (integer; a lease, reservation or waiting ticket
 -- that already lapsed does not count: lapsed entries are purged first, as acquire does). Publishes the name of every limit on which something live was
--- removed: capacity, or a place in a queue, may now be owed to a waiter.
+-- removed: capacity, or a place in a queue, may now be owed to a waiter. The ticket also leaves
+-- its owner's share of the queue (share keys), if it waited with an owner.
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -41,6 +43,13 @@ for i = 1, n do
     removed = removed + got
     redis.call(pubcmd, KEYS[2], ARGV[4 + i])
   end
+end
+local sdead, sowner, slex = KEYS[4 * n + 3], KEYS[4 * n + 4], KEYS[4 * n + 5]
+local owner = redis.call('HGET', sowner, ticket)
+if owner then
+  redis.call('ZREM', slex, owner .. '\t' .. ticket)
+  redis.call('HDEL', sowner, ticket)
+  redis.call('ZREM', sdead, ticket)
 end
 if tomb_ms > 0 then
   redis.call('SET', KEYS[1], '1', 'PX', tomb_ms)
