@@ -102,16 +102,13 @@ def _final_head(
     version = _VERSIONS.get(parser.get_http_version())
     if version is None:
         raise ValueError(f"not an HTTP/1.x response (HTTP/{parser.get_http_version()})")
-    headers: CIMultiDict[str] = CIMultiDict()
-    codings = 0
-    for name, value in raw:
-        key = name.decode("ascii")  # llhttp let only token characters through
-        text = value.decode("utf-8", "surrogateescape").strip(" \t")  # as aiohttp decodes them
-        if len(key) == 17 and key.lower() == "transfer-encoding":
-            codings += 1
-            if codings > 1 or text.lower() != "chunked":
-                raise ValueError("a Transfer-Encoding other than exactly chunked")
-        headers.add(key, text)
+    headers: CIMultiDict[str] = CIMultiDict(
+        # names: llhttp let only token characters through; values as aiohttp decodes them
+        [(name.decode("ascii"), value.decode("utf-8", "surrogateescape").strip(" \t")) for name, value in raw]
+    )
+    codings = headers.getall("Transfer-Encoding", None)
+    if codings is not None and (len(codings) > 1 or codings[0].lower() != "chunked"):
+        raise ValueError("a Transfer-Encoding other than exactly chunked")
     return parser.get_status_code(), reason.decode("utf-8", "surrogateescape"), headers, version
 
 
@@ -173,7 +170,6 @@ class _Conn(asyncio.Protocol):
         self._reason = b""
         self._raw: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0  # bytes fed while no final head was complete
-        self._head_size = 0  # bytes of header names and values in this exchange's heads
         self._interim = 0  # 1xx answers so far
         self._in_interim = False
         self._until_close = False  # a body delimited by the connection's end
@@ -253,13 +249,12 @@ class _Conn(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.head is None:  # (a chunked body's trailers are dropped)
             self._raw.append((name, value))
-            self._head_size += len(name) + len(value) + 4  # with ': ' and CRLF
 
     def on_headers_complete(self) -> None:
         parser = self._parser
         status = parser.get_status_code()
-        if self._head_size > MAX_HEAD:  # (a head that came whole in one read)
-            self._refuse("head too long")
+        if self._head_bytes > MAX_HEAD and sum(len(n) + len(v) + 4 for n, v in self._raw) > MAX_HEAD:
+            self._refuse("head too long")  # (it came whole, in one large read)
         if status < 200:
             self._interim += 1
             if status == 101:
@@ -348,7 +343,7 @@ class _Conn(asyncio.Protocol):
     def reset(self, head_only: bool) -> None:
         self.in_use, self.unfinished = True, False
         self.head, self.head_only = None, head_only
-        self._reason, self._raw, self._head_bytes, self._head_size, self._interim = b"", [], 0, 0, 0
+        self._reason, self._raw, self._head_bytes, self._interim = b"", [], 0, 0
         self._in_interim = self._until_close = False
         self.chunks.clear()
         self.unread, self.eof, self.keep_alive, self.error = 0, False, True, None
