@@ -9,6 +9,8 @@ error with upstream's message; a negative balance pauses dispatching without los
 from __future__ import annotations
 
 import asyncio
+import gzip
+import json
 import os
 import sys
 import tempfile
@@ -16,9 +18,11 @@ import textwrap
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 from gateway.sim.app import Sim, SimConfig
 from tests.conftest import REDIS_URL, redis_client
@@ -361,3 +365,181 @@ async def test_a_job_queued_too_long_ends_in_error() -> None:
         await wait_for(lambda: _status(http, url, stale["id"], "error"), within=5)
         assert "Queued in the gateway for more than" in (await get(http, url, stale["id"]))["error"]
         assert sim.transcripts.submitted == 1
+
+
+# -- what the gateway keeps: only what a job needs --------------------------------------------
+@asynccontextmanager
+async def one_gateway(
+    sim_config: SimConfig, *, store: str = "sqlite", **overrides: Any
+) -> AsyncIterator[tuple[Sim, str, Any]]:
+    """The simulator and one gateway, with its app (to read its job store), on ``store``."""
+    prefix = "tx" + uuid.uuid4().hex[:8]
+    if store == "redis":
+        overrides = {**overrides, "redis": {"url": REDIS_URL, "key_prefix": prefix}}
+    async with running_sim(sim_config) as (sim, sim_url):
+        async with running_gateway(gateway_config(sim_url, **overrides)) as (url, app, _):
+            try:
+                yield sim, url, app
+            finally:
+                if store == "redis":
+                    client = await redis_client()
+                    async for key in client.scan_iter(match=f"{prefix}:*"):
+                        await client.delete(key)
+                    await client.aclose()
+
+
+async def stored_bytes(app: Any) -> bytes:
+    """Everything the job store holds, raw: every Redis key's value under the gateway's
+    prefix, or the sqlite file with its write-ahead log."""
+    from gateway.app import CONFIG
+
+    cfg = app[CONFIG]
+    if cfg.redis.url is None:
+        folder = Path(cfg.transcripts.data_dir)
+        return b"".join(p.read_bytes() for p in sorted(folder.glob("jobs.db*")))  # noqa: ASYNC240
+    client = await redis_client()
+    out = b""
+    try:
+        async for key in client.scan_iter(match=f"{cfg.redis.key_prefix}:*"):
+            kind = (await client.type(key)).decode()
+            if kind == "hash":
+                out += b"".join(k + v for k, v in (await client.hgetall(key)).items())
+            elif kind == "string":
+                out += await client.get(key) or b""
+            elif kind == "zset":
+                out += b"".join(await client.zrange(key, 0, -1))
+    finally:
+        await client.aclose()
+    return out
+
+
+async def stored_history(app: Any) -> bytes:
+    """sqlite's write-ahead log: earlier versions of pages (a running job's body) stay in it
+    until a checkpoint; what a job keeps is judged without it."""
+    from gateway.app import CONFIG
+
+    cfg = app[CONFIG]
+    wal = Path(cfg.transcripts.data_dir) / "jobs.db-wal"
+    return wal.read_bytes() if cfg.redis.url is None and wal.exists() else b"\x00" * 0
+
+
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+async def test_a_job_ended_through_a_poll_keeps_no_transcript(store: str) -> None:
+    from gateway.app import TRANSCRIPTS
+
+    async with (
+        one_gateway(SimConfig(job_seconds=0.2), store=store, **FAST) as (sim, url, app),
+        aiohttp.ClientSession() as http,
+    ):
+        job = await post(http, url, {"audio_url": "https://x/private-audio.mp3", "punctuate": True})
+        await wait_for(lambda: _status(http, url, job["id"], "completed"))
+        done = await get(http, url, job["id"])
+        assert done["text"].startswith("Simulated transcript")  # the client gets it, from upstream
+        kept = await app[TRANSCRIPTS].jobs.get(job["id"])
+        assert kept.body == {} and kept.cred is None
+        assert set(kept.snapshot) <= {"id", "status", "error", "audio_duration"}
+        raw = await stored_bytes(app)
+        assert b"Simulated transcript" not in raw  # never written, not even to the sqlite log
+        assert b"private-audio" not in raw.replace(await stored_history(app), b"")
+
+
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+async def test_delete_purges_what_the_gateway_kept(store: str) -> None:
+    from gateway.app import TRANSCRIPTS
+
+    async with (
+        one_gateway(SimConfig(job_seconds=0.2), store=store, **FAST) as (sim, url, app),
+        aiohttp.ClientSession() as http,
+    ):
+        body = {"audio_url": "https://x/a.mp3", "webhook_url": "https://hooks.example.com/private-hook"}
+        job = await post(http, url, body)
+        await wait_for(lambda: _status(http, url, job["id"], "completed"))
+        async with http.delete(url + f"/v2/transcript/{job['id']}", headers=KEY) as r:
+            assert r.status == 200
+            deleted = await r.json()
+        assert deleted["id"] == job["id"] and deleted["text"] == "Deleted by user."
+        kept = await app[TRANSCRIPTS].jobs.get(job["id"])
+        assert kept.snapshot == {"id": kept.upstream_id, "status": "completed"} and kept.extra == {}
+        assert b"private-hook" not in await stored_bytes(app)
+        again = await get(http, url, job["id"])  # still the client's id, upstream's deleted view
+        assert again["id"] == job["id"] and again["webhook_url"] is None
+
+
+async def test_the_embedded_stores_files_are_private() -> None:
+    from gateway.app import CONFIG
+
+    async with one_gateway(SimConfig(job_seconds=0.1)) as (sim, url, app), aiohttp.ClientSession() as http:
+        await post(http, url, {"audio_url": "https://x/a.mp3"})
+        folder = Path(app[CONFIG].transcripts.data_dir)
+        files = sorted(folder.glob("*.db*"))  # noqa: ASYNC240
+        assert {"jobs.db", "usage.db"} <= {p.name for p in files}
+        assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: "0o600" for p in files}
+
+
+async def test_a_job_upstream_forgot_is_settled_not_left_processing() -> None:
+    """The demo restarted its simulator: upstream answers 404 for a running job. The
+    reconciler ends it in error at once, frees its lease and tells its webhook."""
+    from gateway.app import CONFIG, ENGINE
+    from gateway.products.catalog import Catalog
+    from tests.test_webhooks import Hook, hook_server
+
+    hook = Hook()
+    overrides = {
+        "limits": {"async_concurrency": 1},
+        "transcripts": {"reconcile_after_s": 0.2, "poll_refresh_s": 60, "webhook_allow": ["127.0.0.1"]},
+    }
+    async with (
+        hook_server(hook) as hook_url,
+        one_gateway(SimConfig(job_seconds=30), **overrides) as (sim, url, app),
+        aiohttp.ClientSession() as http,
+    ):
+        job = await post(http, url, {"audio_url": "https://x/a.mp3", "webhook_url": hook_url})
+        waiting = await post(http, url, {"audio_url": "https://x/b.mp3"})
+        assert waiting["status"] == "queued"
+        sim.transcripts.jobs.clear()  # upstream forgot it
+
+        async def told() -> bool:
+            return len(hook.calls) == 1
+
+        await wait_for(told, within=5)
+        assert hook.calls[0]["body"] == {"transcript_id": job["id"], "status": "error"}
+        ended = await get(http, url, job["id"])  # from the gateway, not upstream's 404
+        assert ended["status"] == "error" and "no longer knows" in ended["error"]
+        await wait_for(lambda: _status(http, url, waiting["id"], "processing"), within=5)  # its lease went
+        out, _ = await app[ENGINE].store.usage(Catalog(app[CONFIG].limits).async_jobs)
+        assert out == 1
+
+
+async def test_the_transcript_list_carries_ratelimit_headers() -> None:
+    async with one_gateway(SimConfig()) as (sim, url, app), aiohttp.ClientSession() as http:
+        await post(http, url, {"audio_url": "https://x/a.mp3"})
+        async with http.get(url + "/v2/transcript?limit=5", headers=KEY) as r:
+            assert r.status == 200
+            listed = r.headers
+            assert len((await r.json())["transcripts"]) == 1
+        async with http.get(url + "/v2/transcript/some-upstream-id", headers=KEY) as r:
+            other = r.headers  # another GET on an admitted route, for comparison
+        assert "RateLimit" in listed and listed["RateLimit-Policy"] == other["RateLimit-Policy"]
+
+
+async def test_a_json_body_without_its_content_type_is_read_as_json() -> None:
+    """curl -d '{...}' sends application/x-www-form-urlencoded; the SDKs' raw clients may send
+    none: upstream reads the body as JSON either way, and so does the gateway."""
+    async with one_gateway(SimConfig()) as (sim, url, app), aiohttp.ClientSession() as http:
+        raw = json.dumps({"audio_url": "https://x/a.mp3"}).encode()
+        for content_type in ["application/x-www-form-urlencoded", "text/plain", None]:
+            headers = {**KEY, **({"Content-Type": content_type} if content_type else {})}
+            async with http.post(url + "/v2/transcript", data=raw, headers=headers) as r:
+                assert r.status == 200, (content_type, await r.text())
+                assert (await r.json())["status"] in ("queued", "processing")
+        assert sim.transcripts.submitted == 3
+
+
+async def test_a_gzipped_transcript_request_is_read() -> None:
+    async with one_gateway(SimConfig()) as (sim, url, app), aiohttp.ClientSession() as http:
+        raw = gzip.compress(json.dumps({"audio_url": "https://x/zipped.mp3"}).encode())
+        headers = {**KEY, "Content-Type": "application/json", "Content-Encoding": "gzip"}
+        async with http.post(url + "/v2/transcript", data=raw, headers=headers) as r:
+            assert r.status == 200, await r.text()
+        (upstream_job,) = sim.transcripts.jobs.values()
+        assert upstream_job.body["audio_url"] == "https://x/zipped.mp3"

@@ -5,7 +5,6 @@ twice), the restarted instance joins in, and every job completes exactly once.""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import uuid
@@ -14,7 +13,7 @@ from collections import Counter
 import aiohttp
 import pytest
 
-from gateway.sim.app import SimConfig
+from gateway.sim.app import Sim, SimConfig
 from tests.conftest import REDIS_URL, redis_client
 from tests.helpers import running_sim, start_gateway_process
 from tests.test_transcripts import KEY
@@ -63,7 +62,7 @@ async def test_an_instance_lost_mid_dispatch_every_job_completes_exactly_once(ho
                 deadline = asyncio.get_running_loop().time() + 40
                 while True:
                     statuses = [await _status(http, (b, restarted)[i % 2].url, j) for i, j in enumerate(ids)]
-                    first = await _state_of(prefix, "https://example.com/crash-0.mp3?sim_post_seconds=2")
+                    first = await _state_of(prefix, sim, "https://example.com/crash-0.mp3?sim_post_seconds=2")
                     if all(s == "completed" for s in statuses) and first == "ended":
                         break
                     assert asyncio.get_running_loop().time() < deadline, (statuses, first, b.output()[-2000:])
@@ -96,14 +95,19 @@ async def _status(http: aiohttp.ClientSession, url: str, job_id: str) -> str:
         return str((await r.json())["status"])
 
 
-async def _state_of(prefix: str, audio_url: str) -> str:
-    """The gateway's record of the job whose client never heard back (A died mid-POST)."""
+async def _state_of(prefix: str, sim: Sim, audio_url: str) -> str:
+    """The gateway's record of the job whose client never heard back (A died mid-POST),
+    found through upstream's id for it (the gateway keeps no body once a job is submitted)."""
+    upstream = [i for i, job in sim.transcripts.jobs.items() if job.body.get("audio_url") == audio_url]
     client = await redis_client()
     try:
-        async for key in client.scan_iter(match=f"{prefix}:*:job:*"):
-            body, state = await client.hmget(key, "body", "state")
-            if body and json.loads(body).get("audio_url") == audio_url:
-                return str(state.decode())
+        for upstream_id in upstream:
+            async for key in client.scan_iter(match=f"{prefix}:*:upid:{upstream_id}"):
+                job_id = (await client.get(key) or b"").decode()
+                base = key.decode()[: -len(f":upid:{upstream_id}")]
+                state = await client.hget(f"{base}:job:{job_id}", "state")
+                if state:
+                    return str(state.decode())
         return "missing"
     finally:
         await client.aclose()

@@ -59,7 +59,11 @@ async def with_public_url(sim_cfg: SimConfig, **overrides: Any) -> AsyncIterator
             yield sim, url, (app, registry)
 
 
-FAST_HOOKS: dict[str, Any] = {"transcripts": {"webhook_retry_s": 0.05, "poll_refresh_with_webhooks_s": 60}}
+# The test receivers listen on 127.0.0.1: opened deliberately (webhooks go to public addresses only).
+ALLOW_LOCAL: dict[str, Any] = {"webhook_allow": ["127.0.0.1/32"]}
+FAST_HOOKS: dict[str, Any] = {
+    "transcripts": {"webhook_retry_s": 0.05, "poll_refresh_with_webhooks_s": 60, **ALLOW_LOCAL}
+}
 
 
 async def test_upstream_webhook_is_relayed_with_the_clients_id_query_and_header() -> None:
@@ -165,7 +169,7 @@ async def _job_ids(app: web.Application) -> list[str]:
 
 async def test_without_public_url_the_gateway_still_calls_the_clients_webhook() -> None:
     hook = Hook()
-    overrides = {"transcripts": {"reconcile_after_s": 0.2, "webhook_retry_s": 0.05}}
+    overrides = {"transcripts": {"reconcile_after_s": 0.2, "webhook_retry_s": 0.05, **ALLOW_LOCAL}}
     async with hook_server(hook) as hook_url, running_sim(SimConfig(job_seconds=0.3)) as (sim, sim_url):
         async with (
             running_gateway(gateway_config(sim_url, **overrides)) as (url, _, _),
@@ -177,3 +181,48 @@ async def test_without_public_url_the_gateway_still_calls_the_clients_webhook() 
             await wait_for(lambda: _called(hook))  # learnt by the reconciler, nobody polling
             assert hook.calls[0]["body"] == {"transcript_id": job["id"], "status": "completed"}
             assert hook.calls[0]["query"] == {"c": "1"}
+
+
+async def test_the_receiver_relays_only_what_upstream_sends_checked() -> None:
+    """Whoever holds a job's receiver token (it leaked into a log, say) cannot make the
+    gateway POST their JSON to the client's webhook: a redacted-audio event is relayed as
+    {transcript_id, status, redacted_audio_url} with an https URL, anything else not at all."""
+    hook = Hook()
+    async with (
+        hook_server(hook) as hook_url,
+        with_public_url(SimConfig(job_seconds=30), **FAST_HOOKS) as (sim, url, _),
+        aiohttp.ClientSession() as http,
+    ):
+        job = await post(http, url, {"audio_url": "https://x/a.mp3", "webhook_url": hook_url})
+        (upstream_id,) = sim.transcripts.jobs
+        receiver = url + f"{RECEIVER_PATH}/{job['id']}/{receiver_token(job['id'], Vault(TEST_SECRET_KEY))}"
+        forged: list[dict[str, Any]] = [
+            {"transcript_id": upstream_id, "status": "processing", "text": "attacker's words"},
+            {"transcript_id": upstream_id, "status": "anything", "order": {"amount": 10**6}},
+            {"transcript_id": upstream_id, "status": "redacted_audio_ready",
+             "redacted_audio_url": "javascript:x"},
+            {"transcript_id": upstream_id, "status": "redacted_audio_ready",
+             "redacted_audio_url": "http://x/a"},
+            {"transcript_id": "another-transcript", "status": "redacted_audio_ready",
+             "redacted_audio_url": "https://cdn.example/a.mp3"},
+        ]  # fmt: skip
+        for event in forged:
+            async with http.post(receiver, json=event) as r:
+                assert r.status == 200
+        real = {
+            "transcript_id": upstream_id,
+            "status": "redacted_audio_ready",
+            "redacted_audio_url": "https://cdn.example/redacted.mp3?sig=1",
+            "injected": "<script>",
+        }
+        async with http.post(receiver, json=real) as r:
+            assert r.status == 200
+        await wait_for(lambda: _called(hook))
+        await asyncio.sleep(0.2)
+        assert [c["body"] for c in hook.calls] == [
+            {
+                "transcript_id": job["id"],
+                "status": "redacted_audio_ready",
+                "redacted_audio_url": "https://cdn.example/redacted.mp3?sig=1",
+            }
+        ]

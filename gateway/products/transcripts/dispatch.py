@@ -12,7 +12,10 @@ Outcomes of a POST:
 - the connect failed (nothing left): both leases are given back, the job is requeued;
 - 429, 5xx or a timeout: requeued under a new attempt (the window token stays spent);
 - upstream's negative-balance 400: requeued, and dispatching pauses, retried periodically;
-- any other 4xx (a body upstream refuses): the job ends in error with upstream's message.
+- any other 4xx (a body upstream refuses, a key it does not know): the job ends in error with
+  upstream's message, keeping only its id, status and error; or, when it was submitted at
+  once while its client waited, it is deleted: the client has upstream's answer already, and
+  nothing of a refused request is kept.
 """
 
 from __future__ import annotations
@@ -140,7 +143,7 @@ class Dispatcher:
         except (WaitTimeout, StoreUnavailable):
             self._kick.set()
             return None
-        answer = await self._claim_and_submit(job.id, grant)
+        answer = await self._claim_and_submit(job.id, grant, at_once=True)
         return answer._replace(grant=grant) if answer is not None else None
 
     # -- the loop ------------------------------------------------------------------------------
@@ -199,7 +202,9 @@ class Dispatcher:
             group="transcripts",
         )
 
-    async def _claim_and_submit(self, job_id: str, grant: Grant) -> Submitted | None:
+    async def _claim_and_submit(
+        self, job_id: str, grant: Grant, *, at_once: bool = False
+    ) -> Submitted | None:
         if self.paused:  # admitted meanwhile, but upstream refuses new work for now
             await self._engine.release(grant)
             self._kick.set()
@@ -209,10 +214,10 @@ class Dispatcher:
         job = await self._jobs.claim(job_id, self._engine.instance, claim_ms)
         if job is None:
             return None  # claimed elsewhere, cancelled, or ended: that owner holds the leases
-        return await self._submit(job, grant, claimed_at)
+        return await self._submit(job, grant, claimed_at, at_once=at_once)
 
     # -- submitting ------------------------------------------------------------------------
-    async def _submit(self, job: Job, grant: Grant, claimed_at: float) -> Submitted | None:
+    async def _submit(self, job: Job, grant: Grant, claimed_at: float, *, at_once: bool) -> Submitted | None:
         if job.cred is None:
             await self._on_end(job, None, "The job's credential is gone; it cannot be submitted")
             return None
@@ -233,7 +238,7 @@ class Dispatcher:
         try:
             resp = await self._upstream.send(
                 "POST", url, headers=headers, data=json.dumps(body).encode(), group="rest",  # type: ignore[arg-type]
-                admitted_at=time.perf_counter(), timeout_s=left,
+                admitted_at=time.perf_counter(), timeout_s=left, identity=job.key_fp,
             )  # fmt: skip
         except NeverLeft:
             await self._engine.release(grant)  # nothing reached upstream: both tokens back
@@ -258,9 +263,11 @@ class Dispatcher:
             return None
         finally:
             resp.release()
-        return await self._outcome(job, status, data)
+        return await self._outcome(job, status, data, at_once=at_once)
 
-    async def _outcome(self, job: Job, status: int, data: bytes) -> Submitted | None:
+    async def _outcome(
+        self, job: Job, status: int, data: bytes, *, at_once: bool = False
+    ) -> Submitted | None:
         doc = _json(data)
         if status == 200 and isinstance(doc.get("id"), str):
             await self._jobs.submitted(job.id, doc["id"], doc)
@@ -284,8 +291,18 @@ class Dispatcher:
             log.warning("job %s: upstream answered %s; requeued", job.id, status)
             await self.requeue(job)
             return None
-        await self._on_end(job, {"id": job.id, "status": "error", "error": message}, message)
+        if at_once and 400 <= status < 500:
+            await self._discard(job)
+        else:
+            await self._on_end(job, {"id": job.id, "status": "error", "error": message}, message)
         return Submitted(status, doc, None)
+
+    async def _discard(self, job: Job) -> None:
+        """Upstream refused a job submitted while its client waited: the client gets
+        upstream's answer; the gateway keeps nothing of it, and its lease goes back."""
+        await self._jobs.delete(job.id)
+        await self._engine.store.release(job.ticket, [self._catalog.async_jobs], tombstone=True)
+        self._metrics.child(self._metrics.jobs_ended, "refused").inc()
 
     async def requeue(self, job: Job) -> None:
         """Back in line under a new attempt; the old attempt's concurrency lease goes back.

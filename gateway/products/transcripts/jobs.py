@@ -34,7 +34,7 @@ class State(enum.StrEnum):
 class Job:
     id: str
     key_fp: str  # keyed hash of the creator's API key (ownership checks)
-    body: dict[str, Any]  # the request body as the client sent it
+    body: dict[str, Any]  # the request body as the client sent it; cleared once submitted or ended
     created_ms: int  # wall clock
     priority: int = 0
     state: State = State.QUEUED
@@ -89,7 +89,7 @@ class Job:
         return cls(
             id=f["id"],
             key_fp=f["key_fp"],
-            body=json.loads(f["body"]),
+            body=json.loads(f.get("body") or "{}"),
             created_ms=int(f["created_ms"]),
             priority=int(f.get("priority") or 0),
             state=State(f["state"]),
@@ -148,12 +148,22 @@ class JobStore(Protocol):
         retention_s: int,
         upstream_id: str = "",
     ) -> Job | None:
-        """-> ended (once): the credential is deleted, the record kept ``retention_s``.
+        """-> ended (once): the credential, the body and the webhook's secret are deleted, the
+        rest kept ``retention_s`` (``snapshot`` should be ``ended_snapshot``'s).
         ``upstream_id`` records (and indexes) an id first learnt now, from an early webhook.
         Returns the job as it was, or None if it had already ended (or is unknown)."""
         ...
 
     async def update_extra(self, job_id: str, extra: dict[str, Any]) -> None: ...
+
+    async def delete(self, job_id: str) -> None:
+        """Forget a job entirely (one upstream refused at once: the client has its answer)."""
+        ...
+
+    async def purge(self, job_id: str) -> None:
+        """An ended job keeps only what maps its ids (the transcript was deleted upstream):
+        no snapshot beyond its id and status, no error, no webhook."""
+        ...
 
     async def queued(self, limit: int) -> list[str]:
         """The first ``limit`` queued jobs, in order (priority, then arrival)."""
@@ -173,6 +183,29 @@ class JobStore(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+# What an ended job keeps of upstream's document: never the transcript itself.
+KEPT_AT_END = ("id", "status", "error", "audio_duration")
+MAX_ERROR_CHARS = 1000
+
+
+def ended_snapshot(doc: dict[str, Any]) -> dict[str, Any]:
+    """Upstream's final document reduced to what the gateway keeps: ids, status, the error
+    message (capped) and the audio duration (what upstream bills)."""
+    out = {k: doc[k] for k in KEPT_AT_END if doc.get(k) is not None}
+    if isinstance(out.get("error"), str):
+        out["error"] = out["error"][:MAX_ERROR_CHARS]
+    return out
+
+
+def ended_extra(extra: dict[str, Any]) -> dict[str, Any]:
+    """A job's extra items once it ended: its webhook without the auth header's secret
+    (the relay already holds what it needs; views show only the URL and header name)."""
+    hook = extra.get("webhook")
+    if not isinstance(hook, dict) or "auth_header_value" not in hook:
+        return {}
+    return {"webhook": {k: v for k, v in hook.items() if k != "auth_header_value"}}
 
 
 def extra_fields(extra: dict[str, Any]) -> dict[str, str]:

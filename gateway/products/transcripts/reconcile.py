@@ -6,7 +6,8 @@ instance takes each, by compare-and-set on the job's last-heard time):
 
 - a submitted job is looked up upstream with its own credential (a window token like any
   request): ended -> its lease is released; still running -> its lease is renewed; unknown
-  upstream -> it ends in error;
+  upstream (404: a restarted simulator, a purged account) -> it ends in error at once, its
+  lease freed and its webhook told, rather than waiting out ``lease_ttl_s``;
 - a claimed job whose claim lapsed before its upstream id was recorded (its dispatcher died
   mid-POST) is not requeued blindly: upstream's recent transcripts are searched for it (the
   same audio, created during the claim). Found once -> adopted; not found -> requeued; found
@@ -44,6 +45,12 @@ ENDED = frozenset({"completed", "error"})
 SEARCH_PAGE = 100
 
 Lookup = Callable[[Job, str], Awaitable["dict[str, Any] | None"]]
+
+
+class Forgotten(Exception):
+    """Upstream answered 404 for a job's upstream id: it does not know the job (any more)."""
+
+
 Finish = Callable[[Job, "dict[str, Any] | None", str], Awaitable[None]]
 
 
@@ -61,6 +68,7 @@ class Reconciler:
         lookup: Lookup,
         finish: Finish,
         renew: Callable[[Job], Awaitable[None]],
+        forgotten: Callable[[Job], Awaitable[None]],
         wall: Callable[[], float] = time.time,
     ) -> None:
         self._cfg = cfg
@@ -74,6 +82,7 @@ class Reconciler:
         self._lookup = lookup
         self._finish = finish
         self._renew = renew
+        self._forgotten = forgotten
         self._wall = wall
         self._task: asyncio.Task[None] | None = None
 
@@ -130,7 +139,12 @@ class Reconciler:
 
     async def _check_running(self, job: Job) -> None:
         key = self._vault.decrypt(job.cred or "")
-        snapshot = await self._lookup(job, key)
+        try:
+            snapshot = await self._lookup(job, key)
+        except Forgotten:
+            self._outcome("forgotten")
+            await self._forgotten(job)
+            return
         if snapshot is None:
             self._outcome("unreachable")
             return

@@ -18,7 +18,7 @@ from redis import exceptions as redis_errors
 
 from ...admission.keys import Keys
 from ...errors import StoreUnavailable
-from .jobs import Job, extra_fields, queue_score
+from .jobs import MAX_ERROR_CHARS, Job, ended_extra, extra_fields, queue_score
 
 
 def _script(name: str) -> str:
@@ -60,6 +60,7 @@ class RedisJobStore:
         self._update = client.register_script(head + _script("update"))
         self._end = client.register_script(head + _script("end"))
         self._heard = client.register_script(head + _script("heard"))
+        self._purge = client.register_script(head + _script("purge"))
 
     def _now(self) -> int:
         return int(self._wall() * 1000)
@@ -84,6 +85,13 @@ class RedisJobStore:
             found = await self.get(existing.decode() if isinstance(existing, bytes) else str(existing))
             if found is not None:
                 return found
+            # The key names a job since deleted (upstream refused it at once): a new one.
+            await self._call("create", self._r.delete(idem_key))
+            existing, seq = await self._call("create", self._create(keys=keys, args=args))
+            if existing:  # recreated meanwhile by a concurrent retry
+                found = await self.get(existing.decode() if isinstance(existing, bytes) else str(existing))
+                if found is not None:
+                    return found
         job.seq = int(seq)
         return job
 
@@ -118,6 +126,7 @@ class RedisJobStore:
 
     async def submitted(self, job_id: str, upstream_id: str, snapshot: dict[str, Any]) -> None:
         fields = {"state": "submitted", "upstream_id": upstream_id, "snapshot": json.dumps(snapshot)}
+        fields["body"] = "{}"  # upstream has it now; nothing needs it again
         fields["refreshed_ms"] = str(self._now())
         await self._set(job_id, fields, heard=True, index=upstream_id)
 
@@ -147,7 +156,8 @@ class RedisJobStore:
             return None
         k = self._k
         now = self._now()
-        fields: dict[str, Any] = {"ended_ms": now, "error": error}
+        fields: dict[str, Any] = {"ended_ms": now, "error": error[:MAX_ERROR_CHARS], "body": "{}"}
+        fields.update(extra_fields(ended_extra(job.extra)))
         if snapshot is not None:
             fields.update(snapshot=json.dumps(snapshot), refreshed_ms=now)
         new_index = bool(upstream_id and not job.upstream_id)
@@ -162,6 +172,22 @@ class RedisJobStore:
 
     async def update_extra(self, job_id: str, extra: dict[str, Any]) -> None:
         await self._set(job_id, extra_fields(extra))
+
+    async def delete(self, job_id: str) -> None:
+        k = self._k
+        pipe = self._r.pipeline(transaction=True)
+        pipe.delete(k.job(job_id))
+        pipe.zrem(k.jobs_queued, job_id)
+        pipe.zrem(k.jobs_running, job_id)
+        await self._call("delete", pipe.execute())
+
+    async def purge(self, job_id: str) -> None:
+        job = await self.get(job_id)
+        if job is None or job.state.value != "ended":
+            return
+        snapshot = json.dumps({"id": job.upstream_id or job.id, "status": job.status})
+        args = [snapshot, *(f"x:{name}" for name in job.extra)]
+        await self._call("purge", self._purge(keys=[self._k.job(job_id)], args=args))
 
     async def queued(self, limit: int) -> list[str]:
         ids = await self._call("queued", self._r.zrange(self._k.jobs_queued, 0, limit - 1))

@@ -27,25 +27,26 @@ from aiohttp import hdrs, web
 from ...admission.engine import AdmissionEngine
 from ...clock import Clock
 from ...config import Config
-from ...errors import BadRequest, Conflict, GatewayError, NotFound
+from ...errors import BadRequest, Conflict, GatewayError, NotFound, RateLimited
 from ...metrics import Metrics
-from ...proxy.forward import Upstream
+from ...proxy.forward import NeverLeft, Unsendable, Upstream
 from ...proxy.handler import ProxyHandler
-from ...proxy.headers import admitted_headers, policy
+from ...proxy.headers import admitted_headers, policy, refused_headers
 from ...proxy.urls import gateway_base, rewrite_page_details
 from ...vault import Vault
 from ..catalog import Catalog
-from ..plan import Plan, held_body, parse_object
+from ..plan import Plan, parse_object, read_object
 from .dispatch import Dispatcher
 from .ids import is_job_id, listed_ids, new_job_id, swap
-from .jobs import Job, JobStore, State
-from .reconcile import Reconciler
-from .webhooks import Relay, client_fields, receiver_token, split_webhook
+from .jobs import Job, JobStore, State, ended_snapshot
+from .reconcile import Forgotten, Reconciler
+from .webhooks import Relay, client_fields, receiver_token, redacted_audio_event, split_webhook
 
 log = logging.getLogger(__name__)
 
 ENDED = frozenset({"completed", "error"})
 PRIORITY_HEADER = "X-AAI-Gateway-Priority"
+FORGOTTEN = "AssemblyAI no longer knows this transcript (it was lost upstream); submit it again"
 
 
 class Transcripts:
@@ -81,7 +82,8 @@ class Transcripts:
         )  # fmt: skip
         self.reconciler = Reconciler(
             cfg, jobs=jobs, catalog=catalog, handler=handler, vault=vault, dispatcher=self.dispatcher,
-            metrics=metrics, lookup=self.lookup, finish=self.finish, renew=self.renew, wall=wall,
+            metrics=metrics, lookup=self.lookup, finish=self.finish, renew=self.renew,
+            forgotten=self.forgotten, wall=wall,
         )  # fmt: skip
 
     async def start(self) -> None:
@@ -120,13 +122,16 @@ class Transcripts:
 
     # -- POST /v2/transcript -------------------------------------------------------------
     async def create(self, request: web.Request) -> web.StreamResponse:
-        raw = await held_body(request, self._cfg.proxy.max_json_body_bytes)
-        body = parse_object(raw or b"")
+        # JSON whatever the Content-Type says (curl's default is form-encoded; upstream reads
+        # it as JSON too), inflated if the client compressed it, and never more than a
+        # transcript request needs: a larger body (as sent or inflated) is a 413, nothing stored.
+        body = await read_object(request, self._t.max_request_bytes)
         if not isinstance(body.get("audio_url"), str) or not body["audio_url"].strip():
             raise BadRequest("`audio_url` is required: the URL of the audio or video file to transcribe")
         key = request.headers[hdrs.AUTHORIZATION]
         fingerprint = self._vault.fingerprint(key)
-        upstream_body, hook = split_webhook(body, self._vault)  # the client's webhook stays here
+        # The client's webhook stays here (checked now: one that can never be delivered is a 400).
+        upstream_body, hook = split_webhook(body, self._vault, self.relay.policy)
         job = Job(
             id=new_job_id(),
             key_fp=fingerprint,
@@ -159,13 +164,18 @@ class Transcripts:
             raise BadRequest(f"{PRIORITY_HEADER} must be an integer from 0 to 99") from None
 
     def view(self, job: Job) -> dict[str, Any]:
-        """What the client sees: upstream's last view under the client's id, or, before
-        upstream knows the job, the shape upstream gives a queued transcript."""
-        if job.snapshot is not None:
+        """What the client sees: upstream's last view of a running job under the client's
+        id, or the shape upstream gives a transcript, from what the gateway keeps (a queued
+        job's body; an ended job's ids, status and error: never its body, never its text)."""
+        if job.snapshot is not None and job.state is not State.ENDED:
             return dict(self.client_doc(job, job.snapshot))
-        out: dict[str, Any] = dict(job.body)
+        out: dict[str, Any] = {"audio_url": ""}  # the SDK needs a string
+        out.update(job.body)
         out.update(id=job.id, status=job.status, text=None, words=None, utterances=None, confidence=None)
         out.update(audio_duration=None, error=job.error or None, webhook_status_code=None)
+        if job.state is State.ENDED and job.snapshot is not None:
+            out.update(self.client_doc(job, job.snapshot))
+            out["id"] = job.id
         out.update(client_fields(job))
         return out
 
@@ -189,8 +199,10 @@ class Transcripts:
                 snapshot = await self._refresh(job, request)
                 if snapshot is not None:
                     job.snapshot = snapshot
+                elif job.extra.get("forgotten"):  # it ended now: its view is the gateway's
+                    job = await self.jobs.get(job.id) or job
             return web.json_response(self.view(job))
-        if job.state is State.ENDED and job.upstream_id:
+        if job.state is State.ENDED and job.upstream_id and not job.extra.get("forgotten"):
             return await self._forward(request, job, f"/v2/transcript/{job.upstream_id}")
         return web.json_response(self.view(job))
 
@@ -210,6 +222,8 @@ class Transcripts:
                 else:
                     await self.jobs.refreshed(job.id, snapshot)
                     await self.renew(job)
+        except Forgotten:
+            await self.forgotten(job)
         except GatewayError as exc:
             log.info("refreshing job %s failed (%s); answering from what the gateway knows", job.id, exc)
         finally:
@@ -218,7 +232,8 @@ class Transcripts:
         return snapshot
 
     async def lookup(self, job: Job, key: str) -> dict[str, Any] | None:
-        """GET the job upstream (a window token like any request); None if that failed."""
+        """GET the job upstream (a window token like any request); None if that failed;
+        Forgotten if upstream says it does not know the job (404)."""
         self._metrics.child(self._metrics.job_refreshes).inc()
         plan = Plan(
             "rest", self._cfg.upstream.api_url, self._catalog.account_window("rest", "GET"), 10.0, b""
@@ -226,10 +241,24 @@ class Transcripts:
         status, _, data = await self._handler.fetch(
             plan, "GET", f"/v2/transcript/{job.upstream_id}", {hdrs.AUTHORIZATION: key}
         )
+        if status == 404:
+            raise Forgotten(job.upstream_id)
         if status != 200:
             return None
-        doc = json.loads(data)
+        try:
+            doc = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return None
         return doc if isinstance(doc, dict) else None
+
+    async def forgotten(self, job: Job) -> None:
+        """Upstream no longer knows a running job (a restarted simulator, a purged account):
+        it ends in error, its lease freed, its webhook told; its view comes from the gateway
+        from now on (upstream would answer 404)."""
+        log.warning("job %s: upstream no longer knows %s; it ends in error", job.id, job.upstream_id)
+        await self.jobs.update_extra(job.id, {"forgotten": True})
+        job.extra["forgotten"] = True
+        await self.finish(job, {"id": job.upstream_id, "status": "error", "error": FORGOTTEN}, FORGOTTEN)
 
     async def finish(
         self,
@@ -241,10 +270,11 @@ class Transcripts:
         upstream_id: str = "",
     ) -> None:
         """The job ended (upstream says so, or it never will run): release its lease and
-        tell the client's webhook, once, whoever learnt it first."""
+        tell the client's webhook, once, whoever learnt it first. Of upstream's document only
+        the ids, status, error and audio duration are kept (``ended_snapshot``)."""
         before = await self.jobs.end(
             job.id,
-            snapshot=snapshot,
+            snapshot=ended_snapshot(snapshot) if snapshot is not None else None,
             error=error,
             retention_s=int(self._t.retention_days * 86400),
             upstream_id=upstream_id,
@@ -273,13 +303,16 @@ class Transcripts:
             event = {}
         status, upstream_id = event.get("status"), event.get("transcript_id")
         upstream_id = upstream_id if isinstance(upstream_id, str) else ""
+        if job.upstream_id and upstream_id and upstream_id != job.upstream_id:
+            return web.json_response({"status": "ok"})  # not about this job: nothing to do
         if status in ENDED:
             # Possibly before the dispatcher recorded the upstream id (a job that failed at
             # once): the id comes with the event, and the job ends all the same.
             snapshot = {"id": upstream_id or job.upstream_id, "status": status}
             await self.finish(job, snapshot, upstream_id=upstream_id)
-        elif isinstance(status, str):  # e.g. redacted_audio_ready: relayed as it came
-            self.relay.send(job, self.client_doc(job, event))
+        elif (relayed := redacted_audio_event(job, event)) is not None:
+            # Only the fields upstream sends, checked: never the POST's body as it came.
+            self.relay.send(job, relayed)
         return web.json_response({"status": "ok"})
 
     # -- the other transcript routes ----------------------------------------------------
@@ -307,23 +340,25 @@ class Transcripts:
         return await self._forward(request, job, f"/v2/transcript/{job.upstream_id}/{sub}{query}")
 
     async def list_transcripts(self, request: web.Request) -> web.StreamResponse:
-        """The list, with every upstream id the gateway knows shown as the client's id."""
+        """The list, with every upstream id the gateway knows shown as the client's id. A
+        cursor naming one of the caller's jobs is its upstream id; any other is passed on as
+        is (another key's job id is not mapped: upstream answers for it as for any id)."""
         query = dict(request.query)
         for cursor in ("before_id", "after_id"):
-            if cursor in query:
+            if cursor in query and is_job_id(query[cursor]):
                 job = await self.jobs.get(query[cursor])
-                if job is not None and job.upstream_id:
+                if job is not None and job.upstream_id and self._owned(job, request):
                     query[cursor] = job.upstream_id
         path = "/v2/transcript" + (f"?{urlencode(query)}" if query else "")
-        plan = Plan("rest", self._cfg.upstream.api_url, self._catalog.account_window("rest", "GET"),
-                    self._cfg.queue.max_wait_s, b"")  # fmt: skip
-        status, headers, data = await self._handler.fetch(
-            plan, "GET", path, {hdrs.AUTHORIZATION: request.headers[hdrs.AUTHORIZATION]}
+        status, headers, data, rate = await self._fetch_admitted(
+            "GET", path, request.headers[hdrs.AUTHORIZATION]
         )
         try:
             doc = json.loads(data)
         except (UnicodeDecodeError, json.JSONDecodeError):
-            return web.Response(status=status, body=data, content_type=headers.get(hdrs.CONTENT_TYPE))
+            return web.Response(
+                status=status, body=data, content_type=headers.get(hdrs.CONTENT_TYPE), headers=rate
+            )
         doc = swap(doc, await self.jobs.by_upstream(listed_ids(doc)))
         body = rewrite_page_details(
             json.dumps(doc).encode(),
@@ -334,7 +369,33 @@ class Transcripts:
                 trust_forwarded=self._cfg.proxy.trust_forwarded_headers,
             ),
         )
-        return web.Response(status=status, body=body, content_type="application/json")
+        return web.Response(status=status, body=body, content_type="application/json", headers=rate)
+
+    async def _fetch_admitted(
+        self, method: str, path: str, key: str
+    ) -> tuple[int, Any, bytes, dict[str, str]]:
+        """A GET read by the gateway (the list, whose ids it rewrites) with the RateLimit
+        headers every admitted route returns: admitted here (``ProxyHandler.fetch`` does not
+        hand back its grant), then sent with no second admission and no retry."""
+        limits = self._catalog.account_window("rest", method)
+        try:
+            grant = await self._engine.admit(
+                limits,
+                max_wait_s=self._cfg.queue.max_wait_s,
+                max_depth=self._cfg.queue.max_depth,
+                group="rest",
+            )
+        except RateLimited as exc:
+            limit = next(limit for limit in limits if limit.name == exc.limit)
+            exc.headers.update(refused_headers(limit, exc.retry_after_s))
+            raise
+        plan = Plan("rest", self._cfg.upstream.api_url, (), self._cfg.queue.max_wait_s, None)
+        try:
+            status, headers, data = await self._handler.fetch(plan, method, path, {hdrs.AUTHORIZATION: key})
+        except (NeverLeft, Unsendable):
+            await self._engine.release(grant)  # it never reached upstream: the token goes back
+            raise
+        return status, headers, data, admitted_headers(grant.limits, grant.states)
 
     async def _forward(self, request: web.Request, job: Job, path: str) -> web.StreamResponse:
         plan = Plan(
@@ -343,8 +404,10 @@ class Transcripts:
             path=path, rewrite=lambda doc: self.client_doc(job, doc),
         )  # fmt: skip
         resp = await self._handler.forward(request, plan)
-        if request.method == hdrs.METH_DELETE and resp.status == 200 and job.state is not State.ENDED:
-            await self.finish(job, None)
+        if request.method == hdrs.METH_DELETE and resp.status == 200:
+            if job.state is not State.ENDED:
+                await self.finish(job, None)
+            await self.jobs.purge(job.id)  # deleted upstream: nothing of it stays here either
         return resp
 
     # -- ids in other products' bodies (LLM Gateway) -------------------------------------

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ...localdb import open_db
-from .jobs import Job, State, queue_score
+from .jobs import MAX_ERROR_CHARS, Job, State, ended_extra, queue_score
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -169,6 +169,7 @@ class SqliteJobStore:
                 snapshot,
                 now,
             )
+            job.body = {}  # upstream has it now; nothing needs it again
             self._db.execute(
                 "INSERT OR REPLACE INTO upstream_ids (upstream_id, job_id, expires_ms) VALUES (?, ?, ?)",
                 (upstream_id, job_id, 2**62),
@@ -213,7 +214,9 @@ class SqliteJobStore:
             if job.state is State.ENDED:
                 return False
             before.append(Job.from_fields({k: str(v) for k, v in job.to_fields().items()}))
-            job.state, job.ended_ms, job.cred, job.error = State.ENDED, now, None, error
+            job.state, job.ended_ms, job.cred, job.error = State.ENDED, now, None, error[:MAX_ERROR_CHARS]
+            job.body = {}
+            job.extra.update(ended_extra(job.extra))
             if snapshot is not None:
                 job.snapshot, job.refreshed_ms = snapshot, now
             if upstream_id and not job.upstream_id:  # first learnt now (an early webhook)
@@ -238,6 +241,31 @@ class SqliteJobStore:
             return True
 
         self._update(job_id, change)
+
+    async def delete(self, job_id: str) -> None:
+        def tx(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+            db.execute("DELETE FROM idempotency WHERE job_id = ?", (job_id,))
+            db.execute("DELETE FROM upstream_ids WHERE job_id = ?", (job_id,))
+
+        self._tx(tx)
+
+    async def purge(self, job_id: str) -> None:
+        def tx(db: sqlite3.Connection) -> None:
+            row = db.execute("SELECT data, expires_ms FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                return
+            job = Job.from_fields(json.loads(row[0]))
+            if job.state is not State.ENDED:
+                return
+            job.snapshot = {"id": job.upstream_id or job.id, "status": job.status}
+            job.body, job.error, job.extra = {}, "", {}
+            self._save(db, job, expires_ms=row[1])
+
+        self._tx(tx)
+        # Earlier versions of the row stay in the write-ahead log until a checkpoint: the
+        # client asked for its transcript to be deleted, so they go now (rare, explicit).
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     async def queued(self, limit: int) -> list[str]:
         rows = self._db.execute(
