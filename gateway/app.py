@@ -116,7 +116,9 @@ def target_problem(path: str) -> str | None:
     server could read differently is refused rather than normalised: dot segments in any
     spelling (``..``, ``%2e%2e``, ``%2E.``), empty segments (``//``), encoded slashes and
     backslashes (``%2F``, ``%5C``), backslashes, and NUL or other control characters. No SDK
-    sends any of these (curl and browsers remove dot segments before sending).
+    sends any of these (curl and browsers remove dot segments before sending). The middleware
+    also refuses a path that, read without its ``;parameters`` or trailing slash (as some
+    servers read it), would have been routed elsewhere (``POST /v2/transcript/``).
     """
     if "%" not in path and "/." not in path and "//" not in path and path.isprintable():
         return "a backslash" if "\\" in path else None  # the common case, decided at once
@@ -152,9 +154,17 @@ async def target_middleware(
     if absolute and not raw[:8].lower().startswith(("http://", "https://")):
         return error_response(400, "The request target must be a path (or an absolute http URL)")
     target = request.rel_url.raw_path_qs if absolute else raw
-    problem = target_problem(target.partition("?")[0])
+    path = target.partition("?")[0]
+    problem = target_problem(path)
     if problem is not None:
         return error_response(400, f"The request path is not allowed: it has {problem}")
+    if ";" in path or (path.endswith("/") and path != "/"):
+        # A server that drops ;parameters or a trailing slash would read another path.
+        lenient = "/".join(segment.partition(";")[0] for segment in path.split("/")).rstrip("/") or "/"
+        other = await request.app.router.resolve(request.clone(rel_url=URL(lenient, encoded=True)))
+        if other.route.resource is not request.match_info.route.resource:
+            why = "without its ;parameters or trailing slash it names another route"
+            return error_response(400, f"The request path is not allowed: {why}")
     if absolute:
         request = request.clone(rel_url=URL(target, encoded=True))
     return await handler(request)

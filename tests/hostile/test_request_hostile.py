@@ -438,6 +438,27 @@ async def test_dot_segments_and_odd_paths_are_refused_before_routing() -> None:
         assert g.upstream.seen == [] and g.admitted == 0
 
 
+async def test_a_path_read_leniently_elsewhere_never_skips_its_route() -> None:
+    async with rig() as g:
+        body = b'{"audio_url": "https://a/b"}'
+        for method, target in [
+            ("POST", "/v2/transcript/"),
+            ("POST", "/v2/transcript;x=1"),
+            ("GET", "/v2/transcript/"),
+            ("POST", "/v1/chat/completions/"),  # same route: served, not refused
+            ("GET", "/v2/transcript/abc/"),
+            ("GET", "/v2/upload/"),  # same route: served
+            ("GET", "/v1/models;v=1"),  # same route: served
+        ]:
+            sent = request(method, target, body=body if method == "POST" else b"")
+            [(status, _, payload)] = responses(await raw(g.port, sent))
+            if target.startswith("/v2/transcript"):
+                assert status == 400 and "names another route" in json.loads(payload)["error"], target
+            else:
+                assert status != 400 or "model" in json.loads(payload)["error"], (target, payload)
+        assert [s.target for s in g.upstream.seen] == ["/v2/upload/", "/v1/models;v=1"]
+
+
 async def test_absolute_form_targets_are_routed_and_forwarded_by_their_path() -> None:
     async with rig() as g:
         got = responses(await raw(g.port, request("GET", "http://evil.example/v2/transcript/abc?x=%41")))
