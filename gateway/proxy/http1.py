@@ -19,7 +19,9 @@ maintained) through ``httptools``, as uvicorn parses requests.
   so a confused upstream can at worst mislead the client whose connection it confused. They
   are reused last-in first-out, never limited (an admitted request never waits for a
   connection: ADMISSION.md I1), closed after ``keepalive_s`` idle or the server's
-  ``Keep-Alive: timeout``. A request is never retried: upstream may have counted it.
+  ``Keep-Alive: timeout``, and the longest idle closed past ``MAX_IDLE`` idle connections in
+  all (so many keys, real or made up, cannot hold a descriptor each). A request is never
+  retried: upstream may have counted it.
 - A connection goes back to the pool only after a clean exchange: the response read to its
   end, the request body all sent, no parse error, timeout, cancellation or stray byte. Bytes
   arriving on an idle connection close it, and immediately before each reuse the socket is
@@ -62,6 +64,7 @@ from ..errors import BadGateway
 
 MAX_HEAD = 64 * 1024  # bytes of response heads (interim ones included) per exchange
 MAX_INTERIM = 8  # interim 1xx answers skipped before the final one; more is an error
+MAX_IDLE = 256  # idle connections kept in all (every identity's pool together)
 DNS_TTL_S = 300.0
 PAUSE_AT = 1024 * 1024  # unread response bytes before the connection stops reading
 NO_BODY_STATUS = frozenset({204, 304})
@@ -466,6 +469,7 @@ class Pool:
         self._read_timeout_s = read_timeout_s
         self._keepalive_s = keepalive_s
         self._idle: dict[tuple[str, str, int, str], list[_Conn]] = {}
+        self._lru: dict[_Conn, None] = {}  # every idle connection, the longest idle first
         self._dns: dict[tuple[str, int], tuple[float, list[Any]]] = {}  # (host, port) -> (until, addresses)
         self._resolving: dict[tuple[str, int], asyncio.Future[list[Any]]] = {}
         self._closed = False
@@ -532,6 +536,9 @@ class Pool:
         now = time.monotonic()
         while idle:
             conn = idle.pop()
+            del self._lru[conn]
+            if not idle:
+                del self._idle[key]
             if conn.reusable() and now - conn.idle_since < conn.idle_limit and conn.quiet():
                 return conn
             self._discard(conn)
@@ -596,12 +603,22 @@ class Pool:
             name, _, value = part.strip().partition("=")
             if name.lower() == "timeout" and value.strip().isdigit():
                 limit = min(limit, max(0.0, int(value) - 1.0))  # leave before the server does
-        conn.idle_since, conn.idle_limit = time.monotonic(), limit
-        idle = self._idle.setdefault(conn.key, [])
-        idle.append(conn)
-        while idle and time.monotonic() - idle[0].idle_since >= idle[0].idle_limit:
-            self._discard(idle.pop(0))  # the oldest first: LIFO reuse leaves them at the bottom
-        # (a pool emptied by its idle limit keeps its key: one per identity and host, small)
+        now = time.monotonic()
+        conn.idle_since, conn.idle_limit = now, limit
+        self._idle.setdefault(conn.key, []).append(conn)
+        self._lru[conn] = None
+        # The longest idle go first: past their limit, or past MAX_IDLE in all (one pool per
+        # identity: many clients, or many made-up keys, must not hold a descriptor each).
+        while self._lru:
+            oldest = next(iter(self._lru))
+            if len(self._lru) <= MAX_IDLE and now - oldest.idle_since < oldest.idle_limit:
+                break
+            del self._lru[oldest]
+            idle = self._idle[oldest.key]
+            idle.remove(oldest)
+            if not idle:
+                del self._idle[oldest.key]
+            self._discard(oldest)
 
     @staticmethod
     def _discard(conn: _Conn) -> None:
@@ -613,11 +630,11 @@ class Pool:
 
     async def close(self) -> None:
         self._closed = True
-        for idle in self._idle.values():
-            for conn in idle:
-                if conn.transport is not None:
-                    conn.transport.close()
+        for conn in self._lru:
+            if conn.transport is not None:
+                conn.transport.close()
         self._idle.clear()
+        self._lru.clear()
 
 
 class InvalidHead(ValueError):

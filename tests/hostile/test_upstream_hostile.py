@@ -363,3 +363,29 @@ async def test_identities_never_share_an_idle_connection() -> None:
         assert sorted(len(link.served) for link in up.links) == [3, 3]
         assert all(len(set(link.served)) == 1 for link in up.links)
         await p.close()
+
+
+async def test_many_identities_hold_a_bounded_number_of_idle_connections(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One pool per identity: a client cycling through made-up keys must not make the gateway
+    keep an idle upstream connection (a descriptor) for each."""
+    from gateway.proxy import http1
+
+    monkeypatch.setattr(http1, "MAX_IDLE", 3)
+
+    async def answer(link: Link, who: str, body: bytes) -> bool:
+        link.send(tagged(who))
+        return True
+
+    async with hostile_upstream(answer) as up:
+        p = pool()
+        keys = [f"key-{chr(ord('C') + i)}" for i in range(10)]
+        for who in keys:
+            assert TAG.search(await fetch(p, up.url, who))
+        assert len(p._lru) == 3 and sum(len(idle) for idle in p._idle.values()) == 3
+        assert set(p._idle) == {("http", "127.0.0.1", up.url.port, who) for who in keys[-3:]}  # the newest
+        for who in keys[-3:]:  # still reused
+            assert TAG.search(await fetch(p, up.url, who))
+        assert len(up.links) == 10
+        await p.close()
