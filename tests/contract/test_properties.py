@@ -60,6 +60,7 @@ acquire_op = st.tuples(
     st.integers(0, 3),
     st.sampled_from([0, 0, 50, 99]),
     st.sampled_from([200, 3000]),
+    st.sampled_from([-1, -1, 0, 1, 2]),  # its owner's share of the queue (-1: no owner)
 )
 release_op = st.tuples(st.just("rel"), st.integers(0, 5), st.booleans())
 refresh_op = st.tuples(st.just("ref"), st.lists(st.integers(0, 5), min_size=1, max_size=3))
@@ -91,6 +92,7 @@ async def run(store: Store, clock: ManualClock | None, ops: list[Any], window_s:
     cls = classes(window_s)
     seqs: dict[str, int] = {}
     klass: dict[str, int] = {}
+    depths: dict[str, int] = {}
     admitted: dict[str, float] = {}  # ticket -> time admitted (I1/I2 bookkeeping)
     starts: dict[str, list[tuple[float, str]]] = {}
     base: int | None = None
@@ -98,10 +100,19 @@ async def run(store: Store, clock: ManualClock | None, ops: list[Any], window_s:
     for op in ops:
         kind = op[0]
         if kind == "acq":
-            _, t, c, prio, ttl_ms = op
+            _, t, c, prio, ttl_ms, depth = op
             ticket = TICKETS[t]
             c = klass.setdefault(ticket, c)  # a ticket keeps its class for life
-            request = AcquireRequest(ticket, cls[c], priority=prio, seq=seqs.get(ticket, 0), ttl_ms=ttl_ms)
+            depth = depths.setdefault(ticket, depth)  # and its owner and share
+            request = AcquireRequest(
+                ticket,
+                cls[c],
+                priority=prio,
+                seq=seqs.get(ticket, 0),
+                ttl_ms=ttl_ms,
+                owner="AB"[t % 2] if depth >= 0 else "",
+                owner_depth=depth,
+            )
             result = await store.acquire(request)
             if result.seq and ticket not in seqs:
                 seqs[ticket] = result.seq
@@ -187,3 +198,88 @@ def test_real_redis_decides_like_the_embedded_store(ops: list[Any]) -> None:
 def test_scores_stay_exact_at_the_edges() -> None:
     """Priority 0 with the largest sequence is the largest score, and stays exact in Lua."""
     assert (99 * SEQ_SPAN + SEQ_SPAN - 1) < 10**14 < 2**53
+
+
+# -- owners' shares of the queue, under contention ------------------------------------------
+SHARE_TICKETS = [f"s{i}" for i in range(12)]
+SHARE_DEPTH = 2
+share_ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("acq"), st.integers(0, 11), st.sampled_from([200, 3000])),
+        st.tuples(st.just("acq"), st.integers(0, 11), st.sampled_from([200, 3000])),
+        st.tuples(st.just("acq"), st.integers(0, 11), st.sampled_from([200, 3000])),
+        st.tuples(st.just("rel"), st.integers(0, 11), st.booleans()),
+        st.tuples(st.just("ref"), st.lists(st.integers(0, 11), min_size=1, max_size=4)),
+        st.tuples(st.just("adv"), st.sampled_from([1, 150, 199, 201, 1000, 3001])),
+    ),
+    min_size=8,
+    max_size=50,
+)
+
+
+async def run_shares(store: Store, clock: ManualClock, ops: list[Any]) -> list[Any]:
+    """Owners A and B (ticket i belongs to "AB"[i % 2]) share a queue behind one slow token;
+    checks, as it goes, that no owner ever has more than SHARE_DEPTH tickets waiting."""
+    slow = (concurrency_limit("async", 1, 3600, rank=RANK_CONCURRENCY),)
+    seqs: dict[str, int] = {}
+    waiting: dict[str, int] = {}  # ticket -> its deadline (ms of the clock), as last told
+    base: int | None = None
+    out: list[Any] = []
+    for op in ops:
+        now_ms = clock.now_ms()  # as the stores read it (whole ms)
+        for t in [t for t, d in waiting.items() if d <= now_ms]:
+            del waiting[t]  # lapsed, as the store will find
+        if op[0] == "acq":
+            _, i, ttl_ms = op
+            ticket = SHARE_TICKETS[i]
+            owner = "AB"[i % 2]
+            request = AcquireRequest(
+                ticket, slow, seq=seqs.get(ticket, 0), ttl_ms=ttl_ms, owner=owner, owner_depth=SHARE_DEPTH
+            )
+            result = await store.acquire(request)
+            if result.seq and ticket not in seqs:
+                seqs[ticket] = result.seq
+                base = result.seq - 1 if base is None else base
+            out.append(normalize(result, base or 0, timing=True))
+            if result.status is Status.BLOCKED:
+                waiting[ticket] = now_ms + ttl_ms
+            else:
+                waiting.pop(ticket, None)
+            mine = [t for t in waiting if "AB"[int(t[1:]) % 2] == owner]
+            assert len(mine) <= SHARE_DEPTH, (owner, mine)
+            if result.status is Status.SHARE_FULL:
+                assert result.ahead == len(mine) == SHARE_DEPTH
+        elif op[0] == "rel":
+            ticket = SHARE_TICKETS[op[1]]
+            out.append(("rel", await store.release(ticket, slow, tombstone=op[2])))
+            waiting.pop(ticket, None)
+        elif op[0] == "ref":
+            tickets = [SHARE_TICKETS[i] for i in op[1]]
+            where = await store.refresh(slow, tickets, 3000)
+            out.append(("ref", tuple(where)))
+            for ticket, w in zip(tickets, where, strict=True):
+                if w:
+                    waiting[ticket] = now_ms + 3000
+                else:
+                    waiting.pop(ticket, None)
+        else:
+            await clock.advance(op[1] / 1000, turns=1)
+    return out
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(share_ops)
+def test_owner_shares_agree_on_every_store_and_hold(ops: list[Any]) -> None:
+    async def both() -> tuple[list[Any], list[Any]]:
+        clock = ManualClock()
+        memory = await run_shares(MemoryStore(clock), clock, ops)
+        with frozen_manual_clock() as fclock:
+            client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+            try:
+                fake = await run_shares(RedisStore(client, Keys(prefix="p"), shebang=False), fclock, ops)
+            finally:
+                await client.aclose()
+        return memory, fake
+
+    memory, fake = asyncio.run(both())
+    assert memory == fake
