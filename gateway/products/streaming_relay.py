@@ -346,6 +346,7 @@ class _Session:
         self.gone = asyncio.Event()  # client_gone, awaitable
         self.replay_lag = 0.0  # how far the replay runs behind the client
         self.give_up: asyncio.TimerHandle | None = None  # a Terminate's wait for admission
+        self.queued = False  # waiting for admission (WAITING also covers opening upstream)
         self.upstream_open = False  # a fragmented message forwarded upstream is not finished
         self.client_open = False  # nor one forwarded to the client
         self.skip_cont = False  # the rest of upstream's message, after the gateway ended it
@@ -361,6 +362,7 @@ class _Session:
                              "(streaming.max_waiting_sessions)")  # fmt: skip
             return
         relay._waiting += 1
+        self.queued = True
         admit = asyncio.create_task(self._admit())
         watch = asyncio.create_task(self.left.wait())
         try:
@@ -368,6 +370,7 @@ class _Session:
                 done, _ = await asyncio.wait({admit, watch}, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 relay._waiting -= 1
+                self.queued = False
                 if self.give_up is not None:
                     self.give_up.cancel()
             if admit not in done:  # the client left, or ended, while waiting: no session opens
@@ -470,7 +473,7 @@ class _Session:
             self._send_upstream(kind, f)
         elif state == WAITING and not self.client_ended:
             self._keep(now, kind, f)
-            if kind == TERMINATE_KIND:
+            if kind == TERMINATE_KIND and self.queued:  # (opening upstream: replayed with the rest)
                 # Before Begin. The SDK waits 5 s for Termination: the kept audio is
                 # transcribed only if admission comes soon enough for its replay (at its
                 # pace) to end within TERMINATE_WITHIN_S; else the session ends when that
@@ -513,7 +516,7 @@ class _Session:
     def _give_up(self) -> None:
         """A session that ended before Begin ends now: nothing is replayed (nobody would read
         the transcript), no upstream session opens, the client gets Termination."""
-        if self.state == WAITING:
+        if self.queued:
             self._drop_backlog()
             self.left.set()
 

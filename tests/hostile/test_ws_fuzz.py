@@ -222,6 +222,7 @@ def fake_session(state: str, loop: asyncio.AbstractEventLoop) -> tuple[_Session,
     request: Any = SimpleNamespace(transport=client, headers={})
     session = _Session(relay, request, owner="fuzz", max_wait_s=1.0)
     session.state = state
+    session.queued = state == WAITING  # as while it waits for admission
     if state == RELAYING:
         upstream = ws_wire.Upstream(1 << 20)
         upstream.transport = up  # type: ignore[assignment]
