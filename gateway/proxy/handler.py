@@ -17,6 +17,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from typing import NamedTuple
 
 from aiohttp import hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -40,6 +41,15 @@ log = logging.getLogger(__name__)
 GROUP: web.RequestKey[str] = web.RequestKey("group", str)
 
 Planner = Callable[[web.Request, Config, Catalog], Awaitable[Plan]]
+
+
+class Fetched(NamedTuple):
+    """An answer the gateway read itself, and the RateLimit headers of its admission."""
+
+    status: int
+    headers: CIMultiDictProxy[str]
+    body: bytes
+    rate_headers: dict[str, str]
 
 
 class ClientGone(Exception):
@@ -156,13 +166,27 @@ class ProxyHandler:
     ) -> tuple[int, CIMultiDictProxy[str], bytes]:
         """Admit, send upstream and read a small answer: for the gateway's own calls
         (refreshing a transcript, say) rather than relaying one to a client."""
-        resp, _ = await self._exchange(plan, method, path, CIMultiDict(headers), plan.body or None, None)
+        fetched = await self.fetch_admitted(plan, method, path, headers, for_client=False)
+        return fetched.status, fetched.headers, fetched.body
+
+    async def fetch_admitted(
+        self, plan: Plan, method: str, path: str, headers: Mapping[str, str], *, for_client: bool = True
+    ) -> Fetched:
+        """``fetch``, with the RateLimit headers of the admission: for an answer the gateway
+        reads and then gives a client (the transcript list, whose ids it rewrites), whose
+        wait counts against its key's share of the queue (``for_client``). The gateway's own
+        calls (refreshes, the reconciler) are bounded by its jobs and take no share."""
+        resp, grant = await self._exchange(
+            plan, method, path, CIMultiDict(headers), plan.body or None, None, shared=for_client
+        )
         try:
-            return resp.status, resp.headers, await resp.read()
+            body = await resp.read()
         except (OSError, TimeoutError) as exc:  # a lost connection either way
             raise translate(exc) from exc
         finally:
             resp.release()
+        rate = admitted_headers(grant.limits, grant.states) if grant else {}
+        return Fetched(resp.status, resp.headers, body, rate)
 
     async def _exchange(
         self,
@@ -172,6 +196,8 @@ class ProxyHandler:
         headers: CIMultiDict[str],
         data: object,
         request: web.Request | None,
+        *,
+        shared: bool = True,
     ) -> tuple[Response, Grant | None]:
         """One admitted upstream exchange, retrying an upstream 429 within the max wait when
         the body can be sent again. Returns the response unread (the caller releases it)."""
@@ -180,7 +206,7 @@ class ProxyHandler:
         url = URL(plan.base_url + path, encoded=True)
         identity = key_identity(headers.get(hdrs.AUTHORIZATION, ""))
         while True:
-            grant = await self._admit(plan, deadline)
+            grant = await self._admit(plan, deadline, identity if shared else "")
             if request is not None and client_gone(request):
                 await self._refund(grant)
                 raise ClientGone()
@@ -208,7 +234,7 @@ class ProxyHandler:
                     continue
             return resp, grant
 
-    async def _admit(self, plan: Plan, deadline: float) -> Grant | None:
+    async def _admit(self, plan: Plan, deadline: float, owner: str) -> Grant | None:
         if not plan.limits:
             return None
         try:
@@ -217,6 +243,8 @@ class ProxyHandler:
                 max_wait_s=max(0.0, deadline - self._clock.now()),
                 max_depth=self._cfg.queue.max_depth,
                 group=plan.group,
+                owner=owner,
+                max_owner_depth=self._cfg.queue.depth_per_key if owner else None,
             )
         except RateLimited as exc:
             limit = next(limit for limit in plan.limits if limit.name == exc.limit)

@@ -27,11 +27,11 @@ from aiohttp import hdrs, web
 from ...admission.engine import AdmissionEngine
 from ...clock import Clock
 from ...config import Config
-from ...errors import BadRequest, Conflict, GatewayError, NotFound, RateLimited
+from ...errors import BadRequest, Conflict, GatewayError, NotFound
 from ...metrics import Metrics
-from ...proxy.forward import NeverLeft, Unsendable, Upstream
+from ...proxy.forward import Upstream
 from ...proxy.handler import ProxyHandler
-from ...proxy.headers import admitted_headers, policy, refused_headers
+from ...proxy.headers import admitted_headers, policy
 from ...proxy.urls import gateway_base, rewrite_page_details
 from ...vault import Vault
 from ..catalog import Catalog
@@ -350,8 +350,10 @@ class Transcripts:
                 if job is not None and job.upstream_id and self._owned(job, request):
                     query[cursor] = job.upstream_id
         path = "/v2/transcript" + (f"?{urlencode(query)}" if query else "")
-        status, headers, data, rate = await self._fetch_admitted(
-            "GET", path, request.headers[hdrs.AUTHORIZATION]
+        plan = Plan("rest", self._cfg.upstream.api_url, self._catalog.account_window("rest", "GET"),
+                    self._cfg.queue.max_wait_s, b"")  # fmt: skip
+        status, headers, data, rate = await self._handler.fetch_admitted(
+            plan, "GET", path, {hdrs.AUTHORIZATION: request.headers[hdrs.AUTHORIZATION]}
         )
         try:
             doc = json.loads(data)
@@ -370,32 +372,6 @@ class Transcripts:
             ),
         )
         return web.Response(status=status, body=body, content_type="application/json", headers=rate)
-
-    async def _fetch_admitted(
-        self, method: str, path: str, key: str
-    ) -> tuple[int, Any, bytes, dict[str, str]]:
-        """A GET read by the gateway (the list, whose ids it rewrites) with the RateLimit
-        headers every admitted route returns: admitted here (``ProxyHandler.fetch`` does not
-        hand back its grant), then sent with no second admission and no retry."""
-        limits = self._catalog.account_window("rest", method)
-        try:
-            grant = await self._engine.admit(
-                limits,
-                max_wait_s=self._cfg.queue.max_wait_s,
-                max_depth=self._cfg.queue.max_depth,
-                group="rest",
-            )
-        except RateLimited as exc:
-            limit = next(limit for limit in limits if limit.name == exc.limit)
-            exc.headers.update(refused_headers(limit, exc.retry_after_s))
-            raise
-        plan = Plan("rest", self._cfg.upstream.api_url, (), self._cfg.queue.max_wait_s, None)
-        try:
-            status, headers, data = await self._handler.fetch(plan, method, path, {hdrs.AUTHORIZATION: key})
-        except (NeverLeft, Unsendable):
-            await self._engine.release(grant)  # it never reached upstream: the token goes back
-            raise
-        return status, headers, data, admitted_headers(grant.limits, grant.states)
 
     async def _forward(self, request: web.Request, job: Job, path: str) -> web.StreamResponse:
         plan = Plan(
