@@ -12,7 +12,13 @@ never retries. So the gateway:
   than real time (upstream closes 3007 on faster audio), or drops them
   (``streaming.backlog: drop``). Past ``streaming.max_wait_s`` the client gets an ``Error``
   message and a 3009 close naming the gateway's limit. A client that leaves while waiting
-  never opens an upstream session;
+  never opens an upstream session; one that sends ``Terminate`` before ``Begin`` gets its
+  ``Termination`` within the SDK's 5 s wait (its audio transcribed only if that fits);
+- holds bounded memory: at most ``streaming.max_waiting_sessions`` wait on an instance (more
+  get 3009 at once) and ``streaming.max_buffered_bytes`` are held across its sessions (kept
+  backlogs and unfinished frames); only small text frames are read (``READ_MAX``);
+- speaks strict RFC 6455 on both legs (ws_wire.FrameReader): a client's bad frame closes it
+  with 1002, a bad frame from upstream is never forwarded (the client gets 1011);
 - relays both ways: binary audio, JSON messages, close codes and reasons, the query string
   and ``Authorization`` / ``AssemblyAI-Version`` headers unchanged (``?token=`` works too);
 - ends every upstream session it opened with ``Terminate``: when the client goes away
@@ -327,7 +333,7 @@ class _Session:
         self.backlog_bytes = 0
         self.client_gone = False  # it closed, or its connection ended
         self.client_closed = False  # the gateway sent it a close frame
-        self.client_ended = False  # it sent Terminate while waiting: no session opens
+        self.client_ended = False  # it sent Terminate before Begin
         self.terminated = False  # a Terminate went upstream
         self.end_reason = "client"  # it sent Terminate, unless set otherwise
         self.last_audio = self.last_seen = time.monotonic()
