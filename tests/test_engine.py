@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 
 import pytest
 
-from gateway.admission.engine import AdmissionEngine, Grant
+from gateway.admission.engine import AdmissionEngine, Grant, format_seconds
 from gateway.admission.limits import RANK_MODEL, RANK_WINDOW, Limit, window_limit
 from gateway.admission.store import AcquireRequest, AcquireResult, LimitState, Status, Store
 from gateway.clock import settle
@@ -422,3 +422,11 @@ async def test_a_timeout_says_how_long_it_waited_in_round_numbers(store_env: Sto
         with pytest.raises(WaitTimeout) as info:
             late.result()
         assert "waited 0.1s for the gateway's 'requests' limit" in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(9.99999, "10"), (10.0, "10"), (0.0999999, "0.1"), (2.5, "2.5"), (25, "25"), (59.7, "60"), (0.0, "0")],
+)
+def test_durations_in_messages_are_rounded(seconds: float, text: str) -> None:
+    assert format_seconds(seconds) == text

@@ -147,7 +147,7 @@ class AdmissionEngine(Waking):
                 remaining = start + max_wait_s - self._clock.now()
                 got = await self._wait(w, remaining) if remaining > 0 else None
                 if got is None:
-                    why = f"waited {_seconds(max_wait_s)}s for"
+                    why = f"waited {format_seconds(max_wait_s)}s for"
                     raise self._refusal(WaitTimeout, w, w.last or result, why, counted=not durable)
                 result = got
             if result.status is Status.ADMITTED:
@@ -251,8 +251,9 @@ class AdmissionEngine(Waking):
 _KEPT_NOTHING = (Status.FULL, Status.SHARE_FULL)
 
 
-def _seconds(s: float) -> str:
-    """A duration for a message: tenths below 10 s, whole seconds above (never 9.99999)."""
+def format_seconds(s: float) -> str:
+    """A duration for a message a client reads: tenths below 10 s, whole seconds above, so
+    "waited 10s", never "waited 9.99999s" (callers with their own refusal texts use it too)."""
     return f"{round(s, 1):g}" if s < 10 else f"{round(s)}"
 
 
