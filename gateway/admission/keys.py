@@ -4,6 +4,10 @@ All keys of one account share one hash tag, ``{account}``, so every multi-key sc
 unchanged on Redis Cluster (one account lives on one shard; Cluster spreads accounts).
 ``prefix`` sits outside the tag so tests can isolate themselves without FLUSHALL.
 
+The owners' shares of the queue live in three keys per account rather than one per owner:
+release and refresh know only a ticket, and a script may touch only keys named before it
+runs, so the ticket's owner is looked up (share:owner) inside the script.
+
     <prefix>:{<account>}:leases:<limit>   sorted set: lease/reservation -> expiry (ms, store time)
     <prefix>:{<account>}:wait:<limit>     sorted set: ticket -> (99 - priority) * 10^12 + arrival seq
     <prefix>:{<account>}:dead:<limit>     sorted set: ticket -> deadline (ms, store time)
@@ -12,7 +16,7 @@ unchanged on Redis Cluster (one account lives on one shard; Cluster spreads acco
     <prefix>:{<account>}:tomb:<ticket>    tombstone of an aborted ticket (short TTL)
     <prefix>:{<account>}:share:dead       sorted set: waiting ticket with an owner -> deadline (ms)
     <prefix>:{<account>}:share:owner      hash: waiting ticket with an owner -> owner id
-    <prefix>:{<account>}:share:lex        sorted set, every score 0: "<owner id>\t<ticket>" (counted
+    <prefix>:{<account>}:share:lex        sorted set, every score 0: owner id, a tab, ticket (counted
                                           per owner with ZLEXCOUNT: the owner's waiting tickets)
     <prefix>:{<account>}:wake             pub/sub channel: wake-up messages (store.py)
     <prefix>:{<account>}:job:<id>         hash: a transcript job (products/transcripts/jobs.py)
