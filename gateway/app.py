@@ -17,11 +17,15 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from yarl import URL
 
@@ -107,6 +111,36 @@ def errors_middleware(metrics: Metrics) -> Callable[..., Awaitable[web.StreamRes
                 metrics.child(metrics.requests, request.get(GROUP, "other"), outcome).inc()
 
     return middleware
+
+
+def json_protocol_errors() -> None:
+    """Requests aiohttp cannot parse (a bad request line, Content-Length with
+    Transfer-Encoding, an oversized header...) are answered by aiohttp itself, before any
+    middleware, in text/plain. Give them AssemblyAI's shape too: ``RequestHandler.handle_error``
+    is the only place aiohttp offers, so it is wrapped, once per process. The connection is
+    closed after the answer, as aiohttp does."""
+    original = RequestHandler.handle_error
+    if getattr(original, "aai_json", False):
+        return
+
+    def handle_error(
+        self: RequestHandler,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        original(self, request, status, exc, message)  # logs; raises if an answer began
+        detail = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Error"
+        if isinstance(exc, HttpProcessingError) and status < 500 and exc.message:
+            first = str(exc.message).splitlines()[0][:200]
+            detail = f"{detail}: {''.join(c if c.isprintable() else '?' for c in first)}"
+        resp = error_response(status, detail)
+        resp.force_close()
+        return resp
+
+    handle_error.aai_json = True  # type: ignore[attr-defined]
+    RequestHandler.handle_error = handle_error  # type: ignore[method-assign]
 
 
 def target_problem(path: str) -> str | None:
@@ -222,6 +256,7 @@ def build_app(
         vault=vault, metrics=metrics, clock=clock,
     )  # fmt: skip
 
+    json_protocol_errors()
     app = web.Application(
         middlewares=[target_middleware, errors_middleware(metrics)],
         # Bodies pass through as the client sent them: decompressing them here once let a
