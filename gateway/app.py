@@ -244,13 +244,14 @@ def build_app(
     )
     engine = AdmissionEngine(store, clock, ticket_ttl_ms=config.queue.ticket_ttl_ms, observer=metrics)
     upstream = Upstream(config.upstream, metrics)
+    vault = load_vault(shared=config.redis.url is not None, data_dir=Path(config.transcripts.data_dir))
     handler = ProxyHandler(
-        config, catalog=catalog, engine=engine, upstream=upstream, metrics=metrics, clock=clock
-    )
+        config, catalog=catalog, engine=engine, upstream=upstream, metrics=metrics, clock=clock,
+        identify=vault.fingerprint,
+    )  # fmt: skip
     jobs = make_job_store(
         config, store, on_call=lambda op: metrics.child(metrics.store_calls, f"job_{op}").inc()
     )
-    vault = load_vault(shared=config.redis.url is not None, data_dir=Path(config.transcripts.data_dir))
     transcripts = Transcripts(
         config, jobs=jobs, engine=engine, catalog=catalog, handler=handler, upstream=upstream,
         vault=vault, metrics=metrics, clock=clock,

@@ -16,7 +16,6 @@ from gateway.app import CONFIG, ENGINE, target_problem
 from gateway.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 from gateway.products.catalog import Catalog
 from gateway.proxy.body import inflate
-from gateway.proxy.handler import key_identity
 from gateway.sim.app import SimConfig
 from tests.helpers import free_port, gateway_config, metric, running_gateway, running_sim, stack
 
@@ -333,9 +332,3 @@ def test_bodies_are_inflated_within_the_cap_only_to_be_read() -> None:
     ]:
         with pytest.raises(error):
             inflate(data, codings, len(doc) - 1 if error is PayloadTooLarge else 100)
-
-
-def test_key_identity_tells_keys_apart_without_holding_them() -> None:
-    a, b = key_identity("key-a"), key_identity("key-b")
-    assert a != b and len(a) == 32 and "key-a" not in a and a == key_identity("key-a")
-    assert key_identity("") == ""

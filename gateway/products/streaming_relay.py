@@ -42,7 +42,7 @@ from typing import Any
 from aiohttp import WSCloseCode, hdrs, web
 from yarl import URL
 
-from ..admission.engine import AdmissionEngine, Grant
+from ..admission.engine import AdmissionEngine, Grant, format_seconds
 from ..clock import Clock
 from ..config import Config
 from ..errors import GatewayError, RateLimited, StoreUnavailable, Unauthorized
@@ -394,9 +394,8 @@ class _Session:
                 admit.result()
             except RateLimited as exc:
                 self.end_reason = "refused"
-                self._send_error(
-                    TOO_MANY, f"aai-gateway: waited {self.max_wait_s:g}s for the '{exc.limit}' limit"
-                )
+                waited = format_seconds(self.max_wait_s)
+                self._send_error(TOO_MANY, f"aai-gateway: waited {waited}s for the '{exc.limit}' limit")
                 return
             except (StoreUnavailable, GatewayError) as exc:
                 self.end_reason = "error"
@@ -433,6 +432,8 @@ class _Session:
                 max_wait_s=self.max_wait_s,
                 max_depth=relay._cfg.queue.max_depth,
                 group="streaming",
+                owner=self.owner,
+                max_owner_depth=relay._cfg.queue.depth_per_key,
             )
         finally:
             relay._metrics.sessions_waiting.inc(-1)

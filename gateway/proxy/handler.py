@@ -12,7 +12,6 @@ within the request's max wait and with NEW leases, when the gateway still holds 
 from __future__ import annotations
 
 import email.utils
-import hashlib
 import json
 import logging
 import time
@@ -43,6 +42,10 @@ GROUP: web.RequestKey[str] = web.RequestKey("group", str)
 Planner = Callable[[web.Request, Config, Catalog], Awaitable[Plan]]
 
 
+# The queue share of requests that carry no key (GET /v1/models).
+ANONYMOUS = "anonymous"
+
+
 class Fetched(NamedTuple):
     """An answer the gateway read itself, and the RateLimit headers of its admission."""
 
@@ -54,14 +57,6 @@ class Fetched(NamedTuple):
 
 class ClientGone(Exception):
     """The client left while its request waited; nothing was forwarded or charged."""
-
-
-def key_identity(authorization: str) -> str:
-    """Who a request is for, as the upstream pool keys idle connections (never shared between
-    keys): a digest of the Authorization header, "" without one."""
-    if not authorization:
-        return ""
-    return hashlib.blake2b(authorization.encode("utf-8", "surrogateescape"), digest_size=16).hexdigest()
 
 
 def client_gone(request: web.Request) -> bool:
@@ -101,7 +96,11 @@ class ProxyHandler:
         upstream: Upstream,
         metrics: Metrics,
         clock: Clock,
+        identify: Callable[[str], str],
     ) -> None:
+        """``identify``: a client key's fingerprint (the vault's keyed hash), as every product
+        names the key's owner (jobs, sessions, the ledger, queue shares, pools)."""
+        self._identify = identify
         self._cfg = cfg
         self._catalog = catalog
         self._engine = engine
@@ -204,9 +203,12 @@ class ProxyHandler:
         deadline = self._clock.now() + plan.max_wait_s
         retries = 0
         url = URL(plan.base_url + path, encoded=True)
-        identity = key_identity(headers.get(hdrs.AUTHORIZATION, ""))
+        key = headers.get(hdrs.AUTHORIZATION, "")
+        # Who the request is for: the upstream pool never shares idle connections between
+        # keys, and a client waits within its key's share of the queue.
+        identity = self._identify(key) if key else ""
         while True:
-            grant = await self._admit(plan, deadline, identity if shared else "")
+            grant = await self._admit(plan, deadline, (identity or ANONYMOUS) if shared else "")
             if request is not None and client_gone(request):
                 await self._refund(grant)
                 raise ClientGone()
