@@ -92,7 +92,8 @@ def main() -> None:
         print(f"{name:44} {len(raw):>6} {t_old:>7.2f} {t_new:>7.2f} {t_new / t_old:>8.2f}")
     a, b = socket.socketpair()
     conn = new._Conn(("http", "h", 80, ""))
-    conn.fd, conn.transport = a.fileno(), _Idle()  # type: ignore[assignment]
+    conn.transport = _Idle()  # type: ignore[assignment]
+    conn.watch(a.fileno())
     t0 = time.perf_counter()
     for _ in range(args.n):
         assert conn.quiet()
@@ -104,6 +105,9 @@ def main() -> None:
 class _Idle:
     def get_extra_info(self, name: str) -> None:
         return None
+
+    def is_closing(self) -> bool:
+        return False
 
 
 if __name__ == "__main__":

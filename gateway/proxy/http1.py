@@ -53,7 +53,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from typing import Any, NoReturn, Protocol, cast
+from typing import Any, Literal, NoReturn, Protocol, cast
 
 import aiohappyeyeballs
 import httptools
@@ -155,7 +155,8 @@ class _Conn(asyncio.Protocol):
     def __init__(self, key: tuple[str, str, int, str]) -> None:
         self.key = key
         self.transport: asyncio.Transport | None = None
-        self.fd = -1  # the socket's descriptor, for the quiet check before a reuse
+        self._poller: select.poll | None = None  # the socket, for the quiet check before a reuse
+        self._ssl: ssl.SSLObject | Literal[False] | None = None  # (looked up once)
         self.lost = False
         self.idle_since = 0.0
         self.idle_limit = 0.0
@@ -173,6 +174,7 @@ class _Conn(asyncio.Protocol):
         self._reason = b""
         self._raw: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0  # bytes fed while no final head was complete
+        self._bare = 0  # bytes fed since the last body bytes (chunk lines, trailers)
         self._interim = 0  # 1xx answers so far
         self._in_interim = False
         self._until_close = False  # a body delimited by the connection's end
@@ -194,17 +196,27 @@ class _Conn(asyncio.Protocol):
         if self.eof:  # the answer was whole: nothing may follow before the next request
             self._fail(ConnectionError("upstream sent bytes after its response"))
             return
-        if self.head is None:
+        in_body = self.head is not None
+        if not in_body:
             self._head_bytes += len(data)
+        chunks = len(self.chunks)
         try:
             self._parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
             if not (self.head_only and self.eof and not self._refusal):
                 self._fail(ConnectionError(f"malformed response from upstream ({self._refusal or exc})"))
                 return
-        if self.head is None and self._head_bytes > MAX_HEAD:
-            self._fail(ConnectionError("malformed response from upstream (head too long)"))
-            return
+        if self.head is None:
+            if self._head_bytes > MAX_HEAD:  # (llhttp holds a header line until it ends)
+                self._fail(ConnectionError("malformed response from upstream (head too long)"))
+                return
+        elif in_body and len(self.chunks) == chunks and not self.eof:  # chunk lines, trailers
+            self._bare += len(data)
+            if self._bare > MAX_HEAD:
+                self._fail(ConnectionError("malformed response from upstream (endless chunk framing)"))
+                return
+        else:
+            self._bare = 0
         if self.unread > PAUSE_AT and self.transport is not None and not self._paused_reading:
             self._paused_reading = True
             self.transport.pause_reading()
@@ -346,7 +358,7 @@ class _Conn(asyncio.Protocol):
     def reset(self, head_only: bool) -> None:
         self.in_use, self.unfinished = True, False
         self.head, self.head_only = None, head_only
-        self._reason, self._raw, self._head_bytes, self._interim = b"", [], 0, 0
+        self._reason, self._raw, self._head_bytes, self._bare, self._interim = b"", [], 0, 0, 0
         self._in_interim = self._until_close = False
         self.chunks.clear()
         self.unread, self.eof, self.keep_alive, self.error = 0, False, True, None
@@ -363,17 +375,22 @@ class _Conn(asyncio.Protocol):
             and not self.transport.is_closing()
         )
 
+    def watch(self, fd: int) -> None:
+        """Poll ``fd`` (the connection's socket) for the quiet check. The poll object never
+        closes it; a descriptor closed meanwhile polls as POLLNVAL: not quiet."""
+        self._poller = select.poll()
+        self._poller.register(fd, select.POLLIN | select.POLLPRI)
+
     def quiet(self) -> bool:
         """Nothing waits to be read (nor an end or an error): polled on the socket itself,
         since bytes may have arrived that the event loop has not handed over yet."""
-        if self.fd < 0 or self.transport is None:
+        if self._poller is None or self.transport is None:
             return False
-        ssl_object = self.transport.get_extra_info("ssl_object")
-        if ssl_object is not None and ssl_object.pending():
+        if self._ssl is None:
+            self._ssl = self.transport.get_extra_info("ssl_object") or False
+        if self._ssl and self._ssl.pending():  # decrypted, not yet handed over
             return False
-        poller = select.poll()
-        poller.register(self.fd, select.POLLIN | select.POLLPRI)
-        return not poller.poll(0)
+        return not self._poller.poll(0)
 
 
 class Body:
@@ -560,7 +577,7 @@ class Pool:
                 sock = await aiohappyeyeballs.start_connection(
                     addresses, happy_eyeballs_delay=0.25, interleave=1
                 )
-                conn.fd = sock.fileno()
+                conn.watch(sock.fileno())
                 transport, _ = await loop.create_connection(
                     lambda: conn, sock=sock, ssl=tls, server_hostname=host if tls else None
                 )

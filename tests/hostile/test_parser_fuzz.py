@@ -214,3 +214,14 @@ def test_a_head_past_max_head_is_refused_whether_it_trickles_or_comes_whole() ->
     for conn in (trickled, whole):
         assert conn.error is not None and conn.head is None
     assert feed(line * 8 + b"Content-Length: 0\r\n\r\n", [], close=False).error is not None  # no status
+
+
+def test_endless_trailers_or_chunk_lines_are_refused() -> None:
+    """llhttp holds a trailer line (or a chunk extension) until it ends: bounded by MAX_HEAD."""
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n"
+    for endless in (b"0\r\nX-Trailer: " + b"a" * 80_000, b"5;ext=" + b"e" * 80_000):
+        raw = head + endless
+        conn = feed(raw, list(range(len(head), len(raw), 4096)), close=False)
+        assert conn.error is not None and not conn.eof, endless[:10]
+    fine = feed(head + b"0\r\nX-Trailer: t\r\n\r\n", [len(head) + 3], close=False)
+    assert fine.error is None and fine.eof and fine.take() == b"ok"
