@@ -31,7 +31,8 @@ maintained) through ``httptools``, as uvicorn parses requests.
   client's body, never held in memory) sent with its ``Content-Length`` or chunked.
 - Responses: status, headers, and a body by ``Content-Length``, chunked, or until the
   connection closes (no body for ``HEAD``, 1xx, 204, 304). Interim 1xx answers are skipped,
-  up to ``MAX_INTERIM`` of them and ``MAX_HEAD`` bytes of heads in all; a 101 is refused.
+  up to ``MAX_INTERIM`` of them and ``MAX_HEAD`` bytes of heads in all (and as much of
+  chunk lines and trailers between body bytes); a 101 is refused.
   Content-Encoding is left as it is. The body is read by ``read()`` or ``content.iter_any()``
   with flow control (reading pauses past 1 MiB unread); ``release()`` returns a cleanly read
   connection to the pool and closes any other. A connection that answered a ``HEAD`` is not
