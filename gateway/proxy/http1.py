@@ -93,6 +93,11 @@ def default_tls() -> ssl.SSLContext:
     return ssl.create_default_context()
 
 
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
 class _Stop(Exception):
     """Raised from a parser callback to stop llhttp (the head of a HEAD answer is all)."""
 
@@ -328,14 +333,18 @@ class _Conn(asyncio.Protocol):
 
     async def wait(self, timeout_s: float) -> None:
         """Until more of the response arrived (or it failed); TimeoutError past ``timeout_s``."""
-        self._waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        timer = loop.call_later(timeout_s, _expire, waiter)  # (cheaper than asyncio.timeout)
         try:
-            async with asyncio.timeout(timeout_s):
-                await self._waiter
+            await waiter
         except BaseException:
             self.broken = True  # a timeout or a cancellation mid-exchange
             raise
         finally:
+            timer.cancel()
+            if waiter.done() and not waiter.cancelled():
+                waiter.exception()  # (retrieved, even when a cancellation won the race)
             self._waiter = None
 
     def take(self) -> bytes:
