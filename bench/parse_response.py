@@ -1,8 +1,11 @@
 """CPU to parse one upstream response: llhttp through httptools (gateway/proxy/http1.py now)
 vs the hand-written parser it replaced (http1.py at commit b9e5d86, read with ``git show``),
-on the same bytes in one process. Prints µs per response and the ratio new/old.
+on the same bytes in one process. Prints µs per response and the ratio new/old; then the
+whole client (``Pool.request`` + ``read`` + ``release``: parse, quiet check, pools) old vs new
+against bench/fast_upstream.py in its own process, 32 requests at a time on uvloop, as the
+CPU this process spends per request (interleaved rounds, median and best).
 
-    python bench/parse_response.py [--n 20000] [--old-rev b9e5d86]
+    python bench/parse_response.py [--n 20000] [--old-rev b9e5d86] [--no-pool]
 
 Each round feeds one whole response to a pooled connection's protocol (``reset``, then
 ``data_received``, then the body taken), as the client does per request; the best of
@@ -12,6 +15,7 @@ Each round feeds one whole response to a pooled connection's protocol (``reset``
 from __future__ import annotations
 
 import argparse
+import asyncio
 import socket
 import subprocess
 import sys
@@ -77,6 +81,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=20000, help="responses per round (default 20000)")
     ap.add_argument("--rounds", type=int, default=9, help="interleaved rounds; the best is kept (default 9)")
+    ap.add_argument("--no-pool", action="store_true", help="skip the whole-client comparison (~20 s)")
     ap.add_argument("--old-rev", default="b9e5d86", help="the commit whose http1.py is the old parser")
     args = ap.parse_args()
     old = load_old(args.old_rev)
@@ -90,6 +95,8 @@ def main() -> None:
         for _ in range(args.rounds):  # interleaved: a busy moment hits both
             t_old, t_new = min(t_old, rounds_old()), min(t_new, rounds_new())
         print(f"{name:44} {len(raw):>6} {t_old:>7.2f} {t_new:>7.2f} {t_new / t_old:>8.2f}")
+    if not args.no_pool:
+        pool_cost(old)
     a, b = socket.socketpair()
     conn = new._Conn(("http", "h", 80, ""))
     conn.transport = _Idle()  # type: ignore[assignment]
@@ -100,6 +107,54 @@ def main() -> None:
     quiet = (time.perf_counter() - t0) / args.n * 1e6
     a.close(), b.close()
     print(f"the quiet check before each reuse (poll(2) on the socket): {quiet:.2f} us")
+
+
+def pool_cost(old: types.ModuleType, port: int = 8297, per_round: int = 8000, rounds: int = 7) -> None:
+    import uvloop
+    from multidict import CIMultiDict
+    from yarl import URL
+
+    server = subprocess.Popen([sys.executable, str(ROOT / "bench" / "fast_upstream.py"), "--port", str(port)])
+    url, headers = URL(f"http://127.0.0.1:{port}/v2/transcript/x"), CIMultiDict({"Authorization": "k"})
+
+    async def one_round(pool: object, **kw: str) -> float:
+        async def worker() -> None:
+            for _ in range(per_round // 32):
+                resp = await pool.request("GET", url, headers, None, **kw)  # type: ignore[attr-defined]
+                await resp.read()
+                resp.release()
+
+        started = time.process_time()
+        await asyncio.gather(*(worker() for _ in range(32)))
+        return (time.process_time() - started) / per_round * 1e6
+
+    async def run() -> None:
+        for _ in range(50):  # until it listens
+            try:
+                _, w = await asyncio.open_connection("127.0.0.1", port)
+                w.close()
+                break
+            except OSError:
+                await asyncio.sleep(0.1)
+        p_old = old.Pool(connect_timeout_s=2, read_timeout_s=5)
+        p_new = new.Pool(connect_timeout_s=2, read_timeout_s=5)
+        await one_round(p_old), await one_round(p_new, identity="k")  # warm up
+        t_old, t_new = [], []
+        for _ in range(rounds):
+            t_old.append(await one_round(p_old))
+            t_new.append(await one_round(p_new, identity="k"))
+        t_old.sort(), t_new.sort()
+        mid = rounds // 2
+        print("whole client, GET of bench/fast_upstream.py, CPU us/request (this process, loop included):")
+        print(f"  old median {t_old[mid]:.1f} best {t_old[0]:.1f}", end="; ")
+        print(f"new median {t_new[mid]:.1f} best {t_new[0]:.1f}")
+        print(f"  new/old: median {t_new[mid] / t_old[mid]:.2f}, best {t_new[0] / t_old[0]:.2f}")
+
+    try:
+        uvloop.run(run())
+    finally:
+        server.terminate()
+        server.wait()
 
 
 class _Idle:
