@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
-from aiohttp import web
+from aiohttp import HttpVersion11, hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
@@ -141,6 +141,18 @@ def json_protocol_errors() -> None:
 
     handle_error.aai_json = True  # type: ignore[attr-defined]
     RequestHandler.handle_error = handle_error  # type: ignore[method-assign]
+
+
+async def expect_continue(request: web.Request) -> web.StreamResponse | None:
+    """aiohttp's default Expect handling, but a JSON 417 for an expectation it cannot meet
+    (it runs before any middleware, so the errors middleware never sees its refusal)."""
+    if request.version != HttpVersion11:
+        return None
+    if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
+        return error_response(417, "Unsupported Expect header: only 100-continue is understood")
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0  # the answer proper has not begun
+    return None
 
 
 def target_problem(path: str) -> str | None:
@@ -333,10 +345,15 @@ def build_app(
     async def webhook(request: web.Request) -> web.Response:
         return await transcripts.webhook(request, request.match_info["id"], request.match_info["token"])
 
-    app.router.add_post(RECEIVER_PATH + "/{id}/{token}", webhook)
-    app.router.add_get("/metrics", metrics_view)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
+    # Every route answers an Expect header it cannot honour in AssemblyAI's shape too.
+    add_route = partial(app.router.add_route, expect_handler=expect_continue)
+    add_get = partial(app.router.add_get, expect_handler=expect_continue)
+    add_post = partial(app.router.add_post, expect_handler=expect_continue)
+    add_delete = partial(app.router.add_delete, expect_handler=expect_continue)
+    add_post(RECEIVER_PATH + "/{id}/{token}", webhook)
+    add_get("/metrics", metrics_view)
+    add_get("/healthz", healthz)
+    add_get("/readyz", readyz)
 
     def job_route(serve: Callable[..., Awaitable[web.StreamResponse | None]]) -> Any:
         async def call(request: web.Request) -> web.StreamResponse | None:
@@ -344,19 +361,17 @@ def build_app(
 
         return handler.product(call, fallback=rest.plan, group="rest")
 
-    app.router.add_post("/v2/transcript", job_route(transcripts.create))
-    app.router.add_get("/v2/transcript", job_route(transcripts.list_transcripts))
-    app.router.add_get("/v2/transcript/{id}", job_route(transcripts.get))
-    app.router.add_delete("/v2/transcript/{id}", job_route(transcripts.delete))
-    app.router.add_get("/v2/transcript/{id}/{sub}", job_route(transcripts.sub_resource))
-    app.router.add_route("*", "/v2/{tail:.*}", handler.route(rest.plan))
-    app.router.add_route(
-        "*", "/v1/{tail:.*}", handler.route(partial(llm.plan, ids=transcripts), public=llm.PUBLIC)
-    )
-    app.router.add_get("/v3/ws", sessions.handle)
-    app.router.add_get("/v3/token", sessions.token)
-    app.router.add_route("*", "/v3/{tail:.*}", handler.route(streaming.plan))
-    app.router.add_route("*", "/{tail:.*}", not_found)
+    add_post("/v2/transcript", job_route(transcripts.create))
+    add_get("/v2/transcript", job_route(transcripts.list_transcripts))
+    add_get("/v2/transcript/{id}", job_route(transcripts.get))
+    add_delete("/v2/transcript/{id}", job_route(transcripts.delete))
+    add_get("/v2/transcript/{id}/{sub}", job_route(transcripts.sub_resource))
+    add_route("*", "/v2/{tail:.*}", handler.route(rest.plan))
+    add_route("*", "/v1/{tail:.*}", handler.route(partial(llm.plan, ids=transcripts), public=llm.PUBLIC))
+    add_get("/v3/ws", sessions.handle)
+    add_get("/v3/token", sessions.token)
+    add_route("*", "/v3/{tail:.*}", handler.route(streaming.plan))
+    add_route("*", "/{tail:.*}", not_found)
     return app
 
 

@@ -281,11 +281,13 @@ async def test_no_client_reads_another_clients_answer() -> None:
         b"GET /v2/x HTTP/1.1\r\nHost: g\r\nAuthorization secret-key-123\r\n\r\n",
         b"GET /v2/x HTTP/1.1\r\nHost: g\r\nX: " + b"a" * 20000 + b"\r\n\r\n",
         b"GET /v2/x HTTP/1.1\r\nHost: g\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+        b"POST /v2/upload HTTP/1.1\r\nHost: g\r\nExpect: nonsense\r\nAuthorization: k\r\n"
+        b"Content-Length: 3\r\nConnection: close\r\n\r\nabc",
     ],
 )
 async def test_requests_aiohttp_cannot_parse_get_json_errors(raw: bytes) -> None:
-    """aiohttp answers these itself, before any middleware: still AssemblyAI's shape, and
-    nothing reaches upstream."""
+    """aiohttp answers these itself, before any middleware (an unknown Expect, too): still
+    AssemblyAI's shape, and nothing reaches upstream."""
     upstream = TaggingUpstream()
     server = await asyncio.start_server(upstream.serve, "127.0.0.1", 0)
     config = gateway_config(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
