@@ -222,6 +222,13 @@ class Metrics:
             "Jobs the reconciler looked up upstream, by outcome.",
             ["outcome"],
         )
+        self.dispatch_unknown = self._make(
+            "counter",
+            p + "dispatch_unknown_total",
+            "Job POSTs whose outcome upstream left unknown (a timeout, a lost connection, a 5xx): "
+            "kept claimed, settled by a search upstream instead of a resubmission.",
+            ["cause"],
+        )
         self.webhook_relays = self._make(
             "counter", p + "webhook_relays_total", "Webhook deliveries to clients, by outcome.", ["outcome"]
         )

@@ -208,3 +208,71 @@ async def test_an_early_webhook_ends_a_claimed_job_and_records_its_upstream_id(
         job is not None and job.state is State.ENDED and job.upstream_id == "up-9" and job.status == "error"
     )
     assert await store.by_upstream(["up-9"]) == {"up-9": "job-0"}
+
+
+def replaying(store: JobStore, *scripts: str) -> None:
+    """Each named script runs twice per call, the caller getting the second reply: what
+    redis-py's retry does when a connection drops after a script ran but before its reply
+    arrived. (sqlite has no replay: its verbs are called twice by the tests instead.)"""
+    for name in scripts:
+        script = getattr(store, name)
+
+        async def twice(*, keys: list[str], args: list[object], script: object = script) -> object:
+            await script(keys=keys, args=args)  # type: ignore[operator]
+            return await script(keys=keys, args=args)  # type: ignore[operator]
+
+        setattr(store, name, twice)
+
+
+async def test_replayed_job_scripts_return_the_same_result(jobs: tuple[JobStore, Wall]) -> None:
+    """claim, submitted, requeue and end, each run twice with the same arguments, leave the
+    state of one run and answer as the first run did (a replayed claim used to answer "not
+    queued", leaving the job claimed by nobody until the reconciler)."""
+    store, _ = jobs
+    redis = isinstance(store, RedisJobStore)
+    if redis:
+        replaying(store, "_claim", "_update", "_requeue", "_end")
+    for i in range(2):
+        await store.create(new_job(i))
+
+    async def claim(job_id: str, claimer: str) -> Job | None:
+        got = await store.claim(job_id, claimer, 30_000)
+        return got if redis else await store.claim(job_id, claimer, 30_000)
+
+    first = await claim("job-0", "a/1")
+    assert first is not None and first.state is State.CLAIMED and first.claimer == "a/1"
+    assert await store.claim("job-0", "a/2", 30_000) is None  # another claim still loses
+    for _ in range(1 if redis else 2):
+        await store.submitted("job-0", "up-1", {"id": "up-1", "status": "queued"})
+    job = await store.get("job-0")
+    assert job is not None and job.state is State.SUBMITTED and job.upstream_id == "up-1"
+    assert await store.by_upstream(["up-1"]) == {"up-1": "job-0"}
+
+    assert await claim("job-1", "a/3") is not None
+    for _ in range(1 if redis else 2):
+        assert await store.requeue("job-1", attempt=1)
+    job = await store.get("job-1")
+    assert job is not None and job.state is State.QUEUED and job.attempt == 1
+    assert await store.queued(10) == ["job-1"]
+
+    done = {"id": "up-1", "status": "completed"}
+    before = await store.end("job-0", snapshot=done, error="", retention_s=60)
+    assert before is not None and before.state is State.SUBMITTED and before.ticket == "job-0.0"
+    job = await store.get("job-0")
+    assert job is not None and job.state is State.ENDED and job.cred is None
+    assert await store.end("job-0", snapshot=None, error="", retention_s=60) is None  # a new call: once
+
+
+async def test_a_lost_sequence_counter_never_puts_new_jobs_ahead(jobs: tuple[JobStore, Wall]) -> None:
+    """The arrival counter is lost (a Redis restart without persistence, an eviction, a lost
+    row): a job created afterwards still takes its place after every older one."""
+    store, _ = jobs
+    old = [(await store.create(new_job(i))).seq for i in range(3)]
+    if isinstance(store, RedisJobStore):
+        await store._r.delete(store._k.seq)
+    else:
+        assert isinstance(store, SqliteJobStore)
+        store._db.execute("DELETE FROM counters")
+    new = await store.create(new_job(3))
+    assert new.seq > max(old)
+    assert (await store.get("job-3")).seq == new.seq  # type: ignore[union-attr]

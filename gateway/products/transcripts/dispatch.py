@@ -9,8 +9,15 @@ under its ticket until the job ends; its window token is a fresh one per attempt
 Outcomes of a POST:
 - 200: the upstream id is recorded (the job is now running); the lease is renewed from the
   short claim-time TTL to ``lease_ttl_s``;
-- the connect failed (nothing left): both leases are given back, the job is requeued;
-- 429, 5xx or a timeout: requeued under a new attempt (the window token stays spent);
+- nothing left (the connect failed, or the request cannot be written at all): the window
+  token goes back; a failed connect requeues the job, an unsendable request ends it in error;
+- 429: upstream refused it (AssemblyAI throttles before creating anything): requeued under a
+  new attempt (the window token stays spent);
+- the outcome is unknown once bytes may have been written: a timeout, a lost connection, a
+  5xx (a proxy in front of upstream may have lost the answer of a POST that created the
+  job), a body cut short. The job is NOT requeued: it stays claimed, both leases kept, and
+  is settled by the reconciler's search once its claim has lapsed (``Reconciler.settle``):
+  found upstream -> adopted, shown absent -> requeued, found twice -> ended in error;
 - upstream's negative-balance 400: requeued, and dispatching pauses, retried periodically;
 - any other 4xx (a body upstream refuses, a key it does not know): the job ends in error with
   upstream's message, keeping only its id, status and error; or, when it was submitted at
@@ -25,6 +32,7 @@ import contextlib
 import json
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
 
@@ -37,7 +45,7 @@ from ...clock import Clock
 from ...config import Config
 from ...errors import GatewayError, StoreUnavailable, WaitTimeout
 from ...metrics import Metrics
-from ...proxy.forward import NeverLeft, Upstream, translate
+from ...proxy.forward import NeverLeft, Unsendable, Upstream, translate
 from ...vault import Vault
 from ..catalog import Catalog
 from .jobs import Job, JobStore, State
@@ -57,6 +65,7 @@ def claim_margin_s(claim_s: float) -> float:
 SCAN_S = 1.0
 
 OnEnd = Callable[[Job, dict[str, Any] | None, str], Awaitable[None]]
+OnUnknown = Callable[[Job], None]
 
 
 class Submitted(NamedTuple):
@@ -100,6 +109,8 @@ class Dispatcher:
         self._kick = asyncio.Event()
         self.paused_until = 0.0  # wall seconds; upstream reported a negative balance
         self.pause_reason = ""
+        # Settles a job whose POST's outcome is unknown (the reconciler sets it).
+        self.on_unknown: OnUnknown | None = None
 
     @property
     def limits(self) -> list[Limit]:
@@ -211,7 +222,10 @@ class Dispatcher:
             return None
         claim_ms = int(self._t.claim_s * 1000)
         claimed_at = self._clock.now()
-        job = await self._jobs.claim(job_id, self._engine.instance, claim_ms)
+        # The claimer is unique to this claim: a replayed claim script (a lost reply) finds
+        # its own claim and returns it; two dispatch tasks of one instance never share one.
+        claimer = f"{self._engine.instance}/{uuid.uuid4().hex[:12]}"
+        job = await self._jobs.claim(job_id, claimer, claim_ms)
         if job is None:
             return None  # claimed elsewhere, cancelled, or ended: that owner holds the leases
         return await self._submit(job, grant, claimed_at, at_once=at_once)
@@ -244,18 +258,20 @@ class Dispatcher:
             await self._engine.release(grant)  # nothing reached upstream: both tokens back
             await self.requeue(job)
             return None
-        except GatewayError as exc:
-            log.warning("job %s: upstream POST failed (%s); requeued", job.id, exc)
-            await self.requeue(job)
+        except Unsendable as exc:  # never sent, and never will be: both tokens back
+            await self._engine.release(grant)
+            doc = {"error": f"The request cannot be sent upstream: {exc.message}"}
+            return await self._outcome(job, 400, json.dumps(doc).encode(), at_once=at_once)
+        except GatewayError as exc:  # bytes may have been written: upstream may have the job
+            self._unknown(job, "timeout" if exc.status == 504 else "lost", str(exc))
             return None
         status = resp.status
         try:
             data = await resp.read()
         except (OSError, TimeoutError) as exc:  # the answer's body was lost on the way
             lost = translate(exc)
-            if status == 200:  # the job exists upstream: the reconciler adopts it once the claim lapses
-                log.warning("job %s: upstream's 200 to the POST was cut short (%s); left to the reconciler",
-                            job.id, lost)  # fmt: skip
+            if status == 200 or status >= 500:  # the job exists upstream, or may
+                self._unknown(job, "cut", f"upstream's {status} was cut short ({lost})")
                 return None
             log.warning("job %s: upstream's %s to the POST was cut short (%s); requeued",
                         job.id, status, lost)  # fmt: skip
@@ -287,15 +303,29 @@ class Dispatcher:
             )
             await self.requeue(job)
             return None
-        if status == 429 or status >= 500:
+        if status == 429:  # refused before anything was created: a definite no
             log.warning("job %s: upstream answered %s; requeued", job.id, status)
             await self.requeue(job)
+            return None
+        if status >= 500:  # a proxy in front may have lost the answer of a POST that created it
+            self._unknown(job, "5xx", f"upstream answered {status}")
             return None
         if at_once and 400 <= status < 500:
             await self._discard(job)
         else:
             await self._on_end(job, {"id": job.id, "status": "error", "error": message}, message)
         return Submitted(status, doc, None)
+
+    def _unknown(self, job: Job, cause: str, why: str) -> None:
+        """The POST may have created the job upstream: it is not submitted again. It stays
+        claimed with both its leases (the window token may have counted upstream; the job may
+        be running) until the reconciler settles it by searching upstream for it, as soon as
+        its claim lapses (no POST of this claim can arrive later than that)."""
+        log.warning("job %s: outcome of its POST unknown (%s); kept claimed until found upstream "
+                    "or shown absent", job.id, why)  # fmt: skip
+        self._metrics.child(self._metrics.dispatch_unknown, cause).inc()
+        if self.on_unknown is not None:
+            self.on_unknown(job)
 
     async def _discard(self, job: Job) -> None:
         """Upstream refused a job submitted while its client waited: the client gets

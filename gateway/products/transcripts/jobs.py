@@ -4,8 +4,8 @@ A job is created before anything else happens to the request, so no crash can le
 transcript upstream that the gateway does not know about. Its life:
 
     queued ──claim──▶ claimed ──upstream id recorded──▶ submitted ──▶ ended
-       ▲                 │ (gave up before POSTing,                     ▲
-       └────requeue──────┘  or upstream refused with 429/5xx)           │
+       ▲                 │ (gave up before POSTing, upstream refused    ▲
+       └────requeue──────┘  with 429, or a search shows it absent)       │
        └──────────────── cancelled (DELETE while queued), refused, too old ┘
 
 ``ticket`` names the admission of the current attempt (``<id>.<attempt>``): a requeued job
@@ -126,7 +126,9 @@ class JobStore(Protocol):
     async def set_seq(self, job_id: str, seq: int) -> None: ...
 
     async def claim(self, job_id: str, claimer: str, claim_ms: int) -> Job | None:
-        """queued -> claimed, if still queued (compare-and-set); the claimed job, else None."""
+        """queued -> claimed, if still queued (compare-and-set); the claimed job, else None.
+        The same claimer claiming again (a replay) gets the job it claimed: claimers must be
+        unique per claim."""
         ...
 
     async def submitted(self, job_id: str, upstream_id: str, snapshot: dict[str, Any]) -> None:
@@ -134,7 +136,8 @@ class JobStore(Protocol):
         ...
 
     async def requeue(self, job_id: str, *, attempt: int) -> bool:
-        """claimed -> queued under a new attempt (nothing reached upstream, or it refused)."""
+        """claimed -> queued under a new attempt (nothing reached upstream, or it refused).
+        True also when the job is already queued under that attempt (a replay)."""
         ...
 
     async def refreshed(self, job_id: str, snapshot: dict[str, Any]) -> None: ...

@@ -9,9 +9,12 @@ instance takes each, by compare-and-set on the job's last-heard time):
   upstream (404: a restarted simulator, a purged account) -> it ends in error at once, its
   lease freed and its webhook told, rather than waiting out ``lease_ttl_s``;
 - a claimed job whose claim lapsed before its upstream id was recorded (its dispatcher died
-  mid-POST) is not requeued blindly: upstream's recent transcripts are searched for it (the
-  same audio, created during the claim). Found once -> adopted; not found -> requeued; found
-  more than once -> it cannot be decided: counted, and the job ends in error saying so.
+  mid-POST, or its POST timed out, lost its connection or got a 5xx) is not requeued
+  blindly: upstream's recent transcripts are searched for it (the same audio, created during
+  the claim). Found once -> adopted; not found -> requeued; found more than once -> it cannot
+  be decided: counted, and the job ends in error saying so. When the dispatcher saw the
+  outcome go unknown, it asks for this search at once (``settle``): it runs as soon as the
+  claim has lapsed, rather than at the next sweep ``reconcile_after_s`` later.
 
 The last resort is the lease's own expiry (``lease_ttl_s``): a lease never leaks forever.
 """
@@ -85,6 +88,8 @@ class Reconciler:
         self._forgotten = forgotten
         self._wall = wall
         self._task: asyncio.Task[None] | None = None
+        self._settling: dict[str, asyncio.Task[None]] = {}
+        dispatcher.on_unknown = self.settle
 
     @property
     def _margin_s(self) -> float:
@@ -98,10 +103,44 @@ class Reconciler:
         self._task = asyncio.create_task(self._run(), name="aai-gateway-reconciler")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        tasks = [t for t in (self._task, *self._settling.values()) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+                await task
+
+    def settle(self, job: Job) -> None:
+        """A claimed job's POST may or may not have created it upstream: search for it as
+        soon as its claim has lapsed (no POST of that claim can arrive after it)."""
+        if job.id not in self._settling:
+            task = asyncio.create_task(self._settle(job), name=f"aai-gateway-settle-{job.id}")
+            self._settling[job.id] = task
+
+    async def _settle(self, job: Job) -> None:
+        try:
+            while True:
+                due_s = job.claim_until_ms / 1000 + self._margin_s
+                await asyncio.sleep(max(0.0, due_s - self._wall()) + 0.05)
+                current = await self._jobs.get(job.id)
+                if current is None or current.state is not State.CLAIMED or current.claimer != job.claimer:
+                    return  # settled meanwhile (adopted, requeued, ended)
+                now = int(self._wall() * 1000)
+                if not await self._jobs.heard(job.id, before_ms=now, now_ms=now):
+                    return  # another instance is looking it up
+                await self._renew(current)  # the slot stays taken while the job may run upstream
+                try:
+                    await self._resolve_claim(current)
+                    return
+                except (GatewayError, SecretError) as exc:
+                    log.info("reconciler: job %s not settled yet (%s); retrying", job.id, exc)
+                await asyncio.sleep(self.every_s)
+        except StoreUnavailable as exc:  # the sweep takes it up later
+            log.warning("reconciler: job %s not settled (store unavailable: %s)", job.id, exc.detail)
+        except Exception:
+            log.exception("reconciler: settling job %s failed", job.id)
+        finally:
+            self._settling.pop(job.id, None)
 
     async def _run(self) -> None:
         while True:

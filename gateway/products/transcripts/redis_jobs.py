@@ -3,12 +3,18 @@ conditional verb (lua/*.lua, each opening with its contract). Keys carry the acc
 tag (admission/keys.py), so the scripts run unchanged on Redis Cluster.
 
 Failures are translated to StoreUnavailable here, as the admission store does.
+
+The client retries a call once on a connection error (admission/redis_store.py make_client),
+which replays a script whose reply was lost after it ran: every script here is idempotent
+for the same arguments (a claim names its claimer uniquely, an end carries a token), so a
+replay returns what the first run did and changes nothing.
 """
 
 from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from importlib import resources
 from typing import Any
@@ -53,6 +59,7 @@ class RedisJobStore:
         self._k = keys
         self._wall = wall
         self._on_call = on_call
+        self._floor = 0  # the highest arrival sequence seen: no new job takes one at or below it
         head = "#!lua\n" if shebang else ""
         self._create = client.register_script(head + _script("create"))
         self._claim = client.register_script(head + _script("claim"))
@@ -78,28 +85,37 @@ class RedisJobStore:
         k = self._k
         idem_key = k.idempotency(idempotency) if idempotency else k.job(job.id)
         ttl = idem_ttl_s * 1000 if idempotency else 0
-        args: list[Any] = [job.id, queue_score(job.priority, job.created_ms), ttl, *_flat(job.to_fields())]
         keys = [k.job(job.id), k.jobs_queued, idem_key, k.seq]
-        existing, seq = await self._call("create", self._create(keys=keys, args=args))
+
+        def args() -> list[Any]:
+            score = queue_score(job.priority, job.created_ms)
+            return [job.id, score, ttl, self._floor, *_flat(job.to_fields())]
+
+        existing, seq = await self._call("create", self._create(keys=keys, args=args()))
         if existing:
             found = await self.get(existing.decode() if isinstance(existing, bytes) else str(existing))
             if found is not None:
                 return found
             # The key names a job since deleted (upstream refused it at once): a new one.
             await self._call("create", self._r.delete(idem_key))
-            existing, seq = await self._call("create", self._create(keys=keys, args=args))
+            existing, seq = await self._call("create", self._create(keys=keys, args=args()))
             if existing:  # recreated meanwhile by a concurrent retry
                 found = await self.get(existing.decode() if isinstance(existing, bytes) else str(existing))
                 if found is not None:
                     return found
         job.seq = int(seq)
+        self._floor = max(self._floor, job.seq)
+        return job
+
+    def _seen(self, job: Job) -> Job:
+        self._floor = max(self._floor, job.seq)
         return job
 
     async def get(self, job_id: str) -> Job | None:
         raw = await self._call("get", self._r.hgetall(self._k.job(job_id)))
         if not raw:
             return None
-        return Job.from_fields({kk.decode(): v.decode() for kk, v in raw.items()})
+        return self._seen(Job.from_fields({kk.decode(): v.decode() for kk, v in raw.items()}))
 
     async def by_upstream(self, upstream_ids: Sequence[str]) -> dict[str, str]:
         if not upstream_ids:
@@ -122,7 +138,7 @@ class RedisJobStore:
         k = self._k
         keys = [k.job(job_id), k.jobs_queued, k.jobs_running]
         raw = await self._call("claim", self._claim(keys=keys, args=[job_id, claimer, claim_ms, self._now()]))
-        return Job.from_fields(_decode(raw)) if raw else None
+        return self._seen(Job.from_fields(_decode(raw))) if raw else None
 
     async def submitted(self, job_id: str, upstream_id: str, snapshot: dict[str, Any]) -> None:
         fields = {"state": "submitted", "upstream_id": upstream_id, "snapshot": json.dumps(snapshot)}
@@ -165,8 +181,9 @@ class RedisJobStore:
             fields["upstream_id"] = upstream_id
         known = job.upstream_id or upstream_id
         index = k.upstream_id(known) if known else k.job(job_id)
-        keys = [k.job(job_id), k.jobs_queued, k.jobs_running, index]
-        args: list[Any] = [job_id, retention_s * 1000, int(new_index), *_flat(fields)]
+        keys = [k.job(job_id), k.jobs_queued, k.jobs_running, index, k.job(job_id) + ":end"]
+        token = uuid.uuid4().hex
+        args: list[Any] = [job_id, retention_s * 1000, int(new_index), token, *_flat(fields)]
         raw = await self._call("end", self._end(keys=keys, args=args))
         return Job.from_fields(_decode(raw)) if raw else None
 

@@ -102,10 +102,13 @@ class SqliteJobStore:
                     "INSERT OR REPLACE INTO idempotency (key, job_id, expires_ms) VALUES (?, ?, ?)",
                     (idempotency, job.id, now + idem_ttl_s * 1000),
                 )
-            # The job takes its place in line now (its arrival sequence, kept for life).
+            # The job takes its place in line now (its arrival sequence, kept for life). A
+            # missing counter (a fresh file, or a lost row) starts past every job's sequence,
+            # so a new job never goes ahead of an old one.
             db.execute(
-                "INSERT INTO counters (name, value) VALUES ('seq', 1) "
-                "ON CONFLICT(name) DO UPDATE SET value = value + 1"
+                "INSERT INTO counters (name, value) SELECT 'seq', 1 + COALESCE(MAX("
+                "CAST(json_extract(data, '$.seq') AS INTEGER)), 0) FROM jobs "
+                "WHERE true ON CONFLICT(name) DO UPDATE SET value = value + 1"
             )
             job.seq = db.execute("SELECT value FROM counters WHERE name = 'seq'").fetchone()[0]
             self._save(db, job)
@@ -150,6 +153,8 @@ class SqliteJobStore:
         now = self._now()
 
         def change(job: Job) -> bool:
+            if job.state is State.CLAIMED and job.claimer == claimer:
+                return True  # the same claim again: the job as claimed
             if job.state is not State.QUEUED:
                 return False
             job.state, job.claimer, job.claim_until_ms = State.CLAIMED, claimer, now + claim_ms
@@ -180,6 +185,8 @@ class SqliteJobStore:
 
     async def requeue(self, job_id: str, *, attempt: int) -> bool:
         def change(job: Job) -> bool:
+            if job.state is State.QUEUED and job.attempt == attempt:
+                return True  # requeued under this attempt already
             if job.state is not State.CLAIMED:
                 return False
             job.state, job.attempt, job.claimer, job.claim_until_ms = State.QUEUED, attempt, "", 0
