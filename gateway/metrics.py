@@ -14,6 +14,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
+from .admission import health
 from .admission.limits import Limit
 from .admission.store import LimitState
 
@@ -262,6 +263,19 @@ class Metrics:
         self.session_bytes = self._make(
             "counter", p + "session_audio_bytes_total", "Audio bytes relayed upstream."
         )
+        # Background tasks (admission/health.py): liveness and restarts, lease restorations refused.
+        self.background_alive = self._make(
+            "gauge", p + "background_alive", "1 while a background task runs, 0 after it died.", ["task"]
+        )
+        self.background_restarts = self._make(
+            "counter", p + "background_restarts_total", "Background tasks restarted after dying.", ["task"]
+        )
+        self.leases_not_restored = self._make(
+            "counter",
+            p + "leases_not_restored_total",
+            "Known-running work whose lost lease could not be restored: the limit was full.",
+            ["limit"],
+        )
         registry.register(self)
 
     def _make(self, kind: str, name: str, doc: str, labelnames: Sequence[str] = (), *,
@@ -275,6 +289,11 @@ class Metrics:
         return metric
 
     def collect(self) -> Iterator[Metric]:
+        for task, restarts in health.RESTARTS.items():
+            self.background_alive.labels(task).set(1 if health.ALIVE.get(task, 0) > 0 else 0)
+            self.background_restarts.labels(task).set(restarts)
+        for label, count in health.LEASES_NOT_RESTORED.items():
+            self.leases_not_restored.labels(label).set(count)
         for metric in self._all:
             yield metric.family()
 

@@ -23,6 +23,7 @@ from typing import NamedTuple
 
 from ..clock import Clock
 from ..errors import GatewayError, QueueFull, RateLimited, StoreUnavailable, WaitTimeout
+from .health import supervise
 from .keys import owner_id
 from .limits import Limit, ordered
 from .store import AcquireRequest, AcquireResult, LimitState, Status, Store
@@ -68,7 +69,8 @@ class AdmissionEngine(Waking):
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
         await self.store.subscribe(self._on_wake)
-        self._maintenance = asyncio.create_task(self._maintain(), name="aai-gateway-engine")
+        # Supervised: restarted (logged, counted, liveness exported) if it ever ends.
+        self._maintenance = supervise("engine-housekeeping", self._maintain)
 
     async def close(self) -> None:
         """Stop waking; every request still waiting here is refused (503) and aborted."""

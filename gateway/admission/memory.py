@@ -13,6 +13,7 @@ import bisect
 from collections.abc import Iterator, Sequence
 
 from ..clock import Clock
+from .health import renewed
 from .limits import Limit
 from .store import (
     RESYNC,
@@ -390,14 +391,21 @@ class MemoryStore:
         self._gc(limits)
         return out
 
-    async def renew(self, ticket: str, limit: Limit, ttl_ms: int, *, create: bool = False) -> bool:
+    async def renew(
+        self, ticket: str, limit: Limit, ttl_ms: int, *, create: bool = False, restore: bool = False
+    ) -> bool:
+        """Mirrors lua/renew.lua."""
         now = self._clock.now_ms()
         leases = self._z(self._leases, limit.name)
         leases.pop_upto(now)
-        if create:
+        if leases.update(ticket, now + ttl_ms):
+            outcome = 1
+        elif create or (restore and len(leases) < limit.capacity):
             leases.add(ticket, now + ttl_ms)
-            return True
-        return leases.update(ticket, now + ttl_ms)
+            outcome = 2
+        else:
+            outcome = -1 if restore else 0
+        return renewed(ticket, limit, outcome)
 
     async def usage(self, limit: Limit) -> tuple[int, int]:
         now = self._clock.now_ms()

@@ -180,14 +180,22 @@ class PipelinedRedis:
         proto = self._proto
         if proto is not None and proto.lost is None:
             return proto
-        if self._connecting is None:
-            self._connecting = asyncio.ensure_future(self._open())
-            try:
-                self._proto = await self._connecting
-            finally:
-                self._connecting = None
-            return self._proto
-        return await asyncio.shield(self._connecting)
+        connecting = self._connecting
+        if connecting is None:
+            # One connect shared by every caller, and owned by none of them: each awaits it
+            # through a shield, so a caller cancelled mid-connect (a client leaving) never
+            # cancels it for the others (nor kills a background task awaiting it).
+            connecting = self._connecting = asyncio.ensure_future(self._open())
+            connecting.add_done_callback(self._connected)
+        return await asyncio.shield(connecting)
+
+    def _connected(self, connecting: asyncio.Future[_Protocol]) -> None:
+        if self._connecting is connecting:
+            self._connecting = None
+        if connecting.cancelled():
+            return
+        if connecting.exception() is None:  # retrieved here too: every caller may have left
+            self._proto = connecting.result()
 
     def _send(self, proto: _Protocol, args: tuple[Any, ...]) -> asyncio.Future[Any]:
         return self._send_packed(proto, hiredis.pack_command(args))
@@ -233,6 +241,8 @@ class PipelinedRedis:
         return await self._submit(payload)
 
     async def close(self) -> None:
+        if self._connecting is not None:
+            self._connecting.cancel()
         if self._proto is not None and self._proto.transport is not None:
             self._proto.transport.close()
         self._proto = None

@@ -31,6 +31,7 @@ from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 
 from ..errors import StoreUnavailable
+from .health import renewed, supervise
 from .keys import Keys
 from .limits import Limit
 from .pipelined import PipelinedRedis, array_header, bulk
@@ -41,6 +42,8 @@ log = logging.getLogger(__name__)
 TOMBSTONE_MS = 60_000
 BREAKER_FAILURES = 3
 BREAKER_OPEN_S = 1.0
+HEARTBEAT_S = 0.5  # a silent subscription is PINGed after this, and remade if still silent after 2x
+HEARTBEAT = "aai-gateway-heartbeat"
 
 
 def make_client(
@@ -81,6 +84,7 @@ class RedisStore:
         shebang: bool = True,
         on_call: Any = None,
         pipelined: PipelinedRedis | None = None,
+        heartbeat_s: float = HEARTBEAT_S,
     ) -> None:
         """``client`` is shared and owned by the caller's lifecycle unless ``close`` is called.
 
@@ -88,8 +92,11 @@ class RedisStore:
         scripts with ``#!lua`` (Redis 7 checks their keys; fakeredis cannot parse it).
         ``on_call(verb)`` is called once per round trip (metrics, benchmark counts).
         ``pipelined``, when given, carries the scripts (the hot path); ``client`` then serves
-        only pub/sub, pings and reads.
+        only pub/sub, pings and reads. ``heartbeat_s`` bounds how long a silent
+        subscription goes unchecked (see _listen).
         """
+        self._heartbeat_s = heartbeat_s
+        self.heartbeat_failures = 0  # subscriptions torn down because a PING went unanswered
         self._pipe = pipelined
         self._client = client
         self._keys = keys
@@ -244,11 +251,14 @@ class RedisStore:
         raw = await self._call("refresh", self._run(self._refresh, keys, args))
         return [int(x) for x in raw]
 
-    async def renew(self, ticket: str, limit: Limit, ttl_ms: int, *, create: bool = False) -> bool:
+    async def renew(
+        self, ticket: str, limit: Limit, ttl_ms: int, *, create: bool = False, restore: bool = False
+    ) -> bool:
         self._count("renew")
         keys = [self._keys.leases(limit.name)]
-        live = await self._call("renew", self._run(self._renew, keys, [ticket, ttl_ms, int(create)]))
-        return bool(live)
+        mode = 1 if create else 2 if restore else 0
+        args = [ticket, ttl_ms, mode, limit.capacity]
+        return renewed(ticket, limit, int(await self._call("renew", self._run(self._renew, keys, args))))
 
     async def _run(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
         if self._pipe is not None:
@@ -265,30 +275,62 @@ class RedisStore:
         await self._call("ping", self._client.ping(), breaker=False)
 
     async def subscribe(self, callback: WakeCallback, *, ready_timeout_s: float = 2.0) -> None:
-        """Start the subscription; wait (bounded) until it is live, so no early wake is lost."""
+        """Start the subscription; wait (bounded) until it is live, so no early wake is lost.
+
+        It runs supervised (health.supervise): whatever ends it, it is restarted, and its
+        liveness is exported as ``aai_gateway_background_alive{task="wake-subscription"}``.
+        """
         if self._sub_task is None:
             ready = asyncio.Event()
-            self._sub_task = asyncio.create_task(self._listen(callback, ready), name="aai-gateway-wake")
+            self._sub_task = supervise("wake-subscription", lambda: self._listen(callback, ready))
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(ready.wait(), ready_timeout_s)
 
     async def _listen(self, callback: WakeCallback, ready: asyncio.Event) -> None:
-        """Hold one subscription; on any failure resubscribe with backoff, then RESYNC."""
+        """Hold one subscription; on any failure resubscribe with backoff, then RESYNC.
+
+        A half-open socket (the peer gone without a FIN or RST: a failover, a NAT or proxy
+        dropping the flow) delivers nothing and raises nothing, so silence is checked: after
+        ``heartbeat_s`` without a message the subscription sends a PING on its own
+        connection, and if nothing (its PONG or any message) comes back within another
+        ``heartbeat_s`` the connection is torn down and the subscription remade.
+        """
         channel = self._keys.channel
         backoff = 0.1
+        loop = asyncio.get_running_loop()
+        beat = self._heartbeat_s
         while True:
             pubsub = self._client.pubsub(ignore_subscribe_messages=True)
             try:
                 if self._sharded:
-                    await pubsub.ssubscribe(channel)
+                    await asyncio.wait_for(pubsub.ssubscribe(channel), beat * 2)
                 else:
-                    await pubsub.subscribe(channel)
+                    await asyncio.wait_for(pubsub.subscribe(channel), beat * 2)
                 backoff = 0.1
+                heard = loop.time()
+                pinged = 0.0  # when the PING still unanswered was sent; 0: none
                 ready.set()
                 callback(RESYNC)
                 while True:
-                    msg = await pubsub.get_message(timeout=1.0)
+                    now = loop.time()
+                    if pinged:
+                        if now - pinged >= beat:
+                            self.heartbeat_failures += 1
+                            raise redis_errors.ConnectionError(
+                                f"no answer to a PING within {beat}s: half-open connection"
+                            )
+                        wait = pinged + beat - now
+                    elif now - heard >= beat:
+                        await asyncio.wait_for(pubsub.ping(HEARTBEAT), beat)
+                        pinged = loop.time()
+                        continue
+                    else:
+                        wait = heard + beat - now
+                    msg = await pubsub.get_message(timeout=wait)
                     if msg is None:
+                        continue
+                    heard, pinged = loop.time(), 0.0
+                    if msg.get("type") == "pong":
                         continue
                     data = msg.get("data")
                     if isinstance(data, bytes):
@@ -298,12 +340,13 @@ class RedisStore:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # any failure: resubscribe
-                log.warning("wake-up subscription lost (%s); resubscribing", type(exc).__name__)
+                log.warning("wake-up subscription lost (%s: %s); resubscribing", type(exc).__name__, exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
             finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                # Bounded: closing a half-open connection must not hang the resubscription.
+                with contextlib.suppress(Exception, asyncio.TimeoutError):
+                    await asyncio.wait_for(pubsub.aclose(), 1.0)  # type: ignore[no-untyped-call]
 
     async def close(self) -> None:
         if self._pipe is not None:

@@ -350,7 +350,13 @@ class Waking:
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._spawned_done)
+
+    def _spawned_done(self, task: asyncio.Task[None]) -> None:
+        """A one-shot housekeeping task ended: never let its failure pass unseen."""
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("engine housekeeping step failed", exc_info=exc)
 
 
 def order(w: Waiter) -> tuple[int, str]:

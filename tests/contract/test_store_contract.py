@@ -288,6 +288,41 @@ async def test_renew_pushes_back_a_live_lease_and_never_revives_a_released_one(s
     assert await store.usage(jobs) == (2, 0)
 
 
+async def test_restore_brings_back_a_lost_lease_only_while_the_limit_has_room(store_env: StoreEnv) -> None:
+    """A renewal with ``restore`` (work known to be running) re-creates a lease a Redis
+    failover lost, but never beyond the capacity (I2): refused, it is counted, and a later
+    renewal restores it once there is room. A plain renewal still restores nothing."""
+    from gateway.admission import health
+
+    store = store_env.store()
+    jobs = concurrency_limit("async", 2, 5.0, rank=RANK_CONCURRENCY)
+    refused = health.LEASES_NOT_RESTORED.get(jobs.metric_label, 0)
+    assert (await store.acquire(req("job", jobs))).admitted
+    await store.release("job", [jobs])  # as a failover loses it
+    assert not await store.renew("job", jobs, 5000)  # a plain renewal: gone stays gone
+    assert await store.renew("job", jobs, 5000, restore=True)  # restored: there is room
+    assert await store.usage(jobs) == (1, 0)
+    assert await store.renew("job", jobs, 5000, restore=True)  # live: just pushed back
+    assert await store.usage(jobs) == (1, 0)
+
+    assert (await store.acquire(req("x", jobs))).admitted  # 2 of 2
+    await store.release("job", [jobs])  # lost again...
+    assert (await store.acquire(req("y", jobs))).admitted  # ...and its slot taken meanwhile
+    assert not await store.renew("job", jobs, 5000, restore=True)  # full: never above C
+    assert await store.usage(jobs) == (2, 0)
+    assert health.LEASES_NOT_RESTORED[jobs.metric_label] == refused + 1
+
+    # A reservation counts like a lease: a waiter holding one keeps its place.
+    model = concurrency_limit("llm:m", 1, 5.0, rank=RANK_MODEL)
+    assert (await store.acquire(req("z", model, jobs))).status is Status.BLOCKED  # holds model
+    assert not await store.renew("lost", model, 5000, restore=True)
+    await store.release("z", [model, jobs])
+
+    await store.release("x", [jobs])
+    assert await store.renew("job", jobs, 5000, restore=True)  # room again: restored
+    assert await store.usage(jobs) == (2, 0)
+
+
 # -- an owner's share of the queue (queue.max_depth_per_key) -------------------------------
 # A long window, so nothing comes back by itself while a test runs (real Redis included).
 LONG = window_limit("requests", 1, 10.0, 0, rank=RANK_WINDOW)
