@@ -270,10 +270,10 @@ class Metrics:
         self.background_restarts = self._make(
             "counter", p + "background_restarts_total", "Background tasks restarted after dying.", ["task"]
         )
-        self.leases_not_restored = self._make(
+        self.leases_restored_over = self._make(
             "counter",
-            p + "leases_not_restored_total",
-            "Known-running work whose lost lease could not be restored: the limit was full.",
+            p + "leases_restored_over_total",
+            "Lost leases of running work restored beyond the limit's capacity (the account runs over).",
             ["limit"],
         )
         registry.register(self)
@@ -292,8 +292,8 @@ class Metrics:
         for task, restarts in health.RESTARTS.items():
             self.background_alive.labels(task).set(1 if health.ALIVE.get(task, 0) > 0 else 0)
             self.background_restarts.labels(task).set(restarts)
-        for label, count in health.LEASES_NOT_RESTORED.items():
-            self.leases_not_restored.labels(label).set(count)
+        for label, count in health.RESTORED_OVER.items():
+            self.leases_restored_over.labels(label).set(count)
         for metric in self._all:
             yield metric.family()
 

@@ -9,8 +9,8 @@ minute of health). Only cancelling the supervising task itself (shutdown) stops 
 Their liveness (1 running, 0 between a death and its restart) and restart counts live here,
 process-wide, keyed by task name; metrics.py exports them as
 ``aai_gateway_background_alive{task}`` and ``aai_gateway_background_restarts_total{task}``.
-``LEASES_NOT_RESTORED`` counts lease restorations refused because the limit was full
-(``aai_gateway_leases_not_restored_total{limit}``; see Store.renew's ``restore``).
+``RESTORED_OVER`` counts lost leases restored beyond their limit's capacity
+(``aai_gateway_leases_restored_over_total{limit}``; see Store.renew's ``create``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 ALIVE: dict[str, int] = {}  # task name -> number of live instances of it (engines in one process)
 RESTARTS: dict[str, int] = {}  # task name -> restarts since the process started
-LEASES_NOT_RESTORED: dict[str, int] = {}  # limit metric label -> restorations refused (full)
+RESTORED_OVER: dict[str, int] = {}  # limit metric label -> leases restored beyond the capacity
 
 BACKOFF_MIN_S = 0.1
 BACKOFF_MAX_S = 5.0
@@ -48,13 +48,13 @@ def supervise(
 
 
 def renewed(ticket: str, limit: Limit, outcome: int) -> bool:
-    """renew.lua's answer (both stores): whether the lease is live; a restoration is logged,
-    one refused because the limit is full is logged and counted."""
-    if outcome == -1:
-        LEASES_NOT_RESTORED[limit.metric_label] = LEASES_NOT_RESTORED.get(limit.metric_label, 0) + 1
+    """renew.lua's answer (both stores): whether the lease is live. A restoration is logged;
+    one that puts the limit over its capacity is logged louder and counted."""
+    if outcome == 3:
+        RESTORED_OVER[limit.metric_label] = RESTORED_OVER.get(limit.metric_label, 0) + 1
         log.warning(
-            "lease %s on %s was lost (a Redis failover?) and cannot be restored: the limit is full, "
-            "so the account runs over its %d for now; retried at the next renewal",
+            "lease %s on %s was lost (a Redis failover?) while its work kept running, and its slot "
+            "was taken meanwhile: restored, the account runs over its %d until work ends",
             ticket,
             limit.name,
             limit.capacity,

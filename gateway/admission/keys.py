@@ -14,6 +14,7 @@ runs, so the ticket's owner is looked up (share:owner) inside the script.
     <prefix>:{<account>}:resv:<limit>     sorted set: reservation holder -> its ordering score
     <prefix>:{<account>}:seq              arrival counter
     <prefix>:{<account>}:tomb:<ticket>    tombstone of an aborted ticket (short TTL)
+    <prefix>:{<account>}:ended:<ticket>   a released lease's ticket (short TTL): renew never restores it
     <prefix>:{<account>}:share:dead       sorted set: waiting ticket with an owner -> deadline (ms)
     <prefix>:{<account>}:share:owner      hash: waiting ticket with an owner -> owner id
     <prefix>:{<account>}:share:lex        sorted set, every score 0: owner id, a tab, ticket (counted
@@ -85,6 +86,9 @@ class Keys:
 
     def tomb(self, ticket: str) -> str:
         return f"{self.base}:tomb:{ticket}"
+
+    def ended(self, ticket: str) -> str:
+        return f"{self.base}:ended:{ticket}"
 
     @property
     def share_dead(self) -> str:

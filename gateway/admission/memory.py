@@ -26,6 +26,7 @@ from .store import (
 )
 
 TOMBSTONE_MS = 60_000
+ENDED_MS = 60_000
 SWEEP_MS = 10_000
 
 
@@ -102,6 +103,7 @@ class MemoryStore:
         self._resv: dict[str, ZSet] = {}
         self._seq = 0
         self._tombs: dict[str, int] = {}
+        self._ended: dict[str, int] = {}  # ticket -> until when a renewal may not restore its lease
         # The owners' shares of the queue (share:dead, share:owner, share:lex in Redis).
         self._share_dead = ZSet()  # waiting ticket with an owner -> deadline
         self._share_owner: dict[str, str] = {}  # ticket -> owner
@@ -350,7 +352,12 @@ class MemoryStore:
             if self._purge(limit.name, now, limits[:i]):  # lapsed entries first, as acquire does
                 names.append(limit.name)
             leases = self._z(self._leases, limit.name)
-            got = int(leases.remove(ticket)) + int(leases.remove(ticket + ":r"))
+            lease = leases.remove(ticket)
+            if lease:  # the "ended" marker (release.lua): a racing renewal never restores it
+                if len(self._ended) > 1024:
+                    self._ended = {t: until for t, until in self._ended.items() if until > now}
+                self._ended[ticket] = now + ENDED_MS
+            got = int(lease) + int(leases.remove(ticket + ":r"))
             got += int(self._z(self._wait, limit.name).remove(ticket))
             self._z(self._dead, limit.name).remove(ticket)
             self._z(self._resv, limit.name).remove(ticket)
@@ -391,20 +398,18 @@ class MemoryStore:
         self._gc(limits)
         return out
 
-    async def renew(
-        self, ticket: str, limit: Limit, ttl_ms: int, *, create: bool = False, restore: bool = False
-    ) -> bool:
+    async def renew(self, ticket: str, limit: Limit, ttl_ms: int, *, create: bool = False) -> bool:
         """Mirrors lua/renew.lua."""
         now = self._clock.now_ms()
         leases = self._z(self._leases, limit.name)
         leases.pop_upto(now)
         if leases.update(ticket, now + ttl_ms):
             outcome = 1
-        elif create or (restore and len(leases) < limit.capacity):
+        elif create and self._ended.get(ticket, 0) <= now:
             leases.add(ticket, now + ttl_ms)
-            outcome = 2
+            outcome = 3 if len(leases) > limit.capacity else 2
         else:
-            outcome = -1 if restore else 0
+            outcome = 0
         return renewed(ticket, limit, outcome)
 
     async def usage(self, limit: Limit) -> tuple[int, int]:

@@ -236,7 +236,7 @@ class RedisStore:
 
     async def release(self, ticket: str, limits: Sequence[Limit], *, tombstone: bool = False) -> int:
         k = self._keys
-        keys = [k.tomb(ticket), k.channel, *self._limit_keys(limits), *self._share_keys()]
+        keys = [k.tomb(ticket), k.channel, *self._limit_keys(limits), *self._share_keys(), k.ended(ticket)]
         args: list[Any] = [ticket, TOMBSTONE_MS if tombstone else 0, self._pubcmd, len(limits)]
         args += [limit.name for limit in limits]
         self._count("release")
@@ -251,13 +251,10 @@ class RedisStore:
         raw = await self._call("refresh", self._run(self._refresh, keys, args))
         return [int(x) for x in raw]
 
-    async def renew(
-        self, ticket: str, limit: Limit, ttl_ms: int, *, create: bool = False, restore: bool = False
-    ) -> bool:
+    async def renew(self, ticket: str, limit: Limit, ttl_ms: int, *, create: bool = False) -> bool:
         self._count("renew")
-        keys = [self._keys.leases(limit.name)]
-        mode = 1 if create else 2 if restore else 0
-        args = [ticket, ttl_ms, mode, limit.capacity]
+        keys = [self._keys.leases(limit.name), self._keys.ended(ticket)]
+        args = [ticket, ttl_ms, int(create), limit.capacity]
         return renewed(ticket, limit, int(await self._call("renew", self._run(self._renew, keys, args))))
 
     async def _run(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:

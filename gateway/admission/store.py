@@ -23,17 +23,16 @@ release(ticket, limits, tombstone=...)
     ``tombstone`` also leave a short-lived marker that makes a late acquire of the ticket
     return ABORTED. Used to abort a waiter (tombstone), to end a concurrency lease, and to
     refund a window lease for a request that provably never left.
-renew(ticket, limit, ttl_ms, create=False, restore=False)
-    Push back the end of a concurrency lease (a job still running). A plain renewal never
-    revives a missing lease. With ``restore`` (work the gateway KNOWS is running: a job it
-    tracks upstream, a session it relays) a missing lease (lost in a Redis failover) is
-    re-created, but only while the limit has room, so restoring never makes leases and
-    reservations outnumber the capacity (I2); refused, it is logged and counted
-    (``aai_gateway_leases_not_restored_total``) and the next renewal tries again. With
-    ``create`` it is re-created whatever the capacity (the embedded store forgot everything
-    on a restart: there is nothing else to count). Returns whether the lease is live after.
-    Callers stop renewing BEFORE they release (a restoring renewal that lands after the
-    release re-creates the lease until its ttl ends).
+renew(ticket, limit, ttl_ms, create=False)
+    Push back the end of a concurrency lease (work still running). A plain renewal never
+    revives a missing lease. With ``create`` (work the gateway KNOWS is running: a job it
+    tracks upstream, a session it relays) a missing lease (lost in a Redis failover, forgotten
+    by the embedded store on a restart) is re-created, whatever the capacity: the work runs
+    anyway, and counting it is what stops new admissions until the limit is back under its
+    capacity (I2 is about what runs upstream). A restoration that puts the limit over its
+    capacity is logged and counted (``aai_gateway_leases_restored_over_total``). A lease a
+    release removed is never restored, even by a renewal racing the release (the release
+    leaves a one-minute "ended" marker). Returns whether the lease is live afterwards.
 refresh(limits, tickets)
     Push back the deadlines of waiting tickets and of their reservations. Returns, per
     ticket, the 1-based index in ``limits`` of the queue it waits in, or 0 when it is gone.
@@ -123,9 +122,7 @@ class Store(Protocol):
 
     async def refresh(self, limits: Sequence[Limit], tickets: Sequence[str], ttl_ms: int) -> list[int]: ...
 
-    async def renew(
-        self, ticket: str, limit: Limit, ttl_ms: int, *, create: bool = False, restore: bool = False
-    ) -> bool: ...
+    async def renew(self, ticket: str, limit: Limit, ttl_ms: int, *, create: bool = False) -> bool: ...
 
     async def subscribe(self, callback: WakeCallback) -> None: ...
 

@@ -5,6 +5,8 @@
 -- KEYS[2]            wake channel
 -- KEYS[4i-1..4i+2]   for limit i = 1..n: leases, wait, dead, resv
 -- KEYS[4n+3..4n+5]   the account's share keys: share:dead, share:owner, share:lex
+-- KEYS[4n+6]         this ticket's "ended" marker: set (ENDED_MS) when a lease is removed, so a
+--                    renewal racing this release never restores the lease (renew.lua)
 -- ARGV[1]            ticket id
 -- ARGV[2]            tombstone ttl (ms), 0 for none
 -- ARGV[3]            publish command: PUBLISH or SPUBLISH
@@ -24,6 +26,7 @@ local pubcmd = ARGV[3]
 local n = tonumber(ARGV[4])
 
 local removed = 0
+local leases_gone = 0
 for i = 1, n do
   redis.call('ZREMRANGEBYSCORE', KEYS[4 * i - 1], '-inf', now)
   local dead = redis.call('ZRANGEBYSCORE', KEYS[4 * i + 1], '-inf', now)
@@ -35,7 +38,9 @@ for i = 1, n do
     redis.call('ZREMRANGEBYSCORE', KEYS[4 * i + 1], '-inf', now)
     redis.call(pubcmd, KEYS[2], ARGV[4 + i])
   end
-  local got = redis.call('ZREM', KEYS[4 * i - 1], ticket, ticket .. ':r')
+  local lease = redis.call('ZREM', KEYS[4 * i - 1], ticket)
+  leases_gone = leases_gone + lease
+  local got = lease + redis.call('ZREM', KEYS[4 * i - 1], ticket .. ':r')
     + redis.call('ZREM', KEYS[4 * i], ticket)
   redis.call('ZREM', KEYS[4 * i + 1], ticket)
   redis.call('ZREM', KEYS[4 * i + 2], ticket)
@@ -53,5 +58,8 @@ if owner then
 end
 if tomb_ms > 0 then
   redis.call('SET', KEYS[1], '1', 'PX', tomb_ms)
+end
+if leases_gone > 0 then
+  redis.call('SET', KEYS[4 * n + 6], '1', 'PX', 60000)
 end
 return removed

@@ -1,20 +1,20 @@
--- renew: push back the end of a running job's concurrency lease, or restore one.
+-- renew: push back the end of a running job's concurrency lease, or restore a lost one.
 --
 -- KEYS[1]   leases of the limit
+-- KEYS[2]   the ticket's "ended" marker (release.lua sets it when it removes a lease)
 -- ARGV[1]   ticket id
 -- ARGV[2]   ttl (ms): the lease now ends at now + ttl
--- ARGV[3]   what to do when the lease is missing:
---           '0' nothing: renew only a lease that is still live (ZADD XX);
---           '1' create it whatever the capacity (a job known to be running upstream, restored
---               into an embedded store that forgot everything on restart);
---           '2' restore it only if the limit has room (ARGV[4]): the work is known to be
---               running (a lease lost in a Redis failover), but a restoration never makes the
---               leases and reservations outnumber the capacity (I2)
--- ARGV[4]   the limit's capacity (mode '2')
+-- ARGV[3]   1 to re-create the lease if it is missing (work the gateway knows is running
+--           upstream: a lease lost in a Redis failover, or forgotten by the embedded store
+--           on a restart), 0 to renew only a lease that is still live
+-- ARGV[4]   the limit's capacity (to tell a restoration that puts the limit over it)
 --
--- Returns (integer) 1 if the live lease was pushed back, 2 if it was missing and has been
--- (re)created, 0 if it had lapsed or been released (mode '0'), -1 if it was missing and the
--- limit is full (mode '2': nothing written).
+-- Returns (integer) 1 if the live lease was pushed back; 2 if it was missing and has been
+-- restored within the capacity; 3 if restored and the limit's leases and reservations now
+-- outnumber its capacity (the account runs over: the work runs anyway, and counting it stops
+-- new admissions until the count is back under the capacity); 0 if it had lapsed or been
+-- released and is not restored (ARGV[3] is 0, or the ended marker says a release removed it:
+-- a renewal racing a release never revives the lease).
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -24,14 +24,10 @@ local live
 if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
   redis.call('ZADD', KEYS[1], 'XX', now + ttl, ARGV[1])
   live = 1
-elseif ARGV[3] == '1' then
+elseif ARGV[3] == '1' and redis.call('EXISTS', KEYS[2]) == 0 then
   redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
   live = 2
-elseif ARGV[3] == '2' and redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[4]) then
-  redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
-  live = 2
-elseif ARGV[3] == '2' then
-  return -1
+  if redis.call('ZCARD', KEYS[1]) > tonumber(ARGV[4]) then live = 3 end
 else
   return 0
 end
