@@ -10,6 +10,7 @@ of its own handler) and a gateway on the embedded store and on a real Redis.
 from __future__ import annotations
 
 import asyncio
+import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -58,27 +59,43 @@ def faulty(mode: str, times: int = 1) -> Any:
 
 
 @asynccontextmanager
-async def upstream(sim: Sim, *, middleware: Any = None, port: int | None = None) -> AsyncIterator[str]:
+async def upstream(
+    sim: Sim, *, middleware: Any = None, sock: socket.socket | None = None
+) -> AsyncIterator[str]:
+    """The simulator, on ``sock`` when given one (bound, not yet listening: connections to it
+    are refused until now, and no other server can take its port meanwhile)."""
     app = build_sim_app(sim)
     if middleware is not None:
         app.middlewares.append(middleware)
-    server = TestServer(app, host="127.0.0.1", port=port)
-    await server.start_server()
+    if sock is None:
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+        try:
+            yield str(server.make_url("")).rstrip("/")
+        finally:
+            await server.close()
+        return
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.SockSite(runner, sock).start()
     try:
-        yield str(server.make_url("")).rstrip("/")
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
     finally:
-        await server.close()
+        await runner.cleanup()
 
 
 @asynccontextmanager
-async def gateway(sim_url: str, store: str) -> AsyncIterator[tuple[str, Any]]:
+async def gateway(sim_url: str, store: str, *, public: bool = False) -> AsyncIterator[tuple[str, Any]]:
     overrides = dict(OVERRIDES)
+    port = free_port() if public else None
+    if public:
+        overrides["public_url"] = f"http://127.0.0.1:{port}"
     prefix = "df" + uuid.uuid4().hex[:8]
     if store == "redis":
         await (await redis_client()).aclose()
         overrides["redis"] = {"url": REDIS_URL, "key_prefix": prefix}
     try:
-        async with running_gateway(gateway_config(sim_url, **overrides)) as (url, _app, registry):
+        async with running_gateway(gateway_config(sim_url, **overrides), port=port) as (url, _app, registry):
             yield url, registry
     finally:
         if store == "redis":
@@ -104,6 +121,7 @@ async def completes(http: aiohttp.ClientSession, url: str, job_id: str, within: 
         async with http.get(url + f"/v2/transcript/{job_id}", headers=KEY) as r:
             assert r.status == 200, await r.text()
             status = str((await r.json())["status"])
+        assert status != "error", f"job {job_id} ended in error"
 
 
 def upstream_jobs(sim: Sim, audio_url: str) -> int:
@@ -148,7 +166,9 @@ async def test_a_failed_connect_is_requeued_and_submitted_once_upstream_is_back(
     """Nothing left the gateway (connection refused): the job is requeued at once, without a
     search, and submitted exactly once when upstream comes back."""
     sim = Sim(SimConfig(async_concurrency=2, job_seconds=0.3))
-    port = free_port()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))  # bound, not listening: every connect is refused
+    port = sock.getsockname()[1]
     audio = "https://example.com/refused.mp3"
     async with gateway(f"http://127.0.0.1:{port}", store) as (url, registry):
         async with aiohttp.ClientSession() as http:
@@ -156,8 +176,27 @@ async def test_a_failed_connect_is_requeued_and_submitted_once_upstream_is_back(
             async with http.get(url + f"/v2/transcript/{job_id}", headers=KEY) as r:
                 assert (await r.json())["status"] == "queued"
             await asyncio.sleep(0.3)
-            async with upstream(sim, port=port):
+            async with upstream(sim, sock=sock):
                 await completes(http, url, job_id, within=10)
                 await asyncio.sleep(0.3)
         assert metric(registry, "aai_gateway_dispatch_unknown_total", cause="lost") == 0
     assert upstream_jobs(sim, audio) == 1
+
+
+async def test_the_marker_tells_apart_two_jobs_of_the_same_audio(store: str) -> None:
+    """Two jobs of the same audio, both POSTs answered 503 after upstream created them: the
+    search finds two candidates for each. With ``public_url`` set, each POST named the job's
+    own webhook receiver, which upstream keeps: each job adopts its own transcript (without
+    the marker, both were undecidable and ended in error)."""
+    # Jobs run 4 s upstream: their webhooks come after the search (at the claim's end, ~2.4 s).
+    sim = Sim(SimConfig(async_concurrency=2, job_seconds=4))
+    audio = "https://example.com/twice.mp3"
+    async with (
+        upstream(sim, middleware=faulty("503", times=2)) as sim_url,
+        gateway(sim_url, store, public=True) as (url, _registry),
+        aiohttp.ClientSession() as http,
+    ):
+        ids = await asyncio.gather(submit(http, url, audio), submit(http, url, audio))
+        await asyncio.gather(*(completes(http, url, job_id, within=12) for job_id in ids))
+        assert len(set(ids)) == 2
+    assert upstream_jobs(sim, audio) == 2

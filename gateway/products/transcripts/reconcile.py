@@ -11,8 +11,9 @@ instance takes each, by compare-and-set on the job's last-heard time):
 - a claimed job whose claim lapsed before its upstream id was recorded (its dispatcher died
   mid-POST, or its POST timed out, lost its connection or got a 5xx) is not requeued
   blindly: upstream's recent transcripts are searched for it (the same audio, created during
-  the claim). Found once -> adopted; not found -> requeued; found more than once -> it cannot
-  be decided: counted, and the job ends in error saying so. When the dispatcher saw the
+  the claim; with ``public_url`` set, confirmed by the job's own webhook receiver, which the
+  POST named and upstream keeps). Found once -> adopted; not found -> requeued; found more
+  than once -> it cannot be decided: counted, and the job ends in error saying so. When the dispatcher saw the
   outcome go unknown, it asks for this search at once (``settle``): it runs as soon as the
   claim has lapsed, rather than at the next sweep ``reconcile_after_s`` later.
 
@@ -41,6 +42,7 @@ from ..catalog import Catalog
 from ..plan import Plan
 from .dispatch import Dispatcher, claim_margin_s
 from .jobs import Job, JobStore, State
+from .webhooks import RECEIVER_PATH
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +240,30 @@ class Reconciler:
             if item.get("audio_url") == job.body.get("audio_url") and start_s <= _created(item) <= end_s
         ]
         known = await self._jobs.by_upstream(candidates)
-        return [c for c in candidates if c not in known]
+        candidates = [c for c in candidates if c not in known]
+        if self._cfg.public_url is None or not candidates:
+            return candidates
+        # The marker: with public_url set, the POST named this job's own webhook receiver
+        # (its path holds the job id), which upstream keeps and shows in the transcript (not
+        # in the list). A candidate naming another job's receiver is not this job; one naming
+        # this job's is it, whatever else matches. One GET per candidate (usually one).
+        mine, unmarked = [], []
+        for candidate in candidates:
+            hook = await self._webhook_url(plan, candidate, key)
+            if f"{RECEIVER_PATH}/{job.id}/" in hook:
+                mine.append(candidate)
+            elif RECEIVER_PATH not in hook:  # sent without a receiver (public_url set since)
+                unmarked.append(candidate)
+        return mine or unmarked
+
+    async def _webhook_url(self, plan: Plan, upstream_id: str, key: str) -> str:
+        status, _, data = await self._handler.fetch(
+            plan, "GET", f"/v2/transcript/{upstream_id}", {hdrs.AUTHORIZATION: key}
+        )
+        if status != 200:
+            raise GatewayError(f"upstream answered {status} for candidate {upstream_id}")
+        doc = json.loads(data)
+        return str(doc.get("webhook_url") or "") if isinstance(doc, dict) else ""
 
 
 def _created(item: dict[str, Any]) -> float:
