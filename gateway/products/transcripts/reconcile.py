@@ -204,7 +204,7 @@ class Reconciler:
         if len(found) == 1:
             self._outcome("adopted")
             log.warning(
-                "job %s: its dispatcher vanished after POSTing; adopted upstream %s", job.id, found[0]
+                "job %s: found upstream after its claim lapsed mid-POST; adopted %s", job.id, found[0]
             )
             doc = {"id": found[0], "status": "processing"}
             await self._jobs.submitted(job.id, found[0], doc)
