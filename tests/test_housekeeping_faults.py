@@ -197,9 +197,10 @@ async def test_a_client_leaving_mid_reconnect_kills_no_housekeeping_and_order_ho
     model = concurrency_limit("llm:m", 2, 30.0, rank=RANK_MODEL)
     async with proxy() as p, cleanup(keys):
         near = make_client(REDIS_URL, timeout_ms=2000, connect_timeout_ms=2000)
-        store = RedisStore(near, keys, pipelined=PipelinedRedis(p.url(db()), timeout_ms=2000))
+        pipe = PipelinedRedis(p.url(db()), timeout_ms=2000, connect_timeout_ms=2000)
+        store = RedisStore(near, keys, pipelined=pipe)
         other = RedisStore(near, keys, pipelined=PipelinedRedis(REDIS_URL, timeout_ms=2000))
-        engine = AdmissionEngine(store, clock, ticket_ttl_ms=600, recheck_s=0.1, instance="a")
+        engine = AdmissionEngine(store, clock, ticket_ttl_ms=1000, recheck_s=0.1, instance="a")
         rival = AdmissionEngine(other, clock, ticket_ttl_ms=4000, recheck_s=0.1, instance="b")
         await engine.start()
         await rival.start()
@@ -219,15 +220,13 @@ async def test_a_client_leaving_mid_reconnect_kills_no_housekeeping_and_order_ho
             await asyncio.sleep(0.05)
             p.hold_new()
             p.drop_all()  # the engine's connection is lost; its reconnect hangs a while
-            pipe = store._pipe
-            assert pipe is not None
             await until(lambda: pipe._proto is None or pipe._proto.lost is not None, 1.0)
             leaving = asyncio.ensure_future(admit(engine, "leaving", JOBS))  # first caller of the reconnect
-            await asyncio.sleep(0.3)  # housekeeping (refresh, head re-checks) now awaits it too
+            await asyncio.sleep(0.6)  # housekeeping's refresh (due after ttl/2) now awaits it too
             leaving.cancel()
             await asyncio.sleep(0.05)
             p.release_new()
-            await asyncio.sleep(0.8)  # old2's reservation (600 ms) lives only if housekeeping refreshes it
+            await asyncio.sleep(1.3)  # old2's reservation (1 s) lives only if housekeeping refreshes it
             new = asyncio.ensure_future(admit(rival, "new", model))  # newer, needs only the model limit
             await asyncio.sleep(0.1)
             assert order == [], order  # the model limit is the old waiters': new waits behind them
