@@ -27,7 +27,7 @@ from yarl import URL
 from ..config import Upstream as UpstreamConfig
 from ..errors import BadGateway, BadRequest, GatewayTimeout
 from ..metrics import Metrics
-from .http1 import InvalidHead, NeverLeft, PayloadError, Pool, Response
+from .http1 import Connection, InvalidHead, NeverLeft, PayloadError, Pool, Response
 
 # Bodies up to this size (with a Content-Length) are sent whole: one write with the headers.
 WHOLE_BODY_BYTES = 64 * 1024
@@ -49,7 +49,16 @@ HOP_BY_HOP = frozenset(
 # Never forwarded upstream: set by the client library for the hop, or the gateway's own.
 # (Expect: the gateway's server already answered the client's 100-continue.)
 REQUEST_DROP = HOP_BY_HOP | {hdrs.HOST.lower(), hdrs.EXPECT.lower(), "x-aai-gateway-priority"}
-__all__ = ["NeverLeft", "Unsendable", "Upstream", "relay", "request_headers", "response_headers", "translate"]
+__all__ = [
+    "Connection",
+    "NeverLeft",
+    "Unsendable",
+    "Upstream",
+    "relay",
+    "request_headers",
+    "response_headers",
+    "translate",
+]
 
 
 class Unsendable(BadRequest):
@@ -97,6 +106,25 @@ class Upstream:
             await self._pool.close()
             self._pool = None
 
+    # A connection in hand before admission ends, so an admitted request leaves at once
+    # (ADMISSION.md I1: a cold connect after admission would push its arrival past the guard).
+    def idle(self, url: URL, identity: str = "") -> Connection | None:
+        assert self._pool is not None, "Upstream.start() was not awaited"
+        return self._pool.idle(url, identity)
+
+    async def connect(self, url: URL, identity: str = "") -> Connection:
+        """``NeverLeft`` when no connection could be made."""
+        assert self._pool is not None, "Upstream.start() was not awaited"
+        return await self._pool.connect(url, identity)
+
+    def sound(self, conn: Connection) -> bool:
+        assert self._pool is not None, "Upstream.start() was not awaited"
+        return self._pool.sound(conn)
+
+    def give_back(self, conn: Connection) -> None:
+        if self._pool is not None:
+            self._pool.give_back(conn)
+
     async def send(
         self,
         method: str,
@@ -108,6 +136,7 @@ class Upstream:
         admitted_at: float,
         timeout_s: float | None = None,
         identity: str = "",
+        conn: Connection | None = None,
     ) -> Response:
         """Send one request; return the response with its body unread (the caller releases it).
         ``timeout_s`` bounds the whole exchange (a dispatch must end within its claim).
@@ -122,7 +151,7 @@ class Upstream:
 
         try:
             resp = await self._pool.request(
-                method, url, headers, data, timeout_s=timeout_s, on_send=sending, identity=identity
+                method, url, headers, data, timeout_s=timeout_s, on_send=sending, identity=identity, conn=conn
             )
         except NeverLeft:
             raise

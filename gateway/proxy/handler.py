@@ -30,7 +30,7 @@ from ..metrics import Metrics
 from ..products.catalog import Catalog
 from ..products.plan import Plan
 from .body import ClientBody
-from .forward import NeverLeft, Unsendable, Upstream, relay, request_headers, translate
+from .forward import Connection, NeverLeft, Unsendable, Upstream, relay, request_headers, translate
 from .headers import admitted_headers, refused_headers
 from .http1 import Response
 from .urls import gateway_base, rewrite_page_details
@@ -44,6 +44,13 @@ Planner = Callable[[web.Request, Config, Catalog], Awaitable[Plan]]
 
 # The queue share of requests that carry no key (GET /v1/models).
 ANONYMOUS = "anonymous"
+
+
+def _guard_s(grant: Grant) -> float:
+    """How long after admission the request may still arrive upstream: the smallest guard
+    of the windows it took (a concurrency lease has none: it counts until released)."""
+    guards = [(limit.lease_ms - limit.window_ms) / 1000 for limit in grant.limits if limit.window_ms]
+    return min(guards) if guards else float("inf")
 
 
 class Fetched(NamedTuple):
@@ -207,11 +214,34 @@ class ProxyHandler:
         # Who the request is for: the upstream pool never shares idle connections between
         # keys, and a client waits within its key's share of the queue.
         identity = self._identify(key) if key else ""
+        held: Connection | None = None  # made ready while a token was given back (below)
         while True:
-            grant = await self._admit(plan, deadline, (identity or ANONYMOUS) if shared else "")
+            try:
+                grant = await self._admit(plan, deadline, (identity or ANONYMOUS) if shared else "")
+            except BaseException:
+                self._give_back(held)
+                raise
+            admitted_at = time.perf_counter()
             if request is not None and client_gone(request):
                 await self._refund(grant)
+                self._give_back(held)
                 raise ClientGone()
+            conn, held = (held if held is not None and self._upstream.sound(held) else None), None
+            conn = conn or self._upstream.idle(url, identity)
+            if conn is None:
+                # A cold connection. The token is only good for the guard after admission
+                # (upstream counts arrivals, ADMISSION.md I1): if connecting took longer, the
+                # token goes back unused and the request is admitted again, connection in hand.
+                try:
+                    conn = await self._upstream.connect(url, identity)
+                except BaseException:  # no connection, or the client left: nothing was sent
+                    await self._refund(grant)
+                    raise
+                if grant is not None and time.perf_counter() - admitted_at > _guard_s(grant):
+                    await self._refund(grant)
+                    held = conn
+                    log.info("connecting outlasted the guard: %s %s admitted again", method, url.path)
+                    continue
             try:
                 resp = await self._upstream.send(
                     method,
@@ -219,10 +249,12 @@ class ProxyHandler:
                     headers=headers,
                     data=data,
                     group=plan.group,
-                    admitted_at=time.perf_counter(),
+                    admitted_at=admitted_at,
                     identity=identity,
+                    conn=conn,
                 )
             except (NeverLeft, Unsendable):
+                self._give_back(conn)
                 await self._refund(grant)
                 raise
             if resp.status == 429 and self._may_retry(plan, retries):
@@ -252,6 +284,10 @@ class ProxyHandler:
             limit = next(limit for limit in plan.limits if limit.name == exc.limit)
             exc.headers.update(refused_headers(limit, exc.retry_after_s))
             raise
+
+    def _give_back(self, conn: Connection | None) -> None:
+        if conn is not None:
+            self._upstream.give_back(conn)
 
     async def _refund(self, grant: Grant | None) -> None:
         """Give back leases for a request that provably never left the gateway."""

@@ -511,13 +511,18 @@ class Pool:
         timeout_s: float | None = None,
         on_send: Callable[[], Any] | None = None,
         identity: str = "",
+        conn: _Conn | None = None,
     ) -> Response:
         """Send one request. ``identity`` (a fingerprint of the client's key) picks the pool:
-        idle connections are never shared between identities."""
+        idle connections are never shared between identities. ``conn``: a connection taken
+        with ``idle`` or ``connect`` for this request (else one is found or made here)."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        key = (url.scheme, url.raw_host or "", url.port or (443 if url.scheme == "https" else 80), identity)
+        key = _pool_key(url, identity)
         head, stream, chunked = _request_head(method, url, headers, body)  # before any connection
-        conn = self._reuse(key) or await self._connect(key, deadline)
+        if conn is not None:
+            assert conn.key == key, "a connection taken for another host or identity"
+        else:
+            conn = self._reuse(key) or await self._connect(key, deadline)
         conn.reset(head_only=method == "HEAD")
         try:
             if on_send is not None:
@@ -557,6 +562,36 @@ class Pool:
                 conn.write(b"0\r\n\r\n")  # the body is whole: the connection stays usable
             return
         conn.unfinished = True
+
+    # -- a connection in hand before a request is sent (so it leaves at once when admitted) --
+    def idle(self, url: URL, identity: str = "") -> _Conn | None:
+        """An idle connection for ``url``'s host and ``identity``, checked quiet; None if none."""
+        return self._reuse(_pool_key(url, identity))
+
+    async def connect(self, url: URL, identity: str = "") -> _Conn:
+        """A new connection for ``url``'s host and ``identity``; ``NeverLeft`` if none could
+        be made within the connect timeout."""
+        return await self._connect(_pool_key(url, identity), None)
+
+    def sound(self, conn: _Conn) -> bool:
+        """Still open, with nothing unexpected waiting: fit to carry a request now."""
+        return (
+            not (conn.broken or conn.lost or conn.in_use)
+            and conn.error is None
+            and conn.transport is not None
+            and not conn.transport.is_closing()
+            and conn.quiet()
+        )
+
+    def give_back(self, conn: _Conn) -> None:
+        """A connection from ``idle`` or ``connect`` that carried no request: kept idle again
+        if it is still sound, else closed."""
+        if self._closed or not self.sound(conn):
+            self._discard(conn)
+            return
+        if not conn.idle_limit:  # a new one: idle from now
+            conn.idle_since, conn.idle_limit = time.monotonic(), self._keepalive_s
+        self._park(conn)
 
     def _reuse(self, key: tuple[str, str, int, str]) -> _Conn | None:
         idle = self._idle.get(key)
@@ -630,8 +665,12 @@ class Pool:
             name, _, value = part.strip().partition("=")
             if name.lower() == "timeout" and value.strip().isdigit():
                 limit = min(limit, max(0.0, int(value) - 1.0))  # leave before the server does
+        conn.idle_since, conn.idle_limit = time.monotonic(), limit
+        self._park(conn)
+
+    def _park(self, conn: _Conn) -> None:
+        """Into the idle pool; the longest idle closed past their limit or past MAX_IDLE."""
         now = time.monotonic()
-        conn.idle_since, conn.idle_limit = now, limit
         self._idle.setdefault(conn.key, []).append(conn)
         self._lru[conn] = None
         # The longest idle go first: past their limit, or past MAX_IDLE in all (one pool per
@@ -662,6 +701,13 @@ class Pool:
                 conn.transport.close()
         self._idle.clear()
         self._lru.clear()
+
+
+Connection = _Conn  # what callers hold between ``Pool.idle``/``connect`` and ``request``
+
+
+def _pool_key(url: URL, identity: str) -> tuple[str, str, int, str]:
+    return (url.scheme, url.raw_host or "", url.port or (443 if url.scheme == "https" else 80), identity)
 
 
 class InvalidHead(ValueError):
