@@ -21,7 +21,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from gateway.sim.app import Sim, SimConfig, build_sim_app
+from gateway.sim.app import KEY as SIM_KEY
+from gateway.sim.app import SIM, Sim, SimConfig, build_sim_app
 from tests.conftest import REDIS_URL, redis_client
 from tests.helpers import free_port, gateway_config, metric, running_gateway
 
@@ -37,10 +38,12 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 pytestmark = pytest.mark.parametrize("store", ["embedded", "redis"])
 
 
-def faulty(mode: str, times: int = 1) -> Any:
+def faulty(mode: str, times: int = 1, *, then_others: int = 0) -> Any:
     """A middleware in front of the simulator's own handlers: the first ``times`` job POSTs
     are created upstream, then answered with ``mode`` ("503") or not at all ("drop": the
-    connection is closed after upstream read the whole request and created the job)."""
+    connection is closed after upstream read the whole request and created the job).
+    ``then_others``: that many other transcripts are created upstream right after it (a busy
+    account: the job is no longer on the list's first page)."""
     left = [times]
 
     @web.middleware
@@ -49,6 +52,10 @@ def faulty(mode: str, times: int = 1) -> Any:
             return await handler(request)
         left[0] -= 1
         await handler(request)  # the simulator creates the job
+        for i in range(then_others):
+            request.app[SIM].transcripts.create(
+                request[SIM_KEY], {"audio_url": f"https://example.com/o{i}.mp3"}
+            )
         if mode == "503":
             return web.json_response({"error": "Service Unavailable"}, status=503)
         assert request.transport is not None
@@ -200,3 +207,20 @@ async def test_the_marker_tells_apart_two_jobs_of_the_same_audio(store: str) -> 
         await asyncio.gather(*(completes(http, url, job_id, within=12) for job_id in ids))
         assert len(set(ids)) == 2
     assert upstream_jobs(sim, audio) == 2
+
+
+async def test_the_search_reads_back_past_a_busy_first_page(store: str) -> None:
+    """150 other transcripts were created upstream right after the job's: the search pages
+    back (``before_id``) until it passes the claim's start, finds the job and adopts it
+    (reading only the newest 100, it used to requeue it: a second upstream job)."""
+    sim = Sim(SimConfig(async_concurrency=500, job_seconds=0.3))
+    audio = "https://example.com/busy.mp3"
+    async with (
+        upstream(sim, middleware=faulty("503", then_others=150)) as sim_url,
+        gateway(sim_url, store) as (url, _registry),
+        aiohttp.ClientSession() as http,
+    ):
+        job_id = await submit(http, url, audio)
+        await completes(http, url, job_id, within=12)
+        await asyncio.sleep(0.5)
+    assert upstream_jobs(sim, audio) == 1

@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 ENDED = frozenset({"completed", "error"})
 SEARCH_PAGE = 100
+SEARCH_PAGES = 20  # at most 2,000 transcripts back; past that, "absent" is not shown
 
 Lookup = Callable[[Job, str], Awaitable["dict[str, Any] | None"]]
 
@@ -200,7 +201,7 @@ class Reconciler:
     async def _resolve_claim(self, job: Job) -> None:
         """Its dispatcher vanished mid-POST: did the POST reach upstream?"""
         key = self._vault.decrypt(job.cred or "")
-        found = await self._search(job, key)
+        found, complete = await self._search(job, key)
         if len(found) == 1:
             self._outcome("adopted")
             log.warning(
@@ -211,38 +212,48 @@ class Reconciler:
             adopted = await self._jobs.get(job.id)
             if adopted is not None:
                 await self._renew(adopted)
-        elif not found:
+        elif not found and complete:
             self._outcome("requeued")
             await self._dispatcher.requeue(job)
         else:
             self._outcome("undecidable")
+            why = f"{len(found)} candidates" if found else "too many newer transcripts to search"
             message = (
                 "The gateway could not tell whether this transcript reached AssemblyAI "
-                f"({len(found)} candidates); submit it again if it does not appear in your list"
+                f"({why}); submit it again if it does not appear in your list"
             )
             await self._finish(job, None, message)
 
-    async def _search(self, job: Job, key: str) -> list[str]:
+    async def _search(self, job: Job, key: str) -> tuple[list[str], bool]:
+        """The upstream transcripts that may be this job's, and whether the search reached
+        back past the claim's start (only then does finding none show it absent). Upstream
+        lists newest first: pages are read back (``before_id``) until one ends before it."""
         plan = Plan(
             "rest", self._cfg.upstream.api_url, self._catalog.account_window("rest", "GET"), 10.0, b""
         )
-        status, _, data = await self._handler.fetch(
-            plan, "GET", f"/v2/transcript?limit={SEARCH_PAGE}", {hdrs.AUTHORIZATION: key}
-        )
-        if status != 200:
-            raise GatewayError(f"upstream list answered {status}")
-        items = json.loads(data).get("transcripts", [])
         start_s = (job.claim_until_ms / 1000) - self._t.claim_s - 2
         end_s = job.claim_until_ms / 1000 + self._margin_s
-        candidates = [
-            item["id"]
-            for item in items
-            if item.get("audio_url") == job.body.get("audio_url") and start_s <= _created(item) <= end_s
-        ]
+        candidates: list[str] = []
+        complete, before = False, ""
+        for _ in range(SEARCH_PAGES):
+            path = f"/v2/transcript?limit={SEARCH_PAGE}" + (f"&before_id={before}" if before else "")
+            status, _, data = await self._handler.fetch(plan, "GET", path, {hdrs.AUTHORIZATION: key})
+            if status != 200:
+                raise GatewayError(f"upstream list answered {status}")
+            items = json.loads(data).get("transcripts", [])
+            candidates += [
+                item["id"]
+                for item in items
+                if item.get("audio_url") == job.body.get("audio_url") and start_s <= _created(item) <= end_s
+            ]
+            if len(items) < SEARCH_PAGE or (items and _created(items[-1]) < start_s):
+                complete = True  # the list ended, or reached back before the claim
+                break
+            before = str(items[-1].get("id") or "")
         known = await self._jobs.by_upstream(candidates)
         candidates = [c for c in candidates if c not in known]
         if self._cfg.public_url is None or not candidates:
-            return candidates
+            return candidates, complete
         # The marker: with public_url set, the POST named this job's own webhook receiver
         # (its path holds the job id), which upstream keeps and shows in the transcript (not
         # in the list). A candidate naming another job's receiver is not this job; one naming
@@ -254,7 +265,7 @@ class Reconciler:
                 mine.append(candidate)
             elif RECEIVER_PATH not in hook:  # sent without a receiver (public_url set since)
                 unmarked.append(candidate)
-        return mine or unmarked
+        return mine or unmarked, complete
 
     async def _webhook_url(self, plan: Plan, upstream_id: str, key: str) -> str:
         status, _, data = await self._handler.fetch(
