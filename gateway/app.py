@@ -30,6 +30,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from yarl import URL
 
 from .admission.engine import AdmissionEngine
+from .admission.health import supervise
 from .admission.keys import Keys
 from .admission.memory import MemoryStore
 from .admission.pipelined import PipelinedRedis
@@ -292,7 +293,7 @@ def build_app(
         await upstream.start()
         await engine.start()
         await transcripts.start()
-        sampler = asyncio.create_task(_sample(store, catalog, metrics, transcripts))
+        sampler = supervise("metrics-sampler", lambda: _sample(store, catalog, metrics, transcripts))
         yield
         sampler.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -739,7 +739,8 @@ class _Session:
         limit = self.relay._catalog.open_sessions
         if limit is not None and self.grant is not None:
             with contextlib.suppress(GatewayError):
-                await self.relay._engine.store.renew(self.grant.ticket, limit, limit.lease_ms)
+                # The session is open: a lease a Redis failover lost is restored.
+                await self.relay._engine.store.renew(self.grant.ticket, limit, limit.lease_ms, create=True)
 
     def check(self, now: float) -> None:
         """The guard, run by the relay's sweep (one timer for all sessions). A quiet client

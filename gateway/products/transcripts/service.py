@@ -97,8 +97,10 @@ class Transcripts:
         await self.relay.close()
 
     async def renew(self, job: Job) -> None:
-        """The job still runs: its concurrency lease lasts another ``lease_ttl_s``."""
-        await self._engine.store.renew(job.ticket, self._catalog.async_jobs, int(self._t.lease_ttl_s * 1000))
+        """The job still runs: its concurrency lease lasts another ``lease_ttl_s`` (restored if
+        a Redis failover lost it: the work is running, so the store must count it)."""
+        ttl_ms = int(self._t.lease_ttl_s * 1000)
+        await self._engine.store.renew(job.ticket, self._catalog.async_jobs, ttl_ms, create=True)
 
     # -- ids and ownership ---------------------------------------------------------------
     def _owned(self, job: Job, request: web.Request) -> bool:
