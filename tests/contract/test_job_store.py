@@ -94,6 +94,9 @@ async def test_requeue_takes_a_new_attempt_and_keeps_the_place(jobs: tuple[JobSt
     await store.claim("job-0", "a", 30_000)
     assert await store.requeue("job-0", attempt=1)
     assert not await store.requeue("job-0", attempt=2)  # not claimed any more
+    await store.claim("job-1", "b/1", 30_000)
+    assert not await store.requeue("job-1", attempt=1, claimer="b/0")  # a stale claim's requeue
+    assert await store.requeue("job-1", attempt=1, claimer="b/1")
     job = await store.get("job-0")
     assert job is not None and job.state is State.QUEUED and job.attempt == 1 and job.ticket == "job-0.1"
     assert await store.queued(10) == ["job-0", "job-1", "job-2"]

@@ -338,7 +338,7 @@ class Dispatcher:
         """Back in line under a new attempt; the old attempt's concurrency lease goes back.
         Only if the job is still this claim's: a dispatcher that stalled past its claim may
         find it adopted by the reconciler (running upstream: its lease stays)."""
-        if await self._jobs.requeue(job.id, attempt=job.attempt + 1):
+        if await self._jobs.requeue(job.id, attempt=job.attempt + 1, claimer=job.claimer):
             await self._engine.store.release(job.ticket, [self._catalog.async_jobs], tombstone=True)
         self._kick.set()
 

@@ -135,9 +135,10 @@ class JobStore(Protocol):
         """claimed -> submitted: the upstream id is recorded, and indexed."""
         ...
 
-    async def requeue(self, job_id: str, *, attempt: int) -> bool:
-        """claimed -> queued under a new attempt (nothing reached upstream, or it refused).
-        True also when the job is already queued under that attempt (a replay)."""
+    async def requeue(self, job_id: str, *, attempt: int, claimer: str = "") -> bool:
+        """claimed -> queued under a new attempt (nothing reached upstream, or it refused),
+        if claimed (by ``claimer``, unless empty). True also when the job is already queued
+        under that attempt (a replay)."""
         ...
 
     async def refreshed(self, job_id: str, snapshot: dict[str, Any]) -> None: ...

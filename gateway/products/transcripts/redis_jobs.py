@@ -146,13 +146,13 @@ class RedisJobStore:
         fields["refreshed_ms"] = str(self._now())
         await self._set(job_id, fields, heard=True, index=upstream_id)
 
-    async def requeue(self, job_id: str, *, attempt: int) -> bool:
+    async def requeue(self, job_id: str, *, attempt: int, claimer: str = "") -> bool:
         job = await self.get(job_id)
         if job is None:
             return False
         k = self._k
         keys = [k.job(job_id), k.jobs_queued, k.jobs_running]
-        args: list[Any] = [job_id, attempt, queue_score(job.priority, job.created_ms)]
+        args: list[Any] = [job_id, attempt, queue_score(job.priority, job.created_ms), claimer]
         return bool(await self._call("requeue", self._requeue(keys=keys, args=args)))
 
     async def refreshed(self, job_id: str, snapshot: dict[str, Any]) -> None:

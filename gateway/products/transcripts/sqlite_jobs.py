@@ -183,11 +183,11 @@ class SqliteJobStore:
 
         self._update(job_id, change, heard_ms=now)
 
-    async def requeue(self, job_id: str, *, attempt: int) -> bool:
+    async def requeue(self, job_id: str, *, attempt: int, claimer: str = "") -> bool:
         def change(job: Job) -> bool:
             if job.state is State.QUEUED and job.attempt == attempt:
                 return True  # requeued under this attempt already
-            if job.state is not State.CLAIMED:
+            if job.state is not State.CLAIMED or (claimer and job.claimer != claimer):
                 return False
             job.state, job.attempt, job.claimer, job.claim_until_ms = State.QUEUED, attempt, "", 0
             return True
