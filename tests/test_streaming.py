@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
+import pytest
 import yarl
 
 from gateway.app import LEDGER, TRANSCRIPTS
@@ -520,3 +521,38 @@ async def test_a_terminate_behind_a_long_replay_cuts_it_short() -> None:
         assert loop.time() - started < 5 and got[-1]["type"] == "Termination"
         assert sim.recorder.violations == []  # the audio that did go up went at real time
         await second.close()
+
+
+async def test_one_sessions_failing_guard_ends_that_session_and_no_other(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The sweep runs every session's guard: one that raises is ended (terminated upstream,
+    then closed), and the others' guards go on (the idle timeout still ends them)."""
+    from gateway.products import streaming_relay
+
+    real_check = streaming_relay._Session.check
+
+    def failing(self: Any, now: float) -> None:
+        raise RuntimeError("a bug in one session's guard")
+
+    async with (
+        streaming(streaming={"idle_timeout_s": 0.4}) as (sim, url, app, _),
+        aiohttp.ClientSession() as http,
+    ):
+        idle_owner = app[TRANSCRIPTS]._vault.fingerprint("idle-key")
+        monkeypatch.setattr(
+            streaming_relay._Session,
+            "check",
+            lambda self, now: (real_check if self.owner == idle_owner else failing)(self, now),
+        )
+        async with http.ws_connect(url, headers={"Authorization": "broken-key"}) as broken:
+            await broken.receive()  # Begin
+            async with http.ws_connect(url, headers={"Authorization": "idle-key"}) as idle:
+                await idle.receive()  # Begin
+                await talk(idle, 0.1)
+                got = await messages(idle)  # then silence: its guard still runs
+                assert got[-1]["type"] == "Termination"
+            await messages(broken)  # ended: terminated upstream, then closed
+            assert broken.close_code in (1000, 1011)
+        await wait_until(lambda: sim.streaming.open_sessions == 0)
+        assert sim.streaming.report()["terminated"] == 2

@@ -249,7 +249,12 @@ class StreamingRelay:
             await asyncio.sleep(interval)
             now = time.monotonic()
             for session in list(self._sessions):
-                session.check(now)
+                try:
+                    session.check(now)
+                except Exception:  # one session's fault must not end every session's guard
+                    log.exception("streaming: the guard of one session failed; ending that session")
+                    session.end_reason = "error"
+                    session._spawn(session.abort())
 
     async def shutdown(self) -> None:
         """Graceful shutdown: every session is terminated cleanly, then closed."""
