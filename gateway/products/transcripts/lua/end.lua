@@ -14,8 +14,9 @@
 --
 -- Returns the job's fields as they were before it ended (HGETALL), or an empty array if it
 -- had already ended or does not exist. Idempotent: a replay of the same call (same token,
--- after a lost reply, within a minute) returns the same fields again, less the credential
--- (the receipt never holds it), so the caller still releases the lease and tells the webhook.
+-- after a lost reply, within a minute) returns the same fields again, less the credential,
+-- the body and the snapshot (the receipt never holds them), so the caller still releases the
+-- lease and tells the webhook.
 
 local state = redis.call('HGET', KEYS[1], 'state')
 if state == 'ended' and redis.call('LINDEX', KEYS[5], 0) == ARGV[4] then
@@ -24,10 +25,14 @@ end
 if not state or state == 'ended' then return {} end
 local before = redis.call('HGETALL', KEYS[1])
 local receipt = {ARGV[4]}
+-- The receipt keeps what the caller needs to finish (ticket, times, the webhook), never the
+-- credential, the request body or upstream's view: nothing anyone could fill, nothing private.
+local emptied = {body = '{}', snapshot = ''}
 for i = 1, #before, 2 do
-  if before[i] ~= 'cred' then
-    receipt[#receipt + 1] = before[i]
-    receipt[#receipt + 1] = before[i + 1]
+  local name = before[i]
+  if name ~= 'cred' then
+    receipt[#receipt + 1] = name
+    receipt[#receipt + 1] = emptied[name] or before[i + 1]
   end
 end
 redis.call('DEL', KEYS[5])
