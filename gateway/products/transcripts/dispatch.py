@@ -40,6 +40,7 @@ from aiohttp import hdrs
 from yarl import URL
 
 from ...admission.engine import AdmissionEngine, Grant
+from ...admission.health import supervise
 from ...admission.limits import Limit
 from ...clock import Clock
 from ...config import Config
@@ -123,7 +124,7 @@ class Dispatcher:
     async def start(self) -> None:
         if self._engine.store.kind == "memory":
             await self._restore_leases()
-        self._loop_task = asyncio.create_task(self._run(), name="aai-gateway-dispatcher")
+        self._loop_task = supervise("transcript-dispatcher", self._run)
 
     async def close(self) -> None:
         tasks = [t for t in (self._loop_task, *self._waiting.values()) if t is not None]
@@ -288,8 +289,8 @@ class Dispatcher:
         if status == 200 and isinstance(doc.get("id"), str):
             await self._jobs.submitted(job.id, doc["id"], doc)
             self._metrics.job_queue_wait.observe(max(0.0, self._wall() - job.created_ms / 1000))
-            ttl = int(self._t.lease_ttl_s * 1000)
-            await self._engine.store.renew(job.ticket, self._catalog.async_jobs, ttl)
+            ttl = int(self._t.lease_ttl_s * 1000)  # it runs upstream: a lapsed claim lease is restored
+            await self._engine.store.renew(job.ticket, self._catalog.async_jobs, ttl, create=True)
             submitted = await self._jobs.get(job.id)
             if doc.get("status") in ("completed", "error") and submitted is not None:
                 await self._on_end(submitted, doc, "")

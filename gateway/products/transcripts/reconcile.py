@@ -33,6 +33,7 @@ from typing import Any
 
 from aiohttp import hdrs
 
+from ...admission.health import supervise
 from ...config import Config
 from ...errors import GatewayError, StoreUnavailable
 from ...metrics import Metrics
@@ -103,7 +104,7 @@ class Reconciler:
         return min(max(self._t.reconcile_after_s / 2, 0.05), 5.0)
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="aai-gateway-reconciler")
+        self._task = supervise("transcript-reconciler", self._run)
 
     async def close(self) -> None:
         tasks = [t for t in (self._task, *self._settling.values()) if t is not None]
