@@ -7,9 +7,11 @@ import json
 import os
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import tempfile
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -30,6 +32,25 @@ from gateway.sim.app import Sim, SimConfig, build_sim_app
 # One secret key for every gateway the tests start (instances sharing Redis need the same).
 TEST_SECRET_KEY = "9KQ-aTwgmQNwfRoJRvR6Q3Co2dDIDfvFYShmQmXyJqE="
 os.environ.setdefault("AAI_GATEWAY_SECRET_KEY", TEST_SECRET_KEY)
+
+
+def ws_frame(
+    b0: int, payload: bytes, *, key: bytes | None = b"\x01\x02\x03\x04", length: int | None = None
+) -> bytes:
+    """A WebSocket frame built by hand, as a hostile peer may write it: any first byte (FIN,
+    RSV bits, opcode), masked with ``key`` or not (None), and a length field of ``length``
+    (default: the payload's)."""
+    from gateway.products import ws_wire
+
+    n = len(payload) if length is None else length
+    bit = 0x80 if key is not None else 0
+    if n < 126:
+        head = struct.pack("!BB", b0, bit | n)
+    elif n < 65536:
+        head = struct.pack("!BBH", b0, bit | 126, n)
+    else:
+        head = struct.pack("!BBQ", b0, bit | 127, n)
+    return head + key + ws_wire.unmask(payload, key) if key is not None else head + payload
 
 
 def free_port() -> int:
@@ -88,6 +109,29 @@ async def running_gateway(
         yield str(server.make_url("")).rstrip("/"), app, registry
     finally:
         await server.close()
+
+
+@asynccontextmanager
+async def sim_and_gateway(
+    sim_config: SimConfig, *, store: str = "sqlite", **overrides: Any
+) -> AsyncIterator[tuple[Sim, str, Any]]:
+    """The simulator and one gateway, with its app, on ``store`` ("sqlite": the embedded
+    store; "redis": the real Redis under a key prefix of its own, deleted afterwards)."""
+    from tests.conftest import REDIS_URL, redis_client  # (conftest imports nothing from here)
+
+    prefix = "sg" + uuid.uuid4().hex[:8]
+    if store == "redis":
+        overrides = {**overrides, "redis": {"url": REDIS_URL, "key_prefix": prefix}}
+    async with running_sim(sim_config) as (sim, sim_url):
+        async with running_gateway(gateway_config(sim_url, **overrides)) as (url, app, _):
+            try:
+                yield sim, url, app
+            finally:
+                if store == "redis":
+                    client = await redis_client()
+                    async for key in client.scan_iter(match=f"{prefix}:*"):
+                        await client.delete(key)
+                    await client.aclose()
 
 
 @asynccontextmanager

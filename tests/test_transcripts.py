@@ -26,7 +26,7 @@ import pytest
 
 from gateway.sim.app import Sim, SimConfig
 from tests.conftest import REDIS_URL, redis_client
-from tests.helpers import gateway_config, metric, running_gateway, running_sim
+from tests.helpers import gateway_config, metric, running_gateway, running_sim, sim_and_gateway
 
 KEY = {"Authorization": "job-key"}
 # One concurrency lease, and jobs refreshed from upstream often (short simulated jobs).
@@ -368,24 +368,6 @@ async def test_a_job_queued_too_long_ends_in_error() -> None:
 
 
 # -- what the gateway keeps: only what a job needs --------------------------------------------
-@asynccontextmanager
-async def one_gateway(
-    sim_config: SimConfig, *, store: str = "sqlite", **overrides: Any
-) -> AsyncIterator[tuple[Sim, str, Any]]:
-    """The simulator and one gateway, with its app (to read its job store), on ``store``."""
-    prefix = "tx" + uuid.uuid4().hex[:8]
-    if store == "redis":
-        overrides = {**overrides, "redis": {"url": REDIS_URL, "key_prefix": prefix}}
-    async with running_sim(sim_config) as (sim, sim_url):
-        async with running_gateway(gateway_config(sim_url, **overrides)) as (url, app, _):
-            try:
-                yield sim, url, app
-            finally:
-                if store == "redis":
-                    client = await redis_client()
-                    async for key in client.scan_iter(match=f"{prefix}:*"):
-                        await client.delete(key)
-                    await client.aclose()
 
 
 async def stored_bytes(app: Any) -> bytes:
@@ -428,7 +410,7 @@ async def test_a_job_ended_through_a_poll_keeps_no_transcript(store: str) -> Non
     from gateway.app import TRANSCRIPTS
 
     async with (
-        one_gateway(SimConfig(job_seconds=0.2), store=store, **FAST) as (sim, url, app),
+        sim_and_gateway(SimConfig(job_seconds=0.2), store=store, **FAST) as (sim, url, app),
         aiohttp.ClientSession() as http,
     ):
         job = await post(http, url, {"audio_url": "https://x/private-audio.mp3", "punctuate": True})
@@ -448,7 +430,7 @@ async def test_delete_purges_what_the_gateway_kept(store: str) -> None:
     from gateway.app import TRANSCRIPTS
 
     async with (
-        one_gateway(SimConfig(job_seconds=0.2), store=store, **FAST) as (sim, url, app),
+        sim_and_gateway(SimConfig(job_seconds=0.2), store=store, **FAST) as (sim, url, app),
         aiohttp.ClientSession() as http,
     ):
         body = {"audio_url": "https://x/a.mp3", "webhook_url": "https://hooks.example.com/private-hook"}
@@ -468,7 +450,10 @@ async def test_delete_purges_what_the_gateway_kept(store: str) -> None:
 async def test_the_embedded_stores_files_are_private() -> None:
     from gateway.app import CONFIG
 
-    async with one_gateway(SimConfig(job_seconds=0.1)) as (sim, url, app), aiohttp.ClientSession() as http:
+    async with (
+        sim_and_gateway(SimConfig(job_seconds=0.1)) as (sim, url, app),
+        aiohttp.ClientSession() as http,
+    ):
         await post(http, url, {"audio_url": "https://x/a.mp3"})
         folder = Path(app[CONFIG].transcripts.data_dir)
         files = sorted(folder.glob("*.db*"))  # noqa: ASYNC240
@@ -490,7 +475,7 @@ async def test_a_job_upstream_forgot_is_settled_not_left_processing() -> None:
     }
     async with (
         hook_server(hook) as hook_url,
-        one_gateway(SimConfig(job_seconds=30), **overrides) as (sim, url, app),
+        sim_and_gateway(SimConfig(job_seconds=30), **overrides) as (sim, url, app),
         aiohttp.ClientSession() as http,
     ):
         job = await post(http, url, {"audio_url": "https://x/a.mp3", "webhook_url": hook_url})
@@ -511,7 +496,7 @@ async def test_a_job_upstream_forgot_is_settled_not_left_processing() -> None:
 
 
 async def test_the_transcript_list_carries_ratelimit_headers() -> None:
-    async with one_gateway(SimConfig()) as (sim, url, app), aiohttp.ClientSession() as http:
+    async with sim_and_gateway(SimConfig()) as (sim, url, app), aiohttp.ClientSession() as http:
         await post(http, url, {"audio_url": "https://x/a.mp3"})
         async with http.get(url + "/v2/transcript?limit=5", headers=KEY) as r:
             assert r.status == 200
@@ -525,7 +510,7 @@ async def test_the_transcript_list_carries_ratelimit_headers() -> None:
 async def test_a_json_body_without_its_content_type_is_read_as_json() -> None:
     """curl -d '{...}' sends application/x-www-form-urlencoded; the SDKs' raw clients may send
     none: upstream reads the body as JSON either way, and so does the gateway."""
-    async with one_gateway(SimConfig()) as (sim, url, app), aiohttp.ClientSession() as http:
+    async with sim_and_gateway(SimConfig()) as (sim, url, app), aiohttp.ClientSession() as http:
         raw = json.dumps({"audio_url": "https://x/a.mp3"}).encode()
         for content_type in ["application/x-www-form-urlencoded", "text/plain", None]:
             headers = {**KEY, **({"Content-Type": content_type} if content_type else {})}
@@ -536,7 +521,7 @@ async def test_a_json_body_without_its_content_type_is_read_as_json() -> None:
 
 
 async def test_a_gzipped_transcript_request_is_read() -> None:
-    async with one_gateway(SimConfig()) as (sim, url, app), aiohttp.ClientSession() as http:
+    async with sim_and_gateway(SimConfig()) as (sim, url, app), aiohttp.ClientSession() as http:
         raw = gzip.compress(json.dumps({"audio_url": "https://x/zipped.mp3"}).encode())
         headers = {**KEY, "Content-Type": "application/json", "Content-Encoding": "gzip"}
         async with http.post(url + "/v2/transcript", data=raw, headers=headers) as r:

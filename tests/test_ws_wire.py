@@ -14,7 +14,7 @@ from yarl import URL
 
 from gateway.products import ws_wire
 from gateway.products.ws_wire import BINARY, CLOSE, PING, TEXT, FrameReader, FrameTooLarge
-from tests.helpers import self_signed_tls, serving
+from tests.helpers import self_signed_tls, serving, ws_frame
 
 
 def test_frames_are_read_whole_from_any_split_of_the_stream() -> None:
@@ -159,18 +159,7 @@ async def test_connect_over_tls_checks_the_servers_certificate(tmp_path: Path) -
 # -- strictness (RFC 6455 section 5) and the instance's byte budget -------------------------------
 def raw_frame(b0: int, payload: bytes, *, mask: bool = True, length: int | None = None) -> bytes:
     """A frame built by hand, whatever its first byte says (FIN, RSV, opcode)."""
-    n = len(payload) if length is None else length
-    bit = 0x80 if mask else 0
-    if n < 126:
-        head = struct.pack("!BB", b0, bit | n)
-    elif n < 65536:
-        head = struct.pack("!BBH", b0, bit | 126, n)
-    else:
-        head = struct.pack("!BBQ", b0, bit | 127, n)
-    if not mask:
-        return head + payload
-    key = b"\x01\x02\x03\x04"
-    return head + key + ws_wire.unmask(payload, key)
+    return ws_frame(b0, payload, key=b"\x01\x02\x03\x04" if mask else None, length=length)
 
 
 @pytest.mark.parametrize(

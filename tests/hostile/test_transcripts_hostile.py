@@ -11,9 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,29 +19,16 @@ import pytest
 from yarl import URL
 
 from gateway.app import CONFIG, TRANSCRIPTS
-from gateway.sim.app import Sim, SimConfig
-from tests.conftest import REDIS_URL, redis_client
-from tests.helpers import gateway_config, running_gateway, running_sim
+from gateway.sim.app import SimConfig
+from tests.conftest import redis_client
+from tests.helpers import sim_and_gateway
 
 GOOD = "good-key"
 MIB = 1024 * 1024
 
 
-@asynccontextmanager
-async def gateway(store: str, sim_config: SimConfig, **overrides: Any) -> AsyncIterator[tuple[Sim, str, Any]]:
-    prefix = "hx" + uuid.uuid4().hex[:8]
-    if store == "redis":
-        overrides = {**overrides, "redis": {"url": REDIS_URL, "key_prefix": prefix}}
-    async with running_sim(sim_config) as (sim, sim_url):
-        async with running_gateway(gateway_config(sim_url, **overrides)) as (url, app, _):
-            try:
-                yield sim, url, app
-            finally:
-                if store == "redis":
-                    client = await redis_client()
-                    async for key in client.scan_iter(match=f"{prefix}:*"):
-                        await client.delete(key)
-                    await client.aclose()
+def gateway(store: str, sim_config: SimConfig, **overrides: Any) -> Any:
+    return sim_and_gateway(sim_config, store=store, **overrides)
 
 
 async def raw_post(url: str, key: str, body: bytes, *, chunked: bool = False) -> tuple[int, bytes]:

@@ -26,6 +26,7 @@ from gateway.config import Config
 from gateway.metrics import Metrics
 from gateway.products import streaming_relay, ws_wire
 from gateway.products.streaming_relay import RELAYING, WAITING, _Session
+from tests.helpers import ws_frame
 
 FUZZ = settings(
     max_examples=300,
@@ -36,16 +37,7 @@ CAP = 600  # the readers' frame cap in these tests
 
 
 def build(op: int, payload: bytes, *, fin: bool, key: bytes | None) -> bytes:
-    n = len(payload)
-    b0 = (0x80 if fin else 0) | op
-    bit = 0x80 if key is not None else 0
-    if n < 126:
-        head = struct.pack("!BB", b0, bit | n)
-    elif n < 65536:
-        head = struct.pack("!BBH", b0, bit | 126, n)
-    else:
-        head = struct.pack("!BBQ", b0, bit | 127, n)
-    return head + (key + ws_wire.unmask(payload, key) if key is not None else payload)
+    return ws_frame((0x80 if fin else 0) | op, payload, key=key)
 
 
 keys = st.binary(min_size=4, max_size=4)

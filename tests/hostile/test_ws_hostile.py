@@ -37,7 +37,7 @@ from aiohttp import web
 from gateway.products import streaming_relay, ws_wire
 from gateway.products.streaming_relay import StreamingRelay
 from gateway.sim.app import Sim, SimConfig
-from tests.helpers import gateway_config, metric, running_gateway, running_sim
+from tests.helpers import gateway_config, metric, running_gateway, running_sim, ws_frame
 
 PCM = b"\0\0" * 800  # 50 ms of 16 kHz PCM16
 
@@ -45,15 +45,7 @@ PCM = b"\0\0" * 800  # 50 ms of 16 kHz PCM16
 # -- a raw WebSocket client --------------------------------------------------------------------
 def hand_frame(b0: int, payload: bytes, *, mask: bool = True, key: bytes = b"\x11\x22\x33\x44") -> bytes:
     """A frame as a hostile client writes it: any first byte (FIN, RSV, opcode), masked or not."""
-    n = len(payload)
-    bit = 0x80 if mask else 0
-    if n < 126:
-        head = struct.pack("!BB", b0, bit | n)
-    elif n < 65536:
-        head = struct.pack("!BBH", b0, bit | 126, n)
-    else:
-        head = struct.pack("!BBQ", b0, bit | 127, n)
-    return head + key + ws_wire.unmask(payload, key) if mask else head + payload
+    return ws_frame(b0, payload, key=key if mask else None)
 
 
 @dataclass
