@@ -16,6 +16,7 @@ from ..clock import Clock
 from .health import renewed
 from .limits import Limit
 from .store import (
+    FIRST_MAX,
     RESYNC,
     SEQ_SPAN,
     AcquireRequest,
@@ -340,9 +341,14 @@ class MemoryStore:
         if first_dead is not None and first_dead[1] != ticket:
             hint = min(hint, int(first_dead[0]) - now)
         hint = max(hint, 1)
-        return done(
-            AcquireResult(Status.BLOCKED, seq, score, blocked=blocked + 1, ahead=ahead_b, wait_ms=hint)
-        )
+        wait_b = self._z(self._wait, blocking)
+        firsts = []
+        for f in range(min(ahead_b, max(free_b, 1), FIRST_MAX)):
+            entry = wait_b.at(f)
+            if entry is not None:
+                firsts.append((entry[1], int(entry[0])))
+        result = AcquireResult(Status.BLOCKED, seq, score, blocked=blocked + 1, ahead=ahead_b, wait_ms=hint)
+        return done(result._replace(first=tuple(firsts)))
 
     async def release(self, ticket: str, limits: Sequence[Limit], *, tombstone: bool = False) -> int:
         removed = 0

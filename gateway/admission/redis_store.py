@@ -35,7 +35,7 @@ from .health import renewed, supervise
 from .keys import Keys
 from .limits import Limit
 from .pipelined import PipelinedRedis, array_header, bulk
-from .store import RESYNC, AcquireRequest, AcquireResult, LimitState, Status, WakeCallback
+from .store import FIRST_MAX, RESYNC, AcquireRequest, AcquireResult, LimitState, Status, WakeCallback
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +212,7 @@ class RedisStore:
         ]
         args: list[Any] = [request.ticket, request.priority, request.seq, request.ttl_ms, request.max_depth]
         args += [self._pubcmd, request.floor, request.owner, request.owner_depth, len(request.limits)]
+        args.append(FIRST_MAX)
         for limit in request.limits:
             args += [limit.name, limit.capacity, limit.lease_ms]
         return parse_acquire(await self._call("acquire", self._acquire(keys=keys, args=args)))
@@ -222,12 +223,14 @@ class RedisStore:
         if frame is None:
             k, n = self._keys, len(limits)
             limit_keys = self._limit_keys(limits) + self._share_keys()
-            nkeys, nargs = 3 + len(limit_keys), 10 + 3 * n
+            nkeys, nargs = 3 + len(limit_keys), 11 + 3 * n
             head = array_header(3 + nkeys + nargs) + bulk("EVALSHA") + bulk(self._acquire.sha)
             head += bulk(nkeys) + bulk(k.seq)
             middle = bulk(k.channel) + b"".join(bulk(key) for key in limit_keys)
-            tail = bulk(n) + b"".join(
-                bulk(limit.name) + bulk(limit.capacity) + bulk(limit.lease_ms) for limit in limits
+            tail = (
+                bulk(n)
+                + bulk(FIRST_MAX)
+                + b"".join(bulk(limit.name) + bulk(limit.capacity) + bulk(limit.lease_ms) for limit in limits)
             )
             frame = self._frames[limits] = (head, middle, bulk(self._pubcmd), tail)
             if len(self._frames) > 4096:  # unknown models make new limit sets: stay bounded
@@ -365,7 +368,14 @@ def parse_acquire(raw: Sequence[Any]) -> AcquireResult:
         values = raw[6:]
         states = tuple(LimitState(values[i], max(0, values[i + 1])) for i in range(0, len(values), 2))
         return AcquireResult(status, raw[1], raw[2], 0, 0, 0, states)
+    if status is Status.BLOCKED and len(raw) > 6:
+        first = tuple((_text(raw[i]), int(raw[i + 1])) for i in range(6, len(raw) - 1, 2))
+        return AcquireResult(status, raw[1], raw[2], raw[3], raw[4], raw[5], (), first)
     return AcquireResult(status, raw[1], raw[2], raw[3], raw[4], raw[5])
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 STATUSES = {s.value: s for s in Status}

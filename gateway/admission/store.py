@@ -56,6 +56,9 @@ from .limits import Limit
 SEQ_SPAN = 10**12
 MAX_PRIORITY = 99
 
+# At most this many (ticket, score) pairs in a BLOCKED result's ``first``.
+FIRST_MAX = 32
+
 # Wake-up message meaning "you may have missed messages: re-check every head".
 RESYNC = "*"
 
@@ -102,6 +105,12 @@ class AcquireResult(NamedTuple):
     ahead: int = 0  # tickets ahead of this one on the blocking limit (SHARE_FULL: its owner's waiting)
     wait_ms: int = 0  # when it is worth asking again (BLOCKED)
     states: tuple[LimitState, ...] = ()  # per limit, in order (ADMITTED)
+    # BLOCKED: the first tickets of the blocking limit's queue, ahead of this one, with their
+    # CURRENT scores (an inherited priority included): those the free capacity is owed to
+    # (at least the head, at most FIRST_MAX). The store's order is the source of truth: an
+    # instance re-sorts its own waiters by it, so it never stops waking at a waiter the store
+    # ranks behind one of its own (a lost or early inheritance message cannot strand it).
+    first: tuple[tuple[str, int], ...] = ()
 
     @property
     def admitted(self) -> bool:

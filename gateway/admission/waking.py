@@ -83,6 +83,7 @@ class Waiter:
         "placed_score",
         "owner",
         "owner_depth",
+        "inherited",
     )
 
     def __init__(
@@ -106,6 +107,9 @@ class Waiter:
         self.touched = now  # when its deadline was last pushed back (acquire or refresh)
         self.last: AcquireResult | None = None
         self.done = False
+        # (limit, score) of a priority it inherited while its first acquire was in flight:
+        # kept, and applied when it is placed (the reply may predate the inheritance).
+        self.inherited: tuple[str, int] | None = None
 
     def __repr__(self) -> str:
         return f"<waiter {self.ticket} score={self.score} on={self.queue}>"
@@ -146,6 +150,11 @@ class Waking:
     def _place(self, w: Waiter, result: AcquireResult) -> None:
         """Put a blocked waiter in its limit's local queue; arm the timer if it is the head."""
         name = w.limits[result.blocked - 1].name
+        if w.inherited is not None:
+            if w.inherited[0] == name and w.inherited[1] < w.score:
+                w.score = w.inherited[1]
+            w.inherited = None
+        self._follow(name, result)
         q = self._queues.get(name)
         if w.queue != name or q is None or w.placed_score != w.score:
             self._unqueue(w)
@@ -156,6 +165,25 @@ class Waking:
             self._obs.waiting(w.limits[result.blocked - 1], +1)
         if q[0] is w:
             self._arm(name, result.wait_ms / 1000)
+
+    def _follow(self, name: str, result: AcquireResult) -> None:
+        """The store's order is the truth: re-score our own waiters among the first of the
+        queue on ``name`` (an inherited priority whose message was lost or came too early)."""
+        for ticket, score in result.first:
+            x = self._by_ticket.get(ticket)
+            if x is None or x.done:
+                continue
+            if x.queue == name and score < x.score:
+                self._rescore(x, name, score)
+
+    def _rescore(self, w: Waiter, name: str, score: int) -> None:
+        q = self._queues.get(name)
+        if q is None:
+            return
+        with contextlib.suppress(ValueError):
+            q.remove(w)
+        w.score = w.placed_score = score
+        bisect.insort(q, w, key=order)
 
     def _unqueue(self, w: Waiter) -> None:
         if w.queue is None:
@@ -224,16 +252,17 @@ class Waking:
     def _inherit(self, name: str, ticket: str = "", score: str = "0") -> None:
         """One of our waiters on ``name`` took a better priority: re-order it, then retry."""
         w = self._by_ticket.get(ticket)
-        if w is None or w.done or w.queue != name or int(score) >= w.score:
+        if w is None:
+            # Still on its first acquire (not placed yet): keep the inheritance; its reply may
+            # have been computed before it, and is corrected when the waiter is placed.
+            for p in self._pending:
+                if p.ticket == ticket and not p.done:
+                    if p.inherited is None or int(score) < p.inherited[1]:
+                        p.inherited = (name, int(score))
             return
-        self._unqueue(w)
-        w.score = int(score)
-        q = self._queues.setdefault(name, [])
-        bisect.insort(q, w, key=order)
-        w.queue, w.placed_score = name, w.score
-        for limit in w.limits:
-            if limit.name == name:
-                self._obs.waiting(limit, +1)
+        if w.done or w.queue != name or int(score) >= w.score:
+            return
+        self._rescore(w, name, int(score))
         self._kick(name)
 
     def _arm(self, name: str, delay: float) -> None:
@@ -257,14 +286,18 @@ class Waking:
             self._drains[name] = asyncio.create_task(self._drain(name))
 
     async def _drain(self, name: str) -> None:
-        """Retry this instance's waiters on ``name`` in order; stop at the first it refuses."""
+        """Retry this instance's waiters on ``name`` in order; stop at the first it refuses,
+        unless the store's answer ranks one of ours not yet retried ahead of it."""
         try:
             while True:
                 self._again.discard(name)
                 self._checked[name] = self._clock.now()
-                for w in list(self._queues.get(name, ())):
-                    if w.done or w.queue != name:
-                        continue
+                tried: set[Waiter] = set()
+                while True:
+                    w = self._next_untried(name, tried)
+                    if w is None:
+                        break
+                    tried.add(w)
                     try:
                         result = await self._attempt(w)
                     except StoreUnavailable:
@@ -280,13 +313,25 @@ class Waking:
                         self._deliver(w, result)
                         continue
                     self._place(w, result)
-                    if w.limits[result.blocked - 1].name == name:
+                    if w.limits[result.blocked - 1].name == name and not self._untried_ahead(name, w, tried):
                         break
                 if name not in self._again:
                     return
         finally:
             if self._drains.get(name) is asyncio.current_task():
                 del self._drains[name]
+
+    def _next_untried(self, name: str, tried: set[Waiter]) -> Waiter | None:
+        for w in self._queues.get(name, ()):
+            if w not in tried and not w.done and w.queue == name:
+                return w
+        return None
+
+    def _untried_ahead(self, name: str, w: Waiter, tried: set[Waiter]) -> bool:
+        """Whether one of our waiters not retried in this pass now ranks ahead of ``w``."""
+        q = self._queues.get(name, [])
+        end = bisect.bisect_left(q, order(w), key=order)
+        return any(x not in tried and not x.done for x in q[:end])
 
     # -- housekeeping ----------------------------------------------------------------------
     async def _maintain(self) -> None:

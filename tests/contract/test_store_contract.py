@@ -446,3 +446,21 @@ async def test_owner_share_entries_leave_no_trace(store_env: StoreEnv) -> None:
     finally:
         if store_env.kind == "redis":
             await client.aclose()
+
+
+async def test_a_blocked_reply_names_the_first_tickets_with_their_current_scores(store_env: StoreEnv) -> None:
+    """The store's order is the truth an instance follows: a BLOCKED reply carries the first
+    tickets ahead on the blocking limit (those the free capacity is owed to, at least the
+    head) with their CURRENT scores, an inherited priority included."""
+    store = store_env.store()
+    one = window_limit("requests", 1, W, G, rank=RANK_WINDOW)
+    m1 = window_limit("llm:m", 1, W, G, rank=RANK_MODEL)
+    t, h, v = tid(), tid(), tid()
+    assert (await store.acquire(req(tid(), one))).admitted
+    low = await store.acquire(req(t, m1, one, priority=0))  # passes m1, waits on the window
+    assert low.status is Status.BLOCKED and low.blocked == 2 and low.first == ()
+    high = await store.acquire(req(h, m1, one, priority=99))  # blocked on m1 by t: lifts t
+    assert high.status is Status.BLOCKED and high.blocked == 1 and high.first == ()  # none wait on m1
+    mid = await store.acquire(req(v, one, priority=50))
+    lifted = score_of(99, low.seq)
+    assert mid.status is Status.BLOCKED and mid.ahead == 1 and mid.first == ((t, lifted),)

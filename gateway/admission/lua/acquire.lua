@@ -16,11 +16,15 @@
 -- ARGV[9]            owner depth: refuse (SHARE_FULL) a ticket that would START waiting when
 --                    this many of its owner's tickets already wait, account-wide; -1 for no share
 -- ARGV[10]           n, the number of limits
--- ARGV[3i+8..3i+10]  for limit i: name, capacity, lease ms (window + guard, or concurrency ttl)
+-- ARGV[11]           the most (ticket, score) pairs a BLOCKED reply carries (store.FIRST_MAX)
+-- ARGV[3i+9..3i+11]  for limit i: name, capacity, lease ms (window + guard, or concurrency ttl)
 --
 -- Returns an array of integers (never false: it would arrive as None):
 --   ADMITTED {1, seq, score, 0, 0, 0, remaining_1, reset_ms_1, ..., remaining_n, reset_ms_n}
---   BLOCKED  {2, seq, score, blocked index (1-based), tickets ahead, wait hint ms}
+--   BLOCKED  {2, seq, score, blocked index (1-based), tickets ahead, wait hint ms,
+--             ticket_1, score_1, ..., ticket_k, score_k}: the first k tickets of the blocking
+--             queue, ahead of this one, with their current scores (k = min(ahead, max(free, 1),
+--             ARGV[11])): the store's order, which the caller's local queues follow
 --   FULL     {3, seq, score, blocked index, tickets ahead, 0}
 --   ABORTED  {4, seq, 0, 0, 0, 0}
 --   SHARE_FULL {5, seq, score, blocked index, the owner's waiting tickets, 0}
@@ -77,9 +81,10 @@ local function lk(i) return KEYS[4 * i] end
 local function wk(i) return KEYS[4 * i + 1] end
 local function dk(i) return KEYS[4 * i + 2] end
 local function rk(i) return KEYS[4 * i + 3] end
-local function name(i) return ARGV[3 * i + 8] end
-local function cap(i) return tonumber(ARGV[3 * i + 9]) end
-local function lease_ms(i) return tonumber(ARGV[3 * i + 10]) end
+local function name(i) return ARGV[3 * i + 9] end
+local function cap(i) return tonumber(ARGV[3 * i + 10]) end
+local function lease_ms(i) return tonumber(ARGV[3 * i + 11]) end
+local first_max = tonumber(ARGV[11])
 local sdead, sowner, slex = KEYS[4 * n + 4], KEYS[4 * n + 5], KEYS[4 * n + 6]
 local function fmt(x) return string.format('%.0f', x) end
 -- Key lifetimes only ever grow: a key outlives every entry written into it (a short-lived
@@ -283,4 +288,13 @@ local d = redis.call('ZRANGE', dk(blocked), 0, 0, 'WITHSCORES')
 if #d > 0 and d[1] ~= ticket then hint = math.min(hint, tonumber(d[2]) - now) end
 if hint < 1 then hint = 1 end
 do_publish()
-return {2, seq, score, blocked, ahead_b, hint}
+local out = {2, seq, score, blocked, ahead_b, hint}
+local k_first = math.min(ahead_b, math.max(free_b, 1), first_max)
+if k_first > 0 then
+  local firsts = redis.call('ZRANGE', wk(blocked), 0, k_first - 1, 'WITHSCORES')
+  for f = 1, #firsts, 2 do
+    out[#out + 1] = firsts[f]
+    out[#out + 1] = tonumber(firsts[f + 1])
+  end
+end
+return out
