@@ -117,7 +117,7 @@ async def sim_and_gateway(
 ) -> AsyncIterator[tuple[Sim, str, Any]]:
     """The simulator and one gateway, with its app, on ``store`` ("sqlite": the embedded
     store; "redis": the real Redis under a key prefix of its own, deleted afterwards)."""
-    from tests.conftest import REDIS_URL, redis_client  # (conftest imports nothing from here)
+    from tests.conftest import REDIS_URL  # (conftest imports nothing from here)
 
     prefix = "sg" + uuid.uuid4().hex[:8]
     if store == "redis":
@@ -128,10 +128,17 @@ async def sim_and_gateway(
                 yield sim, url, app
             finally:
                 if store == "redis":
-                    client = await redis_client()
-                    async for key in client.scan_iter(match=f"{prefix}:*"):
-                        await client.delete(key)
-                    await client.aclose()
+                    await delete_prefix(prefix)
+
+
+async def delete_prefix(prefix: str) -> None:
+    """Delete a test's keys (its own key prefix) from the real Redis; never FLUSHALL."""
+    from tests.conftest import redis_client
+
+    client = await redis_client()
+    async for key in client.scan_iter(match=f"{prefix}:*"):
+        await client.delete(key)
+    await client.aclose()
 
 
 @asynccontextmanager

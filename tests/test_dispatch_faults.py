@@ -24,7 +24,7 @@ from aiohttp.test_utils import TestServer
 from gateway.sim.app import KEY as SIM_KEY
 from gateway.sim.app import SIM, Sim, SimConfig, build_sim_app
 from tests.conftest import REDIS_URL, redis_client
-from tests.helpers import free_port, gateway_config, metric, running_gateway
+from tests.helpers import delete_prefix, free_port, gateway_config, metric, running_gateway
 
 KEY = {"Authorization": "job-key"}
 # claim_s 2 (a POST may take ~1.6 s of it); the periodic sweep is far away (30 s), so only the
@@ -106,10 +106,7 @@ async def gateway(sim_url: str, store: str, *, public: bool = False) -> AsyncIte
             yield url, registry
     finally:
         if store == "redis":
-            client = await redis_client()
-            async for key in client.scan_iter(match=f"{prefix}:*"):
-                await client.delete(key)
-            await client.aclose()
+            await delete_prefix(prefix)
 
 
 async def submit(http: aiohttp.ClientSession, url: str, audio_url: str) -> str:
