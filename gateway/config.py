@@ -36,6 +36,7 @@ ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
     "AAI_GATEWAY_LLM_URL": ("upstream", "llm_url"),
     "AAI_GATEWAY_STREAMING_URL": ("upstream", "streaming_url"),
     "AAI_GATEWAY_LOG_LEVEL": ("log", "level"),
+    "AAI_GATEWAY_LOG_FORMAT": ("log", "format"),
 }
 
 # What each plan allows (../shared/account-management.txt). A value written in the file wins.
@@ -63,9 +64,17 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class Tls(_Model):
+    # PEM files; read at start and again on every reload (a renewed certificate needs no restart).
+    cert_file: str
+    key_file: str
+
+
 class Listen(_Model):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
+    # With tls set, the one port serves https and wss only.
+    tls: Tls | None = None
 
 
 class Upstream(_Model):
@@ -277,8 +286,10 @@ class Streaming(_Model):
 class Log(_Model):
     level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = True
+    # text: one readable line per event; json: one JSON object per line (for log shippers).
+    format: Literal["text", "json"] = "text"
 
-    @field_validator("level", mode="before")
+    @field_validator("level", "format", mode="before")
     @classmethod
     def _lower(cls, v: Any) -> Any:
         return v.lower() if isinstance(v, str) else v
