@@ -120,3 +120,51 @@ async def test_a_client_leaving_while_upstream_connects_gets_its_token_back(
             await proxy.wait_closed()
     assert out == 0  # nothing was sent: the window token went back
     assert sim.report()["requests"]["arrivals"] == 0
+
+
+async def test_transcript_dispatch_never_compresses_the_window_upstream_sees(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dispatcher's POSTs keep the guard too: a job whose connection took longer than it
+    hands its admission back and is admitted again, in its place, with the connection in hand."""
+    server_tls, client_tls = self_signed_tls(tmp_path)
+    monkeypatch.setattr(http1, "default_tls", lambda: client_tls)
+    jobs = 3 * LIMIT
+    sim_config = SimConfig(
+        requests_limit=LIMIT, requests_window_s=WINDOW_S, count_reads=False, job_seconds=0.2
+    )
+    async with running_sim(sim_config) as (sim, sim_url):
+        proxy = await _slow_tls_proxy(int(sim_url.rsplit(":", 1)[1]), server_tls)
+        proxy_url = f"https://localhost:{proxy.sockets[0].getsockname()[1]}"
+        config = gateway_config(
+            proxy_url,
+            limits={"guard_ms": 100, "async_concurrency": 1000,
+                    "requests": {"limit": LIMIT, "window_s": WINDOW_S, "count_reads": False}},
+            upstream={"connect_timeout_s": 5},
+            transcripts={"data_dir": str(tmp_path / "jobs")},
+        )  # fmt: skip
+        try:
+            async with running_gateway(config) as (url, _, registry), aiohttp.ClientSession() as http:
+
+                async def submit(i: int) -> str:
+                    body = {"audio_url": f"https://example.com/{i}.mp3"}
+                    async with http.post(
+                        f"{url}/v2/transcript", json=body, headers={"Authorization": "k"}
+                    ) as r:
+                        assert r.status == 200, await r.text()
+                        return str((await r.json())["id"])
+
+                await asyncio.gather(*(submit(i) for i in range(jobs)))
+                for _ in range(300):  # every job submitted upstream
+                    if sim.report()["transcript_posts"] >= jobs:
+                        break
+                    await asyncio.sleep(0.05)
+                sent = metric(registry, "aai_gateway_admission_to_send_seconds_count")
+                within_guard = metric(registry, "aai_gateway_admission_to_send_seconds_bucket", le="0.1")
+        finally:
+            proxy.close()
+            await proxy.wait_closed()
+    report = sim.report()
+    assert report["violations"] == [], report["violations"][:3]
+    assert report["transcript_posts"] == report["transcripts"]["submitted"] == jobs  # each job once
+    assert sent >= jobs and within_guard == sent

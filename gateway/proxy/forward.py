@@ -24,6 +24,7 @@ from aiohttp import hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from ..admission.engine import Grant
 from ..config import Upstream as UpstreamConfig
 from ..errors import BadGateway, BadRequest, GatewayTimeout
 from ..metrics import Metrics
@@ -51,6 +52,7 @@ HOP_BY_HOP = frozenset(
 REQUEST_DROP = HOP_BY_HOP | {hdrs.HOST.lower(), hdrs.EXPECT.lower(), "x-aai-gateway-priority"}
 __all__ = [
     "Connection",
+    "guard_s",
     "NeverLeft",
     "Unsendable",
     "Upstream",
@@ -59,6 +61,16 @@ __all__ = [
     "response_headers",
     "translate",
 ]
+
+
+def guard_s(grant: Grant | None) -> float:
+    """How long after admission a request may still arrive upstream (ADMISSION.md I1): the
+    smallest guard of the windows it took. A concurrency lease has none: it counts until
+    released. Past it, a request not yet sent gives its tokens back and is admitted again."""
+    if grant is None:
+        return float("inf")
+    guards = [(limit.lease_ms - limit.window_ms) / 1000 for limit in grant.limits if limit.window_ms]
+    return min(guards) if guards else float("inf")
 
 
 class Unsendable(BadRequest):

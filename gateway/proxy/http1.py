@@ -670,6 +670,8 @@ class Pool:
 
     def _park(self, conn: _Conn) -> None:
         """Into the idle pool; the longest idle closed past their limit or past MAX_IDLE."""
+        if conn in self._lru:  # given back twice: one connection is never pooled twice
+            return
         now = time.monotonic()
         self._idle.setdefault(conn.key, []).append(conn)
         self._lru[conn] = None

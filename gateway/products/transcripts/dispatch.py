@@ -46,7 +46,7 @@ from ...clock import Clock
 from ...config import Config
 from ...errors import GatewayError, StoreUnavailable, WaitTimeout
 from ...metrics import Metrics
-from ...proxy.forward import NeverLeft, Unsendable, Upstream, translate
+from ...proxy.forward import Connection, NeverLeft, Unsendable, Upstream, guard_s, translate
 from ...vault import Vault
 from ..catalog import Catalog
 from .jobs import Job, JobStore, State
@@ -152,10 +152,16 @@ class Dispatcher:
             return None
         try:
             grant = await self._admit(job, max_wait_s=0.0)
-        except (WaitTimeout, StoreUnavailable):
+            admitted_at = time.perf_counter()
+            conn = await self._ready(job, grant, admitted_at, None)
+        except (WaitTimeout, StoreUnavailable, NeverLeft):
             self._kick.set()
             return None
-        answer = await self._claim_and_submit(job.id, grant, at_once=True)
+        if isinstance(conn, _Late):  # admitted, but not sendable within the guard: it waits
+            self._upstream.give_back(conn.conn)
+            self._kick.set()
+            return None
+        answer = await self._claim_and_submit(job.id, grant, conn, admitted_at, at_once=True)
         return answer._replace(grant=grant) if answer is not None else None
 
     # -- the loop ------------------------------------------------------------------------------
@@ -193,10 +199,25 @@ class Dispatcher:
                     job, None, f"Queued in the gateway for more than {self._t.max_queue_age_s:g}s"
                 )
                 return
-            grant = await self._admit(job, max_wait_s=self._t.max_queue_age_s - age_s)
-            await self._claim_and_submit(job_id, grant)
+            held: Connection | None = None
+            try:
+                while True:
+                    age_s = self._wall() - job.created_ms / 1000
+                    grant = await self._admit(job, max_wait_s=self._t.max_queue_age_s - age_s)
+                    admitted_at = time.perf_counter()
+                    ready = await self._ready(job, grant, admitted_at, held)
+                    if not isinstance(ready, _Late):
+                        break
+                    held = ready.conn  # admitted again, with this connection in hand
+                held = None
+            finally:
+                if held is not None:
+                    self._upstream.give_back(held)
+            await self._claim_and_submit(job_id, grant, ready, admitted_at)
         except WaitTimeout:
             self._kick.set()
+        except NeverLeft as exc:  # upstream unreachable: the job stays queued, tried next scan
+            log.warning("dispatcher: cannot connect upstream for %s (%s)", job_id, exc)
         except GatewayError as exc:
             log.debug("dispatcher stopped waiting for %s: %s", job_id, exc)
         finally:
@@ -214,8 +235,47 @@ class Dispatcher:
             group="transcripts",
         )
 
+    async def _ready(
+        self, job: Job, grant: Grant, admitted_at: float, held: Connection | None
+    ) -> Connection | _Late:
+        """A connection to upstream in hand within the guard of the admission (ADMISSION.md
+        I1: upstream counts the POST when it arrives): a pooled one, ``held`` from an earlier
+        turn, or a new one. If connecting outlasted the guard, both tokens go back (nothing
+        was sent; the job is not claimed yet) and the caller admits the job again, in its
+        place, with the connection in hand (``_Late``). ``NeverLeft``: no connection, tokens
+        back."""
+        conn = held if held is not None and self._upstream.sound(held) else None
+        if held is not None and conn is None:
+            self._upstream.give_back(held)
+        try:
+            conn = conn or self._upstream.idle(self._post_url, job.key_fp)
+            if conn is None:
+                conn = await self._upstream.connect(self._post_url, job.key_fp)
+        except BaseException:  # no connection, or cancelled: nothing was sent
+            await self._engine.release(grant)
+            raise
+        if time.perf_counter() - admitted_at > guard_s(grant):
+            await self._engine.release(grant)
+            log.info("job %s: connecting outlasted the guard; admitted again", job.id)
+            return _Late(conn)
+        return conn
+
+    @property
+    def _post_url(self) -> URL:
+        return URL(self._cfg.upstream.api_url + "/v2/transcript", encoded=True)
+
     async def _claim_and_submit(
-        self, job_id: str, grant: Grant, *, at_once: bool = False
+        self, job_id: str, grant: Grant, conn: Connection, admitted_at: float, *, at_once: bool = False
+    ) -> Submitted | None:
+        hand = [conn]  # emptied when the connection carries the POST
+        try:
+            return await self._claim_and_submit_on(job_id, grant, hand, admitted_at, at_once=at_once)
+        finally:
+            if hand:  # never used: pooled again (or closed if no longer sound)
+                self._upstream.give_back(hand.pop())
+
+    async def _claim_and_submit_on(
+        self, job_id: str, grant: Grant, hand: list[Connection], admitted_at: float, *, at_once: bool
     ) -> Submitted | None:
         if self.paused:  # admitted meanwhile, but upstream refuses new work for now
             await self._engine.release(grant)
@@ -229,10 +289,23 @@ class Dispatcher:
         job = await self._jobs.claim(job_id, claimer, claim_ms)
         if job is None:
             return None  # claimed elsewhere, cancelled, or ended: that owner holds the leases
-        return await self._submit(job, grant, claimed_at, at_once=at_once)
+        if time.perf_counter() - admitted_at > guard_s(grant):  # the claim was slow (the store)
+            await self._engine.release(grant)
+            await self.requeue(job)
+            return None
+        return await self._submit(job, grant, hand, admitted_at, claimed_at, at_once=at_once)
 
     # -- submitting ------------------------------------------------------------------------
-    async def _submit(self, job: Job, grant: Grant, claimed_at: float, *, at_once: bool) -> Submitted | None:
+    async def _submit(
+        self,
+        job: Job,
+        grant: Grant,
+        hand: list[Connection],
+        admitted_at: float,
+        claimed_at: float,
+        *,
+        at_once: bool,
+    ) -> Submitted | None:
         if job.cred is None:
             await self._on_end(job, None, "The job's credential is gone; it cannot be submitted")
             return None
@@ -249,17 +322,19 @@ class Dispatcher:
         receiver = receiver_url(self._cfg, job.id, self._vault)
         if receiver is not None:  # upstream tells the gateway; the gateway tells the client
             body["webhook_url"] = receiver
-        url = URL(self._cfg.upstream.api_url + "/v2/transcript", encoded=True)
+        conn = hand.pop()
         try:
             resp = await self._upstream.send(
-                "POST", url, headers=headers, data=json.dumps(body).encode(), group="rest",  # type: ignore[arg-type]
-                admitted_at=time.perf_counter(), timeout_s=left, identity=job.key_fp,
+                "POST", self._post_url, headers=headers, data=json.dumps(body).encode(),  # type: ignore[arg-type]
+                group="rest", admitted_at=admitted_at, timeout_s=left, identity=job.key_fp, conn=conn,
             )  # fmt: skip
         except NeverLeft:
+            self._upstream.give_back(conn)
             await self._engine.release(grant)  # nothing reached upstream: both tokens back
             await self.requeue(job)
             return None
         except Unsendable as exc:  # never sent, and never will be: both tokens back
+            self._upstream.give_back(conn)
             await self._engine.release(grant)
             doc = {"error": f"The request cannot be sent upstream: {exc.message}"}
             return await self._outcome(job, 400, json.dumps(doc).encode(), at_once=at_once)
@@ -342,6 +417,12 @@ class Dispatcher:
         if await self._jobs.requeue(job.id, attempt=job.attempt + 1, claimer=job.claimer):
             await self._engine.store.release(job.ticket, [self._catalog.async_jobs], tombstone=True)
         self._kick.set()
+
+
+class _Late(NamedTuple):
+    """Connecting outlasted the guard: the admission was handed back, the connection kept."""
+
+    conn: Connection
 
 
 def _json(data: bytes) -> dict[str, Any]:
