@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import errno
 import gc
 import json
@@ -21,8 +22,9 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -32,6 +34,7 @@ from aiohttp import web
 from .app import build_app
 from .config import Config, ConfigError, load_config
 from .logs import AccessLogger, setup_logging
+from .tls import SERVED_TLS, ListenSite, TlsError, server_context
 from .vault import ENV as SECRET_ENV
 from .vault import SecretError
 
@@ -79,8 +82,8 @@ def bind(host: str, port: int, hint: str) -> list[socket.socket]:
     return socks
 
 
-def _urls(socks: list[socket.socket]) -> str:
-    return ", ".join(f"http://{_hostport(*s.getsockname()[:2])}" for s in socks)
+def _urls(socks: list[socket.socket], scheme: str = "http") -> str:
+    return ", ".join(f"{scheme}://{_hostport(*s.getsockname()[:2])}" for s in socks)
 
 
 @contextmanager
@@ -168,7 +171,9 @@ def serve(
     port_hint: str = "choose another with listen.port in the config (or $AAI_GATEWAY_PORT)",
 ) -> None:
     """Run the gateway until SIGINT/SIGTERM. ``companion`` (the demo's simulator) runs beside it,
-    on ``companion_sock``. ``ListenError`` (before anything is logged) if the port is taken."""
+    on ``companion_sock``. ``TlsError`` if ``listen.tls`` cannot be served, ``ListenError`` if
+    the port is taken (both before anything is logged)."""
+    served_tls = server_context(config.listen.tls) if config.listen.tls is not None else None
     socks = bind(config.listen.host, config.listen.port, port_hint)
     secrets = [os.environ.get(SECRET_ENV, "")]
     if config.redis.url:
@@ -183,6 +188,8 @@ def serve(
         for sock in socks:
             sock.close()
         raise
+    if served_tls is not None:
+        app[SERVED_TLS] = served_tls  # for the reload: reload_tls(app[SERVED_TLS], new.listen.tls)
     if companion is not None and companion_sock is not None:
         sim_sock = companion_sock
 
@@ -202,30 +209,75 @@ def serve(
         await _warn_eviction(app, config)
         freeze_startup_heap()
 
-    def listening(*_: Any, **__: Any) -> None:
-        """Called by run_app once every site is listening (in place of its banner)."""
+    def listening() -> None:
+        """Called once every socket is listening."""
         log.info(
             "aai-gateway listening on %s (store: %s; plan: %s; loop: %s)",
-            _urls(socks),
+            _urls(socks, "https" if served_tls else "http"),
             store,
             config.limits.plan,
             loop_name,
         )
+        if served_tls is not None:
+            log.info("TLS: %s", served_tls.describe())
         if announce:
             print(announce, file=sys.stderr, flush=True)
 
     app.on_startup.insert(0, _log_sighup)
     app.on_startup.append(on_start)
     with _sighup_ignored():
-        web.run_app(
+        run(
             app,
-            sock=socks,
-            print=listening,
+            socks,
+            tls=served_tls.context if served_tls else None,
+            on_listening=listening,
             handler_cancellation=True,  # a client that disconnects cancels its handler (and its wait)
             access_log_class=AccessLogger,
             access_log=logging.getLogger("gateway.access") if config.log.access_log else None,
             shutdown_timeout=10,
         )
+
+
+def run(
+    app: web.Application,
+    socks: list[socket.socket],
+    *,
+    tls: ssl.SSLContext | None,
+    on_listening: Callable[[], None],
+    **runner_args: Any,
+) -> None:
+    """``web.run_app`` on bound sockets, but through ``ListenSite`` (run_app offers no TLS
+    handshake timeout): serve until SIGINT/SIGTERM, then clean up as run_app does."""
+    loop = asyncio.new_event_loop()
+
+    async def main() -> None:
+        runner = web.AppRunner(app, handle_signals=True, **runner_args)
+        await runner.setup()
+        try:
+            for sock in socks:
+                await ListenSite(runner, sock, ssl_context=tls).start()
+            on_listening()
+            await asyncio.Event().wait()  # SIGINT/SIGTERM raise GracefulExit out of the loop
+        finally:
+            await runner.cleanup()
+
+    task = loop.create_task(main())
+    try:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(task)
+    except (web.GracefulExit, KeyboardInterrupt):
+        pass
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                loop.run_until_complete(task)
+        rest = asyncio.all_tasks(loop)
+        for left in rest:
+            left.cancel()
+        loop.run_until_complete(asyncio.gather(*rest, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -237,7 +289,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return 2
     try:
         serve(config)
-    except (SecretError, ListenError) as exc:
+    except (SecretError, ListenError, TlsError) as exc:
         print(f"aai-gateway: {exc}", file=sys.stderr)
         return 2
     return 0
@@ -322,7 +374,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         sim_sock.close()
         print(f"aai-gateway: invalid config\n{exc}", file=sys.stderr)
         return 2
-    base = f"http://{_hostport(config.listen.host, config.listen.port)}"
+    scheme = "https" if config.listen.tls else "http"
+    base = f"{scheme}://{_hostport(config.listen.host, config.listen.port)}"
     try:
         serve(
             config,
@@ -338,7 +391,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                 f"        curl -s {base}/metrics | grep aai_gateway_admissions\n"
             ),
         )
-    except (SecretError, ListenError) as exc:
+    except (SecretError, ListenError, TlsError) as exc:
         sim_sock.close()
         print(f"aai-gateway: {exc}", file=sys.stderr)
         return 2
