@@ -178,7 +178,7 @@ def serve(
     secrets = [os.environ.get(SECRET_ENV, "")]
     if config.redis.url:
         secrets.append(urlsplit(config.redis.url).password or "")
-    setup_logging(config.log.level, secrets)
+    setup_logging(config.log.level, secrets, fmt=config.log.format)
     for warning in config.warnings():
         log.warning("config: %s", warning)
     loop_name = _use_fast_loop()

@@ -40,6 +40,7 @@ from .clock import Clock, SystemClock
 from .config import Config
 from .errors import GatewayError, NotFound, StoreUnavailable
 from .ledger import Ledger, RedisLedger, SqliteLedger
+from .logs import ACCESS, REQUEST_ID, access_fields, note_access, request_id
 from .metrics import Metrics
 from .products import llm, rest, streaming
 from .products.catalog import Catalog
@@ -108,10 +109,39 @@ def errors_middleware(metrics: Metrics) -> Callable[..., Awaitable[web.StreamRes
             log.exception("unhandled error on %s %s", request.method, request.path)
             return error_response(500, "Internal gateway error")
         finally:
+            group = request.get(GROUP, "other")
+            note_access(request, group=group)
             if request.path.startswith(("/v1", "/v2", "/v3")):
-                metrics.child(metrics.requests, request.get(GROUP, "other"), outcome).inc()
+                metrics.child(metrics.requests, group, outcome).inc()
 
     return middleware
+
+
+def access_middleware(fingerprint: Callable[[str], str]) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Outermost: the request's access dict (gateway/logs.py), with its request id and the
+    fingerprint of its key, before anything else can answer; every product notes into it."""
+
+    @web.middleware
+    async def middleware(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        fields = request[ACCESS] = {"request_id": request_id(request.headers.get(REQUEST_ID))}
+        key = request.headers.get(hdrs.AUTHORIZATION)
+        if key:
+            fields["key"] = fingerprint(key)[:16]
+        return await handler(request)
+
+    return middleware
+
+
+async def send_request_id(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    """Every answer names its request id (an upstream's own id, when it sent one, is kept as
+    X-Upstream-Request-Id)."""
+    rid = access_fields(request)["request_id"]
+    theirs = response.headers.get(REQUEST_ID)
+    if theirs is not None and theirs != rid:
+        response.headers["X-Upstream-Request-Id"] = theirs
+    response.headers[REQUEST_ID] = rid
 
 
 def json_protocol_errors() -> None:
@@ -136,7 +166,7 @@ def json_protocol_errors() -> None:
         if isinstance(exc, HttpProcessingError) and status < 500 and exc.message:
             first = str(exc.message).splitlines()[0][:200]
             detail = f"{detail}: {''.join(c if c.isprintable() else '?' for c in first)}"
-        resp = error_response(status, detail)
+        resp = error_response(status, detail, {REQUEST_ID: access_fields(request)["request_id"]})
         resp.force_close()
         return resp
 
@@ -272,11 +302,12 @@ def build_app(
 
     json_protocol_errors()
     app = web.Application(
-        middlewares=[target_middleware, errors_middleware(metrics)],
+        middlewares=[access_middleware(vault.fingerprint), target_middleware, errors_middleware(metrics)],
         # Bodies pass through as the client sent them: decompressing them here once let a
         # gzip body smuggle requests upstream (proxy/body.py inflates what must be read).
         handler_args={"max_field_size": 16384, "auto_decompress": False},
     )
+    app.on_response_prepare.append(send_request_id)
     app[BODY_LIMITS] = BodyLimits(config.proxy.client_body_timeout_s, config.proxy.client_body_min_rate)
     app[CONFIG] = config
     app[ENGINE] = engine

@@ -19,14 +19,26 @@ indented, so every line that starts at column 0 begins a record of its own.
 
 ``AccessLogger`` writes one line per request with the path as the client sent it (raw, before
 percent-decoding; never the query string), bytes outside printable ASCII and ``"``/``\\``
-escaped as ``\\xNN``, as nginx does, and the webhook receiver's token replaced by ``***``.
+escaped as ``\\xNN``, as nginx does, and the webhook receiver's token replaced by ``***``;
+then what the request path noted in ``request[ACCESS]`` (``note_access``): the request id
+(the client's ``X-Request-Id`` when sane, else a new one; returned in the response), the
+route group, the limits taken, the admission wait, the upstream time and the key's
+fingerprint (never the key).
+
+``log.format: json`` (``setup_logging(fmt="json")``) writes every record as one JSON object
+per line (``JsonFormatter``), the access fields as keys of their own; the redaction is the
+same in both formats.
 """
 
 from __future__ import annotations
 
+import datetime
+import json
 import logging
 import re
+import uuid
 from collections.abc import Iterable
+from typing import Any
 from urllib.parse import unquote
 
 from aiohttp import web
@@ -145,8 +157,44 @@ class Redactor(logging.Filter):
             record.exc_text = sanitize_block(record.exc_text, self.secrets)
         if record.stack_info:
             record.stack_info = sanitize_block(record.stack_info, self.secrets)
+        fields = getattr(record, "access", None)
+        if isinstance(fields, dict):
+            record.access = {k: self._safe(v) for k, v in fields.items()}
         setattr(record, "_aai_sanitized", True)  # noqa: B010 (not a declared attribute)
         return True
+
+    def _safe(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return sanitize(value, self.secrets)
+        if isinstance(value, list | tuple):
+            return [self._safe(v) for v in value]
+        return value if isinstance(value, int | float | bool) or value is None else self._safe(str(value))
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record, on one line: ``time`` (UTC, ISO 8601), ``level``,
+    ``logger``, ``message``, the access fields of an access record, ``exception`` (the
+    traceback, redacted and escaped like any message) when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        fields = getattr(record, "access", None)
+        if isinstance(fields, dict):
+            out.update(fields)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            out["exception"] = record.exc_text
+        if record.stack_info:
+            out["stack"] = record.stack_info
+        return json.dumps(out, default=str)
 
 
 def protect(handler: logging.Handler, secrets: Iterable[str] = ()) -> logging.Handler:
@@ -156,12 +204,15 @@ def protect(handler: logging.Handler, secrets: Iterable[str] = ()) -> logging.Ha
     return handler
 
 
-def setup_logging(level: str, secrets: Iterable[str] = ()) -> None:
-    """The root logger at ``level``, writing ``FORMAT`` lines to stderr, every handler protected."""
+def setup_logging(level: str, secrets: Iterable[str] = (), fmt: str = "text") -> None:
+    """The root logger at ``level``, writing to stderr ``FORMAT`` lines (``fmt="text"``) or
+    JSON objects (``fmt="json"``), every handler protected."""
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), format=FORMAT)
     secrets = tuple(secrets)
     for handler in logging.getLogger().handlers:
         protect(handler, secrets)
+        if fmt == "json":
+            handler.setFormatter(JsonFormatter())
 
 
 _PATH_SAFE = frozenset(range(0x21, 0x7F)) - {ord('"'), ord("\\")}
@@ -195,20 +246,82 @@ def loggable_path(request: web.BaseRequest) -> str:
     return escape_path(raw)
 
 
+# What the request path notes for the access line (note_access): one dict per request, made
+# by the outermost middleware (app.py) and shared with a clone of the request.
+ACCESS: web.RequestKey[dict[str, Any]] = web.RequestKey("access", dict)
+REQUEST_ID = "X-Request-Id"
+# A client's request id is kept when it is 1-128 token characters (RFC 9110's tchar).
+_SANE_ID = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}")
+
+
+def request_id(given: str | None) -> str:
+    """The client's ``X-Request-Id`` when sane, else a new one (a UUID)."""
+    if given is not None and _SANE_ID.fullmatch(given):
+        return given
+    return str(uuid.uuid4())
+
+
+def access_fields(request: web.BaseRequest) -> dict[str, Any]:
+    """The request's access dict, made (with a new request id) if nothing made it yet: a
+    request aiohttp refused before any middleware ran."""
+    fields = request.get(ACCESS)
+    if fields is None:
+        fields = request[ACCESS] = {"request_id": request_id(None)}
+    return fields
+
+
+def note_access(request: web.BaseRequest | None, **fields: Any) -> None:
+    """Note ``fields`` for the request's access line (``group``, ``limits``, ``wait_ms``,
+    ``upstream_ms``, ``key``): never a key, a query string or a body."""
+    if request is not None:
+        access_fields(request).update(fields)
+
+
 class AccessLogger(AbstractAccessLogger):
     """Remote, method, path (raw and escaped; never the query string: it can carry a streaming
-    token), status, time."""
+    token), status, time; then the fields noted for the request (see the module's docstring):
+    as ``name=value`` words in text, as keys of the record's JSON object in json."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        fields = access_fields(request)
+        path = loggable_path(request)
+        access = {
+            "type": "access",
+            "request_id": fields.get("request_id"),
+            "remote": request.remote,
+            "method": escape_path(request.method),
+            "path": path,
+            "status": response.status,
+            "duration_ms": round(time * 1000, 1),
+            "group": fields.get("group", "other"),
+            "limits": fields.get("limits", []),
+            "wait_ms": fields.get("wait_ms"),
+            "upstream_ms": fields.get("upstream_ms"),
+            "key": fields.get("key"),
+        }
         self.logger.info(
-            '%s "%s %s" %s %.1fms',
+            '%s "%s %s" %s %.1fms%s',
             request.remote,
-            escape_path(request.method),
-            loggable_path(request),
+            access["method"],
+            path,
             response.status,
             time * 1000,
+            _words(access),
+            extra={"access": access},
         )
 
     @property
     def enabled(self) -> bool:
         return bool(self.logger.isEnabledFor(logging.INFO))
+
+
+def _words(access: dict[str, Any]) -> str:
+    words = [f"id={access['request_id']}", f"group={access['group']}"]
+    if access["limits"]:
+        words.append("limits=" + ",".join(access["limits"]))
+    for name in ("wait_ms", "upstream_ms"):
+        if access[name] is not None:
+            words.append(f"{name[:-3]}={access[name]:.1f}ms")
+    if access["key"]:
+        words.append(f"key={access['key']}")
+    return " " + " ".join(words)

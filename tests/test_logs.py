@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import logging
+import os
 import re
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -22,6 +27,7 @@ from gateway.logs import (
     FORMAT,
     MASK,
     AccessLogger,
+    JsonFormatter,
     Redactor,
     escape,
     escape_path,
@@ -30,7 +36,7 @@ from gateway.logs import (
     sanitize,
 )
 from gateway.products.transcripts.webhooks import RECEIVER_PATH
-from tests.helpers import gateway_config, running_sim
+from tests.helpers import TEST_SECRET_KEY, free_port, gateway_config, running_sim
 
 SECRET = "secret-key-123"
 HEX_KEY = "0123456789abcdef0123456789abcdef"  # the shape of an AssemblyAI key
@@ -139,12 +145,12 @@ def test_the_redactor_formats_then_sanitizes_message_and_traceback() -> None:
 
 
 @contextmanager
-def captured_logs() -> Iterator[io.StringIO]:
+def captured_logs(formatter: logging.Formatter | None = None) -> Iterator[io.StringIO]:
     """Every logger at DEBUG into one protected handler, formatted as ``aai-gateway serve`` does."""
     root = logging.getLogger()
     stream = io.StringIO()
     handler = protect(logging.StreamHandler(stream))
-    handler.setFormatter(logging.Formatter(FORMAT))
+    handler.setFormatter(formatter or logging.Formatter(FORMAT))
     handler.setLevel(logging.DEBUG)
     level = root.level
     root.addHandler(handler)
@@ -241,3 +247,105 @@ async def test_the_webhook_receiver_token_is_not_in_the_access_log() -> None:
 def test_redaction_follows_the_receiver_path() -> None:
     """The redaction uses the receiver's path from where the route is defined."""
     assert redact(f"{RECEIVER_PATH}/id/abc") == f"{RECEIVER_PATH}/id/{MASK}"
+
+
+# --- JSON lines and the access fields ----------------------------------------------------------
+
+UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
+
+
+async def _ask(port: int, method: str, target: str, headers: dict[str, str], body: bytes = b"") -> bytes:
+    lines = [f"{method} {target} HTTP/1.1", "Host: x", f"Content-Length: {len(body)}", "Connection: close"]
+    lines += [f"{k}: {v}" for k, v in headers.items()]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+        return await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+
+
+def _request_id(answer: bytes) -> str:
+    head = answer.split(b"\r\n\r\n", 1)[0].decode()
+    (value,) = [
+        line.split(":", 1)[1].strip()
+        for line in head.split("\r\n")
+        if line.lower().startswith("x-request-id:")
+    ]
+    return value
+
+
+async def test_json_lines_carry_the_access_fields_and_never_a_key_query_or_body() -> None:
+    key = HEX_KEY
+    body = b'{"model": "gpt-5", "messages": [{"role": "user", "content": "body-text-never-logged"}]}'
+    with captured_logs(JsonFormatter()) as stream:
+        async with gateway_with_access_log() as port:
+            named = {"Authorization": key, "X-Request-Id": "req-123.A_b"}
+            models = await _ask(port, "GET", f"/v1/models?token={SECRET}", named)
+            chat_path = "/v1/chat/completions?x=query-never-logged"
+            chat = await _ask(port, "POST", chat_path, {"Authorization": key}, body)
+            insane = [
+                await _ask(port, "GET", "/v1/models", {"X-Request-Id": bad})
+                for bad in ("has space", "x" * 129, 'q"uote', "")
+            ]
+            await exchange(port, f"GET /v2/x HTTP/1.1\r\nHost: x\r\nAuthorization {SECRET}\r\n\r\n".encode())
+    assert b" 200 " in models.split(b"\r\n")[0] and b" 200 " in chat.split(b"\r\n")[0], (models, chat)
+    assert _request_id(models) == "req-123.A_b"  # a sane id is kept and echoed
+    assert UUID.fullmatch(_request_id(chat))  # none given: one is made
+    made = [_request_id(answer) for answer in insane]
+    assert all(UUID.fullmatch(rid) for rid in made) and len(set(made)) == 4, made
+    records = [json.loads(line) for line in stream.getvalue().splitlines()]  # each line: one object
+    # (aiohttp.access: the simulator's own log, in this process; the gateway logs to gateway.access)
+    output = json.dumps([r for r in records if r["logger"] != "aiohttp.access"])
+    for needle in (key, SECRET, "query-never-logged", "body-text-never-logged", "has space"):
+        assert needle not in output, needle
+    access = {r["request_id"]: r for r in records if r.get("type") == "access"}
+    first = access["req-123.A_b"]
+    assert first["logger"] == "gateway.access" and first["level"] == "INFO"
+    assert first["method"] == "GET" and first["path"] == "/v1/models" and first["status"] == 200
+    assert first["group"] == "llm" and first["limits"] == ["requests"]
+    assert first["wait_ms"] >= 0 and first["upstream_ms"] > 0 and first["duration_ms"] > 0
+    assert re.fullmatch(r"[0-9a-f]{16}", first["key"]), first
+    second = access[_request_id(chat)]
+    assert second["path"] == "/v1/chat/completions" and second["status"] == 200
+    assert sorted(second["limits"]) == ["llm:gpt-5", "requests"] and second["key"] == first["key"]
+    for rid in made:
+        assert access[rid]["key"] is None and access[rid]["status"] == 200
+    refused = [r for r in access.values() if r["status"] == 400]
+    assert len(refused) == 1 and UUID.fullmatch(refused[0]["request_id"]), refused
+    assert all(set(r) >= {"time", "level", "logger", "message"} for r in records)
+
+
+async def test_serve_writes_json_lines_when_asked_by_the_environment(tmp_path: Path) -> None:
+    """``AAI_GATEWAY_LOG_FORMAT=json``: every line ``aai-gateway serve`` writes is JSON."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AAI_GATEWAY_")}
+    env.update(
+        AAI_GATEWAY_SECRET_KEY=TEST_SECRET_KEY, AAI_GATEWAY_LOG_FORMAT="json", AAI_GATEWAY_PORT=str(port)
+    )
+    config = tmp_path / "gw.yaml"
+    config.write_text(f"transcripts: {{data_dir: {tmp_path / 'data'}}}\n")
+    log_path = tmp_path / "gw.log"
+    with log_path.open("w") as log_file:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", "serve", "--config", str(config),
+            env=env, stdout=log_file, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        for _ in range(100):
+            try:
+                answer = await _ask(port, "GET", "/healthz", {"X-Request-Id": "from-client"})
+                break
+            except OSError:
+                assert proc.returncode is None, log_path.read_text()
+                await asyncio.sleep(0.1)
+        else:
+            raise AssertionError(log_path.read_text())
+        assert _request_id(answer) == "from-client"
+    finally:
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), 15)
+    records = [json.loads(line) for line in log_path.read_text().splitlines()]
+    assert any("listening on http://" in r["message"] for r in records), records
+    (line,) = [r for r in records if r.get("type") == "access"]
+    assert line["request_id"] == "from-client" and line["path"] == "/healthz" and line["group"] == "other"

@@ -26,6 +26,7 @@ from ..admission.engine import AdmissionEngine, Grant
 from ..clock import Clock
 from ..config import Config
 from ..errors import RateLimited, Unauthorized
+from ..logs import note_access
 from ..metrics import Metrics
 from ..products.catalog import Catalog
 from ..products.plan import Plan
@@ -215,13 +216,20 @@ class ProxyHandler:
         # keys, and a client waits within its key's share of the queue.
         identity = self._identify(key) if key else ""
         held: Connection | None = None  # made ready while a token was given back (below)
+        waited_s = upstream_s = 0.0  # for the access line, over every attempt
         while True:
+            asked_at = time.perf_counter()
             try:
                 grant = await self._admit(plan, deadline, (identity or ANONYMOUS) if shared else "")
             except BaseException:
                 self._give_back(held)
                 raise
+            finally:
+                waited_s += time.perf_counter() - asked_at
+                note_access(request, wait_ms=round(waited_s * 1000, 1))
             admitted_at = time.perf_counter()
+            if grant is not None:
+                note_access(request, limits=[limit.name for limit in grant.limits])
             if request is not None and client_gone(request):
                 await self._refund(grant)
                 self._give_back(held)
@@ -242,6 +250,7 @@ class ProxyHandler:
                     held = conn
                     log.info("connecting outlasted the guard: %s %s admitted again", method, url.path)
                     continue
+            sent_at = time.perf_counter()
             try:
                 resp = await self._upstream.send(
                     method,
@@ -257,6 +266,9 @@ class ProxyHandler:
                 self._give_back(conn)
                 await self._refund(grant)
                 raise
+            finally:
+                upstream_s += time.perf_counter() - sent_at
+                note_access(request, upstream_ms=round(upstream_s * 1000, 1))
             if resp.status == 429 and self._may_retry(plan, retries):
                 delay = upstream_retry_delay(resp.headers)
                 if self._clock.now() + delay < deadline:
