@@ -299,6 +299,44 @@ async def test_admission_lag_after_a_lease_end_is_milliseconds(store_env: StoreE
     assert lags[len(lags) // 2] <= 0.010, lags
 
 
+class LateFirstReply:
+    """Holds each ticket's first reply for ``delay`` of clock time after the store decided
+    (a burst of arrivals keeps the loop busy: replies are read late)."""
+
+    def __init__(self, inner: Store, clock: object, delay: float) -> None:
+        self.inner, self.kind, self.clock, self.delay = inner, inner.kind, clock, delay
+        self.seen: set[str] = set()
+
+    async def acquire(self, request: AcquireRequest) -> AcquireResult:
+        result = await self.inner.acquire(request)
+        if request.ticket not in self.seen and self.seen:  # the very first reply is prompt
+            await self.clock.sleep(self.delay)  # type: ignore[attr-defined]
+        self.seen.add(request.ticket)
+        return result
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+
+async def test_a_reply_read_late_still_wakes_its_waiter_when_the_lease_ends(store_env: StoreEnv) -> None:
+    """The wait hint counts from the store's decision, not from when the reply was read: a
+    waiter whose reply came 150 ms late is admitted when the lease ends, not 150 ms after."""
+    limit = window_limit("requests", 1, 0.2, 0, rank=RANK_WINDOW)
+    late = LateFirstReply(store_env.store(), store_env.clock, 0.15)
+    engine = AdmissionEngine(late, store_env.clock)  # type: ignore[arg-type]
+    await engine.start()
+    try:
+        start = store_env.clock.now()
+        await engine.admit([limit], max_wait_s=1)  # its lease ends 200 ms after ``start``, at most
+        waiter = asyncio.ensure_future(engine.admit([limit], max_wait_s=1))
+        await until(store_env, waiter.done, within=0.6, step=0.002)
+        await waiter
+        lag = store_env.clock.now() - (start + limit.lease_ms / 1000)
+        assert lag <= 0.03, lag  # it was 0.15 (the reply's delay) when hints counted from reading
+    finally:
+        await engine.close()
+
+
 async def test_an_admission_that_does_not_wait_is_one_round_trip(store_env: StoreEnv) -> None:
     limit = window_limit("requests", 1000, 60, 0, rank=RANK_WINDOW)
     model = window_limit("llm:x", 1000, 60, 0, rank=RANK_MODEL)

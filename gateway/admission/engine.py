@@ -226,11 +226,13 @@ class AdmissionEngine(Waking):
             owner=w.owner,
             owner_depth=w.owner_depth,
         )
+        sent = self._clock.now()
         result = await self.store.acquire(request)
         w.seq, w.score, w.last = result.seq, result.score, result
         if result.seq > self._max_seq:
             self._max_seq = result.seq
         w.touched = self._clock.now()
+        self._sync(result, sent, w.touched)
         return result
 
     async def _abort(self, w: Waiter) -> None:

@@ -268,7 +268,7 @@ class MemoryStore:
                 first = leases.at(0)
                 reset = int(first[0]) - now if first else 0
                 states.append(LimitState(limit.capacity - len(leases), max(0, reset)))
-            return done(AcquireResult(Status.ADMITTED, seq, score, states=tuple(states)))
+            return done(AcquireResult(Status.ADMITTED, seq, score, states=tuple(states), now_ms=now))
 
         # The owner's share (see acquire.lua): only a ticket about to start waiting is refused.
         mine = -1
@@ -348,7 +348,7 @@ class MemoryStore:
             if entry is not None:
                 firsts.append((entry[1], int(entry[0])))
         result = AcquireResult(Status.BLOCKED, seq, score, blocked=blocked + 1, ahead=ahead_b, wait_ms=hint)
-        return done(result._replace(first=tuple(firsts)))
+        return done(result._replace(first=tuple(firsts), now_ms=now))
 
     async def release(self, ticket: str, limits: Sequence[Limit], *, tombstone: bool = False) -> int:
         removed = 0

@@ -26,6 +26,8 @@ import hiredis
 from redis import exceptions as redis_errors
 from redis.connection import parse_url
 
+FLUSH_AT = 64  # commands buffered in one loop turn before they are written without waiting for its end
+
 
 class _Protocol(asyncio.Protocol):
     def __init__(self, timeout: float = 0.25) -> None:
@@ -62,8 +64,12 @@ class _Protocol(asyncio.Protocol):
         self._fail_all(redis_errors.ConnectionError(f"redis connection lost: {self.lost}"))
 
     def flush_soon(self) -> None:
-        """One write per event-loop turn for every command issued in it."""
-        if not self.flush_scheduled:
+        """One write per event-loop turn for every command issued in it, or sooner once
+        ``FLUSH_AT`` commands are waiting: a burst issued in one turn (10,000 requests arriving
+        at once) reaches Redis while the rest of it is still being built, not after."""
+        if len(self.buffer) >= FLUSH_AT:
+            self.flush()
+        elif not self.flush_scheduled:
             self.flush_scheduled = True
             asyncio.get_running_loop().call_soon(self.flush)
 
@@ -188,6 +194,11 @@ class PipelinedRedis:
             connecting = self._connecting = asyncio.ensure_future(self._open())
             connecting.add_done_callback(self._connected)
         return await asyncio.shield(connecting)
+
+    async def connect(self) -> None:
+        """Open the connection now (a gateway starting), so the first burst of requests does
+        not wait for it; a failure is left for the first call to meet again."""
+        await self._connection()
 
     def _connected(self, connecting: asyncio.Future[_Protocol]) -> None:
         if self._connecting is connecting:

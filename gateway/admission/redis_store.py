@@ -285,6 +285,11 @@ class RedisStore:
             self._sub_task = supervise("wake-subscription", lambda: self._listen(callback, ready))
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(ready.wait(), ready_timeout_s)
+            if self._pipe is not None:
+                # The hot path's connection too: the first burst of requests (thousands in one
+                # loop turn) would otherwise all wait for its connect, then for each other.
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._pipe.connect(), ready_timeout_s)
 
     async def _listen(self, callback: WakeCallback, ready: asyncio.Event) -> None:
         """Hold one subscription; on any failure resubscribe with backoff, then RESYNC.
@@ -367,10 +372,10 @@ def parse_acquire(raw: Sequence[Any]) -> AcquireResult:
     if status is Status.ADMITTED:
         values = raw[6:]
         states = tuple(LimitState(values[i], max(0, values[i + 1])) for i in range(0, len(values), 2))
-        return AcquireResult(status, raw[1], raw[2], 0, 0, 0, states)
-    if status is Status.BLOCKED and len(raw) > 6:
-        first = tuple((_text(raw[i]), int(raw[i + 1])) for i in range(6, len(raw) - 1, 2))
-        return AcquireResult(status, raw[1], raw[2], raw[3], raw[4], raw[5], (), first)
+        return AcquireResult(status, raw[1], raw[2], 0, 0, 0, states, (), raw[5])
+    if status is Status.BLOCKED:
+        first = tuple((_text(raw[i]), int(raw[i + 1])) for i in range(7, len(raw) - 1, 2))
+        return AcquireResult(status, raw[1], raw[2], raw[3], raw[4], raw[5], (), first, raw[6])
     return AcquireResult(status, raw[1], raw[2], raw[3], raw[4], raw[5])
 
 

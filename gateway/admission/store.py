@@ -111,6 +111,11 @@ class AcquireResult(NamedTuple):
     # instance re-sorts its own waiters by it, so it never stops waking at a waiter the store
     # ranks behind one of its own (a lost or early inheritance message cannot strand it).
     first: tuple[tuple[str, int], ...] = ()
+    # ADMITTED / BLOCKED: the store's time (ms: Redis TIME, or the embedded store's clock)
+    # when it decided; ``wait_ms`` counts from it. A reply read late (a burst, a busy loop)
+    # still wakes its waiter at now_ms + wait_ms in store time, not wait_ms after it was
+    # read (the engine learns the store's clock from these; 0: not known).
+    now_ms: int = 0
 
     @property
     def admitted(self) -> bool:

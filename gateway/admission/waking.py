@@ -8,7 +8,9 @@ that order, and decides WHEN to ask the store again (ADMISSION.md I7):
 - a wake-up for limit L (a release, a lapse, a waiter ahead leaving) retries L's local
   waiters in order and stops at the first one L refuses (``_drain``);
 - one timer per limit, for its best local waiter only, fires when the store said capacity
-  for it would appear (a window lease ending);
+  for it would appear (a window lease ending): at that instant of the STORE's clock, mapped
+  to ours (``_sync``), so a reply read late (a burst of arrivals keeps the loop busy) does
+  not wake its waiter late by as much;
 - once a second the head of each local queue is re-checked (pub/sub is at-most-once), and
   waiting tickets whose deadline is half gone are refreshed in batches; tickets the store
   lost (a stalled instance, a Redis restart) are re-queued in their original order.
@@ -142,6 +144,9 @@ class Waking:
         self._again: set[str] = set()
         self._checked: dict[str, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # Store time minus our clock (s): a lower bound, as tight as the quickest reply made
+        # it (see _sync). None until a reply says when it was decided.
+        self._offset: float | None = None
 
     async def _attempt(self, w: Waiter) -> AcquireResult:
         raise NotImplementedError
@@ -164,7 +169,26 @@ class Waking:
             self._by_ticket[w.ticket] = w  # for inherited priorities (waiting tickets only)
             self._obs.waiting(w.limits[result.blocked - 1], +1)
         if q[0] is w:
-            self._arm(name, result.wait_ms / 1000)
+            self._arm(name, self._wake_delay(result))
+
+    def _sync(self, result: AcquireResult, sent: float, read: float) -> None:
+        """Learn the store's clock from a reply decided at ``result.now_ms``, somewhere
+        between ``sent`` and ``read`` on ours: the offset is at least now - read and at most
+        now - sent. Keep the largest lower bound (never wake early); start again from this
+        reply when it proves the bound too high (the store's clock stepped back, a failover)."""
+        if not result.now_ms:
+            return
+        at = result.now_ms / 1000
+        low = at - read
+        if self._offset is None or low > self._offset or at - sent + 0.001 < self._offset:
+            self._offset = low
+
+    def _wake_delay(self, result: AcquireResult) -> float:
+        """Seconds from now until the store's hint is due: now_ms + wait_ms in store time."""
+        if not result.now_ms or self._offset is None:
+            return result.wait_ms / 1000
+        due = (result.now_ms + result.wait_ms) / 1000 - self._offset
+        return max(0.0, due - self._clock.now())
 
     def _follow(self, name: str, result: AcquireResult) -> None:
         """The store's order is the truth: re-score our own waiters among the first of the

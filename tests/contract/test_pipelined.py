@@ -11,7 +11,9 @@ import pytest
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 
-from gateway.admission.pipelined import PipelinedRedis, array_header, bulk
+from gateway.admission.keys import Keys
+from gateway.admission.pipelined import FLUSH_AT, PipelinedRedis, array_header, bulk
+from gateway.admission.redis_store import RedisStore, make_client
 from tests.conftest import REDIS_URL, redis_client
 
 
@@ -29,6 +31,39 @@ async def test_replies_in_order_and_a_cancelled_caller_does_not_shift_them() -> 
         ]
     finally:
         await conn.close()
+
+
+async def test_a_burst_in_one_loop_turn_is_written_while_the_turn_runs() -> None:
+    """10,000 requests arriving at once issue their commands in one loop turn: Redis gets
+    them in chunks as they are made, not all after the turn (the first waited ~0.3 s)."""
+    conn = PipelinedRedis(REDIS_URL, timeout_ms=2000)
+    try:
+        await conn.connect()
+        calls = [asyncio.ensure_future(conn.call("ECHO", f"m{i}")) for i in range(5 * FLUSH_AT)]
+        buffered: list[int] = []
+
+        async def look() -> None:  # runs in the same turn, after every call above was issued
+            buffered.append(len(conn._proto.buffer))  # type: ignore[union-attr]
+
+        await asyncio.gather(look(), *calls)
+        assert buffered[0] < FLUSH_AT
+        assert [c.result() for c in calls] == [f"m{i}".encode() for i in range(5 * FLUSH_AT)]
+    finally:
+        await conn.close()
+
+
+async def test_a_store_opens_its_hot_path_connection_when_it_starts(keys: Keys) -> None:
+    """Not on the first request: a burst arriving first would all wait for the connect."""
+    client = make_client(REDIS_URL)
+    pipe = PipelinedRedis(REDIS_URL, timeout_ms=2000)
+    store = RedisStore(client, keys, pipelined=pipe)
+    try:
+        assert pipe._proto is None
+        await store.subscribe(lambda _: None)
+        assert pipe._proto is not None and pipe._proto.lost is None
+    finally:
+        await store.close()
+        await client.aclose()
 
 
 async def test_the_url_selects_the_database() -> None:

@@ -49,6 +49,22 @@ async def test_burst_of_n_then_queue(store_env: StoreEnv) -> None:
     assert await store.usage(REQ) == (3, 1)
 
 
+async def test_replies_say_when_they_were_decided_in_store_time(store_env: StoreEnv) -> None:
+    """ADMITTED and BLOCKED carry the store's clock at the decision (now_ms): a hint counts
+    from it, so a caller that reads the reply late still knows the store-time instant."""
+    store = store_env.store()
+    got = []
+    for i in range(4):
+        got.append(await store.acquire(req(f"a{i}", REQ)))
+        await store_env.advance(0.01)
+    assert [r.status for r in got] == [Status.ADMITTED] * 3 + [Status.BLOCKED]
+    assert all(r.now_ms > 0 for r in got)
+    assert [r.now_ms for r in got] == sorted(r.now_ms for r in got)
+    first_end = got[0].now_ms + REQ.lease_ms  # the first lease's end, in store time
+    assert [r.now_ms + r.states[0].reset_ms for r in got[:3]] == [first_end] * 3
+    assert got[3].now_ms + got[3].wait_ms == first_end
+
+
 async def test_token_returns_exactly_after_window_plus_guard(store_env: StoreEnv) -> None:
     store = store_env.store()
     for i in range(3):

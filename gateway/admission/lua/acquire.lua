@@ -20,15 +20,18 @@
 -- ARGV[3i+9..3i+11]  for limit i: name, capacity, lease ms (window + guard, or concurrency ttl)
 --
 -- Returns an array of integers (never false: it would arrive as None):
---   ADMITTED {1, seq, score, 0, 0, 0, remaining_1, reset_ms_1, ..., remaining_n, reset_ms_n}
---   BLOCKED  {2, seq, score, blocked index (1-based), tickets ahead, wait hint ms,
---             ticket_1, score_1, ..., ticket_k, score_k}: the first k tickets of the blocking
+--   ADMITTED {1, seq, score, 0, 0, now ms, remaining_1, reset_ms_1, ..., remaining_n, reset_ms_n}
+--   BLOCKED  {2, seq, score, blocked index (1-based), tickets ahead, wait hint ms, now ms,
+--             ticket_1, score_1, ..., ticket_k, score_k}: now is the Redis time the hint is
+--             counted from (the caller wakes at now + hint, whenever the reply is read); then
+--             the first k tickets of the blocking
 --             queue, ahead of this one, with their current scores (k = min(ahead, max(free, 1),
 --             ARGV[11])): the store's order, which the caller's local queues follow
 --   FULL     {3, seq, score, blocked index, tickets ahead, 0}
 --   ABORTED  {4, seq, 0, 0, 0, 0}
 --   SHARE_FULL {5, seq, score, blocked index, the owner's waiting tickets, 0}
--- Times are Redis's clock (TIME), in ms. Members of leases:L are the ticket itself (a lease)
+-- Times are Redis's clock (TIME), in ms; "now ms" (ADMITTED, BLOCKED) is when this ran, so
+-- the caller can tell Redis's clock from its own and wake at a Redis-time instant. Members of leases:L are the ticket itself (a lease)
 -- and ticket..':r' (a reservation), so a reservation refresh can never touch a lease.
 -- resv:L maps each reservation holder to its ordering score (for priority inheritance).
 -- Publishes "<limit>" when capacity on it may be owed to a waiter, and
@@ -164,7 +167,7 @@ end
 
 -- 4. Writes last; nothing below can fail on well-typed keys.
 if blocked == 0 then
-  local out = {1, seq, score, 0, 0, 0}
+  local out = {1, seq, score, 0, 0, now}
   for i = 1, n do
     if holds[i] ~= 'l' then
       redis.call('ZREM', lk(i), resv)
@@ -288,7 +291,7 @@ local d = redis.call('ZRANGE', dk(blocked), 0, 0, 'WITHSCORES')
 if #d > 0 and d[1] ~= ticket then hint = math.min(hint, tonumber(d[2]) - now) end
 if hint < 1 then hint = 1 end
 do_publish()
-local out = {2, seq, score, blocked, ahead_b, hint}
+local out = {2, seq, score, blocked, ahead_b, hint, now}
 local k_first = math.min(ahead_b, math.max(free_b, 1), first_max)
 if k_first > 0 then
   local firsts = redis.call('ZRANGE', wk(blocked), 0, k_first - 1, 'WITHSCORES')
