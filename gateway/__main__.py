@@ -7,7 +7,9 @@ aai-gateway gen-key                   print a new secret key (AAI_GATEWAY_SECRET
 aai-gateway sim [--port N]            the upstream simulator alone (tests, benchmarks)
 
 A port that cannot be bound (another process holds it, no permission) ends the command at
-once with one line on stderr and exit code 2, before anything is logged as listening.
+once with one line on stderr and exit code 2, before anything is logged as listening; so does
+a ``listen.tls`` certificate or key that cannot be served (the line names the key path,
+``listen.tls.cert_file: ...``). ``check-config`` checks those files too (exit 1).
 """
 
 from __future__ import annotations
@@ -313,6 +315,12 @@ def _cmd_check(args: argparse.Namespace) -> int:
     streaming = f"{lim.streaming_sessions.limit}/{lim.streaming_sessions.window_s:g}s"
     print(f"  plan: {lim.plan}; requests {lim.requests.limit}/{lim.requests.window_s:g}s")
     print(f"  async {lim.async_concurrency} at once; streaming {streaming}; llm {llm}")
+    if config.listen.tls is not None:
+        try:
+            print(f"  tls: {server_context(config.listen.tls).describe()}")
+        except TlsError as exc:
+            print(f"{path or '<defaults>'}: {exc}", file=sys.stderr)
+            return 1
     for warning in config.warnings():
         print(f"{path or '<defaults>'}: warning: {warning}", file=sys.stderr)
     return 0

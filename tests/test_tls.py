@@ -229,28 +229,28 @@ def test_bad_files_are_refused_naming_the_key_path(tmp_path: Path, certs: Certs)
 
 
 def test_a_bad_certificate_stops_serve_with_exit_code_2(tmp_path: Path, certs: Certs) -> None:
+    """``serve`` exits 2 naming the key path, no traceback; ``check-config`` exits 1 likewise."""
     missing = tmp_path / "nope.pem"
     config = tmp_path / "gw.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "listen": {
-                    "port": free_port(),
-                    "tls": {"cert_file": str(missing), "key_file": str(certs.key)},
-                },
-                "transcripts": {"data_dir": str(tmp_path / "data")},
-            }
-        )
-    )
+    tls = {"cert_file": str(missing), "key_file": str(certs.key)}
+    raw = {"listen": {"port": free_port(), "tls": tls}, "transcripts": {"data_dir": str(tmp_path / "data")}}
+    config.write_text(yaml.safe_dump(raw))
     env = {k: v for k, v in os.environ.items() if not k.startswith("AAI_GATEWAY_")}
     env["AAI_GATEWAY_SECRET_KEY"] = TEST_SECRET_KEY
-    proc = subprocess.run(
-        [sys.executable, "-m", "gateway", "serve", "--config", str(config)],
-        env=env, capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
-    assert proc.returncode == 2, proc.stderr
-    assert f"listen.tls.cert_file: cannot read {missing}: No such file or directory" in proc.stderr
-    assert "Traceback" not in proc.stderr
+
+    def gateway(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "gateway", *args, str(config)]
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=30)
+
+    served = gateway("serve", "--config")
+    assert served.returncode == 2, served.stderr
+    assert f"listen.tls.cert_file: cannot read {missing}: No such file or directory" in served.stderr
+    assert "Traceback" not in served.stderr
+    checked = gateway("check-config")
+    assert checked.returncode == 1 and "listen.tls.cert_file: cannot read" in checked.stderr, checked
+    config.write_text(yaml.safe_dump({**raw, "listen": {"tls": certs.tls.model_dump()}}))
+    checked = gateway("check-config")
+    assert checked.returncode == 0 and "tls: certificate CN=aai-gateway test" in checked.stdout, checked
 
 
 async def test_reload_tls_serves_the_new_certificate_to_new_handshakes(tmp_path: Path, certs: Certs) -> None:
