@@ -476,3 +476,26 @@ async def test_serve_over_tls_in_its_own_process(tmp_path: Path, certs: Certs) -
     assert f"listening on https://127.0.0.1:{port}" in output, output
     assert "TLS: certificate CN=aai-gateway test for DNS:localhost, IP:127.0.0.1" in output, output
     assert "Traceback" not in output and " ERROR " not in output, output
+
+
+def test_the_gateway_base_says_https_on_tls_and_takes_only_well_formed_forwarded_values() -> None:
+    from aiohttp.test_utils import make_mocked_request
+
+    from gateway.proxy.urls import gateway_base
+
+    def base(headers: dict[str, str], *, tls: bool = True, trust: bool = True) -> str:
+        request = make_mocked_request("GET", "/v2/transcript", headers={"Host": "gw:8443", **headers})
+        if tls:
+            request._transport_sslcontext = ssl.create_default_context()  # as on a TLS socket
+        return gateway_base(request, public_url=None, trust_forwarded=trust)
+
+    assert base({}) == "https://gw:8443"
+    assert base({}, tls=False) == "http://gw:8443"
+    assert (
+        base({"X-Forwarded-Proto": "http", "X-Forwarded-Host": "x.example"}, trust=False) == "https://gw:8443"
+    )
+    assert base({"X-Forwarded-Proto": "HTTPS, http", "X-Forwarded-Host": "x.example:443"}, tls=False) == (
+        "https://x.example:443"
+    )
+    for proto, host in (("javascript", "evil.example/x?"), ("ftp", "a@b"), ("", "a b")):
+        assert base({"X-Forwarded-Proto": proto, "X-Forwarded-Host": host}) == "https://gw:8443"
