@@ -337,6 +337,47 @@ async def test_a_reply_read_late_still_wakes_its_waiter_when_the_lease_ends(stor
         await engine.close()
 
 
+class InFlight(CountingStore):
+    """Counts acquires, and the most in flight at once."""
+
+    def __init__(self, inner: Store) -> None:
+        super().__init__(inner)
+        self.now, self.most = 0, 0
+
+    async def acquire(self, request: AcquireRequest) -> AcquireResult:
+        self.now += 1
+        self.most = max(self.most, self.now)
+        try:
+            await asyncio.sleep(0)  # a round trip: the others issued in this turn go out with it
+            return await super().acquire(request)
+        finally:
+            self.now -= 1
+
+
+async def test_a_window_turning_over_admits_the_waiters_owed_at_once(store_env: StoreEnv) -> None:
+    """When a window's leases end together, the first admission says capacity is owed to the
+    next waiters: they are retried together, not one round trip after another, and no waiter
+    costs more than its first acquire and one retry."""
+    limit = window_limit("requests", 6, 0.2, 0, rank=RANK_WINDOW)
+    store = InFlight(store_env.store())
+    engine = AdmissionEngine(store, store_env.clock)  # type: ignore[arg-type]
+    await engine.start()
+    try:
+        for _ in range(6):
+            await engine.admit([limit], max_wait_s=1)
+        waiters = [asyncio.ensure_future(engine.admit([limit], max_wait_s=2)) for _ in range(6)]
+        await until(store_env, lambda: store.calls["acquire"] == 12 and not store.now, within=0.1, step=0.001)
+        store.most = 0  # their first acquires (all blocked) are back
+        await until(store_env, lambda: all(w.done() for w in waiters), within=0.6, step=0.005)
+        for w in waiters:
+            await w
+        assert store.calls == {"acquire": 6 + 6 * 2}
+        if store_env.moved:  # the six leases ended in one instant
+            assert store.most >= 5  # the head, then the five it said were owed, together
+    finally:
+        await engine.close()
+
+
 async def test_an_admission_that_does_not_wait_is_one_round_trip(store_env: StoreEnv) -> None:
     limit = window_limit("requests", 1000, 60, 0, rank=RANK_WINDOW)
     model = window_limit("llm:x", 1000, 60, 0, rank=RANK_MODEL)

@@ -256,6 +256,7 @@ class MemoryStore:
 
         if blocked < 0:
             states = []
+            owed = 0
             for i, limit in enumerate(limits):
                 leases = self._z(self._leases, limit.name)
                 if holds[i] != "l":
@@ -268,7 +269,11 @@ class MemoryStore:
                 first = leases.at(0)
                 reset = int(first[0]) - now if first else 0
                 states.append(LimitState(limit.capacity - len(leases), max(0, reset)))
-            return done(AcquireResult(Status.ADMITTED, seq, score, states=tuple(states), now_ms=now))
+                queue = self._z(self._wait, limit.name)
+                if cur_q == i and states[-1].remaining > 0 and len(queue):
+                    owed = int(queue.at(min(states[-1].remaining, len(queue)) - 1)[0])  # type: ignore[index]
+            result = AcquireResult(Status.ADMITTED, seq, score, states=tuple(states), now_ms=now, owed=owed)
+            return done(result)
 
         # The owner's share (see acquire.lua): only a ticket about to start waiting is refused.
         mine = -1

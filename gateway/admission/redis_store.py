@@ -113,6 +113,8 @@ class RedisStore:
         self._sub_task: asyncio.Task[None] | None = None
         self._sharded = sharded_pubsub
         self._frames: dict[tuple[Limit, ...], tuple[bytes, bytes, bytes, bytes]] = {}
+        self._last_limits: tuple[Limit, ...] | None = None
+        self._last_frame = (b"", b"", b"", b"")
         self._tomb_prefix = keys.tomb("")
         self._failures = 0  # consecutive connection failures
         self._open_until = 0.0  # while in the future, fail fast instead of waiting on a dead Redis
@@ -219,6 +221,8 @@ class RedisStore:
 
     def _acquire_frame(self, limits: tuple[Limit, ...]) -> tuple[bytes, bytes, bytes, bytes]:
         """acquire's EVALSHA in RESP form, cut around the fields that change per call."""
+        if limits is self._last_limits:  # the engine passes one tuple per set (limits.ordered):
+            return self._last_frame  # skip hashing every Limit of it on every call
         frame = self._frames.get(limits)
         if frame is None:
             k, n = self._keys, len(limits)
@@ -235,6 +239,7 @@ class RedisStore:
             frame = self._frames[limits] = (head, middle, bulk(self._pubcmd), tail)
             if len(self._frames) > 4096:  # unknown models make new limit sets: stay bounded
                 self._frames.clear()
+        self._last_limits, self._last_frame = limits, frame
         return frame
 
     async def release(self, ticket: str, limits: Sequence[Limit], *, tombstone: bool = False) -> int:
@@ -372,15 +377,15 @@ def parse_acquire(raw: Sequence[Any]) -> AcquireResult:
     if status is Status.ADMITTED:
         values = raw[6:]
         states = tuple(LimitState(values[i], max(0, values[i + 1])) for i in range(0, len(values), 2))
-        return AcquireResult(status, raw[1], raw[2], 0, 0, 0, states, (), raw[5])
+        return AcquireResult(status, raw[1], raw[2], 0, 0, 0, states, (), raw[5], raw[4])
     if status is Status.BLOCKED:
-        first = tuple((_text(raw[i]), int(raw[i + 1])) for i in range(7, len(raw) - 1, 2))
+        first = tuple(zip([_text(t) for t in raw[7::2]], raw[8::2], strict=True))
         return AcquireResult(status, raw[1], raw[2], raw[3], raw[4], raw[5], (), first, raw[6])
     return AcquireResult(status, raw[1], raw[2], raw[3], raw[4], raw[5])
 
 
 def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+    return value.decode() if type(value) is bytes else str(value)
 
 
 STATUSES = {s.value: s for s in Status}

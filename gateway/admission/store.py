@@ -116,6 +116,12 @@ class AcquireResult(NamedTuple):
     # still wakes its waiter at now_ms + wait_ms in store time, not wait_ms after it was
     # read (the engine learns the store's clock from these; 0: not known).
     now_ms: int = 0
+    # ADMITTED from a queue: the score of the last waiting ticket that the capacity still
+    # free is owed to (the first min(free, queued) of that queue), or 0. Every ticket up to
+    # it passes that limit now, so an instance may retry all of its own at once instead of
+    # one round trip after another (10,000 waiters: a window's 1,000 turn over in ~50 ms,
+    # not ~200 ms).
+    owed: int = 0
 
     @property
     def admitted(self) -> bool:

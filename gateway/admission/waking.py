@@ -34,6 +34,9 @@ from .store import RESYNC, AcquireResult, LimitState, Status, Store
 
 log = logging.getLogger(__name__)
 
+# The most waiters one drain retries at once on the store's word that capacity is owed to them.
+OWED_BATCH = 64
+
 
 class EngineObserver(Protocol):
     """What the engine reports (metrics.py implements it; tests may pass their own)."""
@@ -311,45 +314,68 @@ class Waking:
 
     async def _drain(self, name: str) -> None:
         """Retry this instance's waiters on ``name`` in order; stop at the first it refuses,
-        unless the store's answer ranks one of ours not yet retried ahead of it."""
+        unless the store's answer ranks one of ours not yet retried ahead of it.
+
+        An admission tells how far the capacity still free reaches into the queue (``owed``:
+        a score); all of our waiters up to it are retried at once, in order (their acquires
+        leave in one write, so the store decides them in that order), not one round trip
+        after another."""
         try:
             while True:
                 self._again.discard(name)
                 self._checked[name] = self._clock.now()
                 tried: set[Waiter] = set()
-                while True:
-                    w = self._next_untried(name, tried)
-                    if w is None:
-                        break
-                    tried.add(w)
-                    try:
-                        result = await self._attempt(w)
-                    except StoreUnavailable:
+                batch = self._untried(name, tried, 0)
+                while batch:
+                    tried.update(batch)
+                    results = await self._attempt_all(batch)
+                    owed, stop, failed = 0, False, None
+                    for w, result in zip(batch, results, strict=True):
+                        if isinstance(result, BaseException):
+                            failed = failed or result
+                            continue
+                        if w.done:
+                            continue
+                        if result.status is not Status.BLOCKED:
+                            owed = max(owed, result.owed)
+                            self._deliver(w, result)
+                            continue
+                        self._place(w, result)
+                        refused_here = w.limits[result.blocked - 1].name == name
+                        if refused_here and not self._untried_ahead(name, w, tried):
+                            stop = True
+                    if failed is not None:
+                        if not isinstance(failed, StoreUnavailable):
+                            log.error("retrying waiters on %s failed", name, exc_info=failed)
                         self._arm(name, self._recheck_s)
                         return
-                    except Exception:
-                        log.exception("retrying waiters on %s failed", name)
-                        self._arm(name, self._recheck_s)
-                        return
-                    if w.done:
-                        continue
-                    if result.status is not Status.BLOCKED:
-                        self._deliver(w, result)
-                        continue
-                    self._place(w, result)
-                    if w.limits[result.blocked - 1].name == name and not self._untried_ahead(name, w, tried):
-                        break
+                    batch = [] if stop else self._untried(name, tried, owed)
                 if name not in self._again:
                     return
         finally:
             if self._drains.get(name) is asyncio.current_task():
                 del self._drains[name]
 
-    def _next_untried(self, name: str, tried: set[Waiter]) -> Waiter | None:
+    async def _attempt_all(self, batch: list[Waiter]) -> list[AcquireResult | BaseException]:
+        """One acquire per waiter, all in flight at once (one alone: no task to make)."""
+        if len(batch) == 1:
+            try:
+                return [await self._attempt(batch[0])]
+            except Exception as exc:
+                return [exc]
+        return await asyncio.gather(*(self._attempt(w) for w in batch), return_exceptions=True)
+
+    def _untried(self, name: str, tried: set[Waiter], owed: int) -> list[Waiter]:
+        """The next waiters to retry on ``name``, in order: every untried one the store said
+        capacity is owed to (score up to ``owed``, at most OWED_BATCH), else the first."""
+        batch: list[Waiter] = []
         for w in self._queues.get(name, ()):
-            if w not in tried and not w.done and w.queue == name:
-                return w
-        return None
+            if w in tried or w.done or w.queue != name:
+                continue
+            if batch and (w.score > owed or len(batch) >= OWED_BATCH):
+                break
+            batch.append(w)
+        return batch
 
     def _untried_ahead(self, name: str, w: Waiter, tried: set[Waiter]) -> bool:
         """Whether one of our waiters not retried in this pass now ranks ahead of ``w``."""

@@ -77,10 +77,12 @@ def normalize(result: AcquireResult, base: int, *, timing: bool) -> tuple[Any, .
     seq = result.seq - base if result.seq else 0
     score = result.score - base if result.score else 0
     states = tuple((s.remaining, s.reset_ms if timing else None) for s in result.states)
+    owed = result.owed - base if result.owed else 0
     return (
         result.status,
         seq,
         score,
+        owed,
         result.blocked,
         result.ahead,
         result.wait_ms if timing else None,

@@ -65,6 +65,31 @@ async def test_replies_say_when_they_were_decided_in_store_time(store_env: Store
     assert got[3].now_ms + got[3].wait_ms == first_end
 
 
+async def test_an_admission_from_a_queue_says_how_far_the_free_capacity_reaches(store_env: StoreEnv) -> None:
+    """ADMITTED ``owed``: the score of the last ticket in the queue it left that the capacity
+    still free is owed to (0: none), so its instance may retry all of its own up to it at once."""
+    store = store_env.store()
+    for i in range(3):
+        assert (await store.acquire(req(f"a{i}", REQ))).admitted
+    queued = await store.acquire(req("a3", REQ))
+    assert queued.status is Status.BLOCKED and queued.owed == 0  # not an admission
+    fresh = await store.acquire(req("fresh", MODEL))
+    assert fresh.admitted and fresh.owed == 0  # it waited in no queue
+    w = [await store.acquire(req(f"w{i}", REQ)) for i in range(4)]
+    assert all(r.status is Status.BLOCKED for r in w)
+    await store_env.advance(REQ.lease_ms / 1000 + 0.01)  # all three leases end: 3 free
+    a3 = await store.acquire(req("a3", REQ, seq=queued.seq))  # the head of the queue
+    assert a3.admitted and a3.states[0].remaining == 2
+    assert a3.owed == w[1].score  # the next two (w0, w1) are owed the two left
+    w0 = await store.acquire(req("w0", REQ, seq=w[0].seq))
+    assert w0.admitted and w0.owed == w[1].score
+    w1 = await store.acquire(req("w1", REQ, seq=w[1].seq))
+    assert w1.admitted and w1.states[0].remaining == 0 and w1.owed == 0
+    await store_env.advance(REQ.lease_ms / 1000 + 0.01)  # 3 free, 2 queued (w2, w3)
+    w2 = await store.acquire(req("w2", REQ, seq=w[2].seq))
+    assert w2.admitted and w2.owed == w[3].score  # the queue is shorter than the capacity free
+
+
 async def test_token_returns_exactly_after_window_plus_guard(store_env: StoreEnv) -> None:
     store = store_env.store()
     for i in range(3):

@@ -20,7 +20,10 @@
 -- ARGV[3i+9..3i+11]  for limit i: name, capacity, lease ms (window + guard, or concurrency ttl)
 --
 -- Returns an array of integers (never false: it would arrive as None):
---   ADMITTED {1, seq, score, 0, 0, now ms, remaining_1, reset_ms_1, ..., remaining_n, reset_ms_n}
+--   ADMITTED {1, seq, score, 0, owed, now ms, remaining_1, reset_ms_1, ..., remaining_n, reset_ms_n}:
+--             owed is the score of the last ticket the capacity now free is owed to, in the
+--             queue this ticket left (the first min(free, queued) of it), or 0: the tickets
+--             up to it may all be retried at once
 --   BLOCKED  {2, seq, score, blocked index (1-based), tickets ahead, wait hint ms, now ms,
 --             ticket_1, score_1, ..., ticket_k, score_k}: now is the Redis time the hint is
 --             counted from (the caller wakes at now + hint, whenever the reply is read); then
@@ -184,6 +187,13 @@ if blocked == 0 then
     if #first > 0 then reset = tonumber(first[2]) - now end
     out[#out + 1] = cap(i) - redis.call('ZCARD', lk(i))
     out[#out + 1] = reset
+    if cur_q == i and out[#out - 1] > 0 then
+      local queued = redis.call('ZCARD', wk(i))
+      if queued > 0 then
+        local last = math.min(out[#out - 1], queued) - 1
+        out[5] = tonumber(redis.call('ZRANGE', wk(i), last, last, 'WITHSCORES')[2])
+      end
+    end
   end
   do_publish()
   return out
