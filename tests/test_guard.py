@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import ssl
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import pytest
 
 from gateway.app import CONFIG, ENGINE
 from gateway.products.catalog import Catalog
+from gateway.products import ws_wire
 from gateway.proxy import http1
 from gateway.sim.app import SimConfig
 from tests.helpers import gateway_config, metric, running_gateway, running_sim, self_signed_tls
@@ -26,10 +28,14 @@ CONNECT_DELAY_S = 0.3
 LIMIT, WINDOW_S = 10, 1.0
 
 
-async def _slow_tls_proxy(target_port: int, tls: ssl.SSLContext) -> asyncio.Server:
+async def _slow_tls_proxy(
+    target_port: int, tls: ssl.SSLContext, *, slow: int | None = None
+) -> asyncio.Server:
     """A TLS front for the simulator whose handshakes take CONNECT_DELAY_S: a new connection
-    is not ready for a request until then (a far-away upstream's cold TLS connect)."""
+    is not ready for a request until then (a far-away upstream's cold TLS connect). With
+    ``slow`` = n, only the first n connections are slow (a path whose delay varies)."""
     loop = asyncio.get_running_loop()
+    count = itertools.count()
 
     class Decrypted(asyncio.Protocol):
         def __init__(self, up: asyncio.StreamWriter) -> None:
@@ -48,7 +54,8 @@ async def _slow_tls_proxy(target_port: int, tls: ssl.SSLContext) -> asyncio.Serv
             self.task = asyncio.ensure_future(self.handshake_later(transport))
 
         async def handshake_later(self, transport: asyncio.Transport) -> None:
-            await asyncio.sleep(CONNECT_DELAY_S)
+            if slow is None or next(count) < slow:
+                await asyncio.sleep(CONNECT_DELAY_S)
             with contextlib.suppress(OSError, ssl.SSLError, ConnectionError):
                 up_reader, up_writer = await asyncio.open_connection("127.0.0.1", target_port)
                 inner = Decrypted(up_writer)
@@ -168,3 +175,44 @@ async def test_transcript_dispatch_never_compresses_the_window_upstream_sees(
     assert report["violations"] == [], report["violations"][:3]
     assert report["transcript_posts"] == report["transcripts"]["submitted"] == jobs  # each job once
     assert sent >= jobs and within_guard == sent
+
+
+async def test_streaming_sessions_never_compress_the_window_upstream_sees(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new session's upgrade reaches upstream within the guard of its admission: the
+    connection (TCP and TLS) is opened first, and a session whose connecting outlasted the
+    guard is admitted again with the connection in hand."""
+    server_tls, client_tls = self_signed_tls(tmp_path)
+    monkeypatch.setattr(ws_wire, "default_tls", lambda: client_tls)
+    sessions = 3 * LIMIT
+    async with running_sim(SimConfig(streaming_limit=LIMIT, streaming_window_s=WINDOW_S)) as (sim, sim_url):
+        proxy = await _slow_tls_proxy(int(sim_url.rsplit(":", 1)[1]), server_tls, slow=LIMIT)
+        config = gateway_config(
+            sim_url,
+            upstream={"streaming_url": f"wss://localhost:{proxy.sockets[0].getsockname()[1]}",
+                      "connect_timeout_s": 5},
+            limits={"guard_ms": 100, "streaming_sessions": {"limit": LIMIT, "window_s": WINDOW_S}},
+            streaming={"max_wait_s": 20},
+        )  # fmt: skip
+        try:
+            async with running_gateway(config) as (url, _, _), aiohttp.ClientSession() as http:
+                ws_url = url.replace("http", "ws") + "/v3/ws?sample_rate=16000"
+
+                async def session() -> tuple[str, str]:
+                    async with http.ws_connect(ws_url, headers={"Authorization": "k"}) as ws:
+                        first = (await ws.receive_json(timeout=20))["type"]
+                        await ws.send_str('{"type": "Terminate"}')
+                        last = ""
+                        async for msg in ws:
+                            if msg.type is aiohttp.WSMsgType.TEXT:
+                                last = msg.json()["type"]
+                        return first, last
+
+                results = await asyncio.gather(*(session() for _ in range(sessions)))
+        finally:
+            proxy.close()
+            await proxy.wait_closed()
+    assert set(results) == {("Begin", "Termination")}, results
+    assert sim.recorder.violations == [], sim.recorder.violations[:3]
+    assert sim.streaming.report()["sessions"] == sessions

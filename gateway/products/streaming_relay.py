@@ -48,7 +48,7 @@ from ..config import Config
 from ..errors import GatewayError, RateLimited, StoreUnavailable, Unauthorized
 from ..ledger import Ledger
 from ..metrics import Metrics
-from ..proxy.forward import request_headers
+from ..proxy.forward import guard_s, request_headers
 from ..proxy.handler import GROUP, ProxyHandler
 from ..vault import Vault
 from . import streaming, ws_wire
@@ -333,6 +333,7 @@ class _Session:
         self.opened_at = 0.0
         self.closed_at = 0.0
         self.upstream: ws_wire.Upstream | None = None
+        self.connected: ws_wire.Upstream | None = None  # admitted: open, the upgrade not yet sent
         self.upstream_close: tuple[int, str] | None = None
         self.backlog: deque[tuple[float, int, ws_wire.Frame]] = deque()  # (at, kind, frame)
         self.backlog_bytes = 0
@@ -397,6 +398,10 @@ class _Session:
                 return
             try:
                 admit.result()
+            except ws_wire.NotReached as exc:  # never reached upstream: the token went back
+                self.end_reason = "upstream_error"
+                self._send_error(1011, f"aai-gateway: could not reach the streaming service ({exc})")
+                return
             except RateLimited as exc:
                 self.end_reason = "refused"
                 waited = format_seconds(self.max_wait_s)
@@ -425,22 +430,52 @@ class _Session:
             self.state = ENDED
             for task in (admit, watch, *self.tasks):
                 task.cancel()
+            if self.connected is not None and self.upstream is None:  # admitted, never used
+                self.connected.close()
 
     async def _admit(self) -> None:
+        """Admitted, with the upstream connection open (TCP and TLS) within the guard of the
+        admission (ADMISSION.md I1: upstream counts a session when its upgrade arrives). If
+        connecting outlasted the guard, the admission goes back unused and the session is
+        admitted again, in its place, with the connection in hand. ``ws_wire.NotReached``:
+        no connection (the admission went back)."""
         relay = self.relay
         limits = relay._catalog.session_limits()
         started = time.monotonic()
         relay._metrics.sessions_waiting.inc()
+        held: ws_wire.Upstream | None = None
         try:
-            self.grant = await relay._engine.admit(
-                limits,
-                max_wait_s=self.max_wait_s,
-                max_depth=relay._cfg.queue.max_depth,
-                group="streaming",
-                owner=self.owner,
-                max_owner_depth=relay._cfg.queue.depth_per_key,
-            )
+            while True:
+                grant = await relay._engine.admit(
+                    limits,
+                    max_wait_s=max(0.0, self.max_wait_s - (time.monotonic() - started)),
+                    max_depth=relay._cfg.queue.max_depth,
+                    group="streaming",
+                    owner=self.owner,
+                    max_owner_depth=relay._cfg.queue.depth_per_key,
+                )
+                admitted_at = time.perf_counter()
+                conn, held = (held if held is not None and not held.closed else None), None
+                try:
+                    conn = conn or await ws_wire.open_connection(
+                        relay._upstream_url(self.request),
+                        timeout_s=relay._cfg.upstream.connect_timeout_s,
+                        max_frame=MAX_FRAME,
+                    )
+                except BaseException:  # nothing was sent upstream: the admission goes back
+                    with contextlib.suppress(GatewayError):
+                        await relay._engine.release(grant)
+                    raise
+                if time.perf_counter() - admitted_at <= guard_s(grant):
+                    self.grant, self.connected = grant, conn
+                    break
+                held = conn
+                with contextlib.suppress(GatewayError):
+                    await relay._engine.release(grant)
+                log.info("streaming: connecting outlasted the guard; the session is admitted again")
         finally:
+            if held is not None:
+                held.close()
             relay._metrics.sessions_waiting.inc(-1)
         relay._metrics.session_wait.observe(time.monotonic() - started)
 
@@ -658,12 +693,13 @@ class _Session:
     async def _open_and_relay(self) -> None:
         relay = self.relay
         headers = {k: self.request.headers[k] for k in PASS_HEADERS if k in self.request.headers}
+        assert self.connected is not None
         try:
-            self.upstream = await ws_wire.connect(
+            self.upstream = await ws_wire.handshake(
+                self.connected,
                 relay._upstream_url(self.request),
                 headers,
                 timeout_s=relay._cfg.upstream.connect_timeout_s,
-                max_frame=MAX_FRAME,
             )
         except ws_wire.HandshakeRefused as exc:
             self.end_reason = "upstream_error"

@@ -381,6 +381,9 @@ class Upstream(asyncio.Protocol):
         if self._open:
             self._frames(data)
             return
+        if self._handshake is None:  # upstream spoke before it was asked anything
+            self._fail(ConnectionError("upstream sent bytes before the request"))
+            return
         self._head += data
         end = self._head.find(b"\r\n\r\n")
         if end < 0:
@@ -471,15 +474,44 @@ async def connect(
     max_frame: int,
     ssl_context: ssl.SSLContext | None = None,
 ) -> Upstream:
-    """Open a WebSocket to ``url`` (ws:// or wss://). ``NotReached``: no connection, so the
-    request never reached upstream; ``HandshakeRefused``: upstream's HTTP answer was not 101;
-    ``TimeoutError`` / ``ConnectionError``: connected, but the handshake never ended."""
+    """Open a WebSocket to ``url`` (ws:// or wss://): ``open_connection`` then ``handshake``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    proto = await open_connection(url, timeout_s=timeout_s, max_frame=max_frame, ssl_context=ssl_context)
+    return await handshake(proto, url, headers, timeout_s=deadline - loop.time())
+
+
+async def open_connection(
+    url: URL, *, timeout_s: float, max_frame: int, ssl_context: ssl.SSLContext | None = None
+) -> Upstream:
+    """The connection (TCP, and TLS for wss://) with nothing sent on it yet: upstream has seen
+    no request, so a session admitted meanwhile may still give its token back.
+    ``NotReached``: no connection."""
     loop = asyncio.get_running_loop()
     secure = url.scheme == "wss"
     host = url.raw_host or ""  # IDNA, as DNS and TLS want it
     port = url.port or (443 if secure else 80)
     if secure and ssl_context is None:
         ssl_context = default_tls()
+    proto = Upstream(max_frame)
+    try:
+        async with asyncio.timeout(timeout_s):
+            transport, _ = await loop.create_connection(
+                lambda: proto, host, port, ssl=ssl_context if secure else None,
+                server_hostname=host if secure else None,
+            )  # fmt: skip
+    except (OSError, TimeoutError) as exc:
+        raise NotReached(f"{type(exc).__name__}: {exc}") from exc
+    proto.transport = transport  # uvloop may call connection_made only after this returns
+    return proto
+
+
+async def handshake(proto: Upstream, url: URL, headers: dict[str, str], *, timeout_s: float) -> Upstream:
+    """Send the upgrade request on an open connection and read upstream's answer.
+    ``NotReached``: nothing was sent (a header the request cannot carry, or the connection
+    was closed meanwhile); ``HandshakeRefused``: upstream's HTTP answer was not 101;
+    ``TimeoutError`` / ``ConnectionError``: sent, but the handshake never ended."""
+    loop = asyncio.get_running_loop()
     key = base64.b64encode(os.urandom(16)).decode()
     lines = [
         f"GET {url.raw_path_qs} HTTP/1.1",
@@ -493,22 +525,15 @@ async def connect(
     try:
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
     except UnicodeEncodeError as exc:  # HTTP/1.1 headers are latin-1; never sent
+        proto.close()
         raise NotReached("a header the request cannot carry (not latin-1)") from exc
-    proto = Upstream(max_frame)
-    deadline = loop.time() + timeout_s
-    try:
-        async with asyncio.timeout(timeout_s):
-            transport, _ = await loop.create_connection(
-                lambda: proto, host, port, ssl=ssl_context if secure else None,
-                server_hostname=host if secure else None,
-            )  # fmt: skip
-    except (OSError, TimeoutError) as exc:
-        raise NotReached(f"{type(exc).__name__}: {exc}") from exc
-    proto.transport = transport  # uvloop may call connection_made only after this returns
+    if proto.closed:
+        raise NotReached("the connection closed before the request was sent")
     proto._handshake = loop.create_future()
+    assert proto.transport is not None
     proto.transport.write(head)
     try:
-        async with asyncio.timeout(max(0.01, deadline - loop.time())):
+        async with asyncio.timeout(max(0.01, timeout_s)):
             status, answer, rest = await proto._handshake
             if status != 101:
                 raise HandshakeRefused(status, rest)

@@ -187,7 +187,7 @@ class _Conn(asyncio.Protocol):
         self._refusal = ""  # why a callback stopped llhttp
         self.chunks: deque[bytes] = deque()
         self.unread = 0
-        self.eof = False
+        self.eof = True  # no exchange yet: as fit for one as a connection read to its end
         self.keep_alive = True
         self.error: Exception | None = None
 

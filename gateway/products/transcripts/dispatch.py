@@ -152,16 +152,10 @@ class Dispatcher:
             return None
         try:
             grant = await self._admit(job, max_wait_s=0.0)
-            admitted_at = time.perf_counter()
-            conn = await self._ready(job, grant, admitted_at, None)
-        except (WaitTimeout, StoreUnavailable, NeverLeft):
+        except (WaitTimeout, StoreUnavailable):
             self._kick.set()
             return None
-        if isinstance(conn, _Late):  # admitted, but not sendable within the guard: it waits
-            self._upstream.give_back(conn.conn)
-            self._kick.set()
-            return None
-        answer = await self._claim_and_submit(job.id, grant, conn, admitted_at, at_once=True)
+        answer = await self._claim_and_submit(job.id, grant, time.perf_counter(), at_once=True)
         return answer._replace(grant=grant) if answer is not None else None
 
     # -- the loop ------------------------------------------------------------------------------
@@ -199,25 +193,10 @@ class Dispatcher:
                     job, None, f"Queued in the gateway for more than {self._t.max_queue_age_s:g}s"
                 )
                 return
-            held: Connection | None = None
-            try:
-                while True:
-                    age_s = self._wall() - job.created_ms / 1000
-                    grant = await self._admit(job, max_wait_s=self._t.max_queue_age_s - age_s)
-                    admitted_at = time.perf_counter()
-                    ready = await self._ready(job, grant, admitted_at, held)
-                    if not isinstance(ready, _Late):
-                        break
-                    held = ready.conn  # admitted again, with this connection in hand
-                held = None
-            finally:
-                if held is not None:
-                    self._upstream.give_back(held)
-            await self._claim_and_submit(job_id, grant, ready, admitted_at)
+            grant = await self._admit(job, max_wait_s=self._t.max_queue_age_s - age_s)
+            await self._claim_and_submit(job_id, grant, time.perf_counter())
         except WaitTimeout:
             self._kick.set()
-        except NeverLeft as exc:  # upstream unreachable: the job stays queued, tried next scan
-            log.warning("dispatcher: cannot connect upstream for %s (%s)", job_id, exc)
         except GatewayError as exc:
             log.debug("dispatcher stopped waiting for %s: %s", job_id, exc)
         finally:
@@ -235,52 +214,17 @@ class Dispatcher:
             group="transcripts",
         )
 
-    async def _ready(
-        self, job: Job, grant: Grant, admitted_at: float, held: Connection | None
-    ) -> Connection | _Late:
-        """A connection to upstream in hand within the guard of the admission (ADMISSION.md
-        I1: upstream counts the POST when it arrives): a pooled one, ``held`` from an earlier
-        turn, or a new one. If connecting outlasted the guard, both tokens go back (nothing
-        was sent; the job is not claimed yet) and the caller admits the job again, in its
-        place, with the connection in hand (``_Late``). ``NeverLeft``: no connection, tokens
-        back."""
-        conn = held if held is not None and self._upstream.sound(held) else None
-        if held is not None and conn is None:
-            self._upstream.give_back(held)
-        try:
-            conn = conn or self._upstream.idle(self._post_url, job.key_fp)
-            if conn is None:
-                conn = await self._upstream.connect(self._post_url, job.key_fp)
-        except BaseException:  # no connection, or cancelled: nothing was sent
-            await self._engine.release(grant)
-            raise
-        if time.perf_counter() - admitted_at > guard_s(grant):
-            await self._engine.release(grant)
-            log.info("job %s: connecting outlasted the guard; admitted again", job.id)
-            return _Late(conn)
-        return conn
-
-    @property
-    def _post_url(self) -> URL:
-        return URL(self._cfg.upstream.api_url + "/v2/transcript", encoded=True)
-
     async def _claim_and_submit(
-        self, job_id: str, grant: Grant, conn: Connection, admitted_at: float, *, at_once: bool = False
+        self, job_id: str, grant: Grant, admitted_at: float, *, at_once: bool = False
     ) -> Submitted | None:
-        hand = [conn]  # emptied when the connection carries the POST
-        try:
-            return await self._claim_and_submit_on(job_id, grant, hand, admitted_at, at_once=at_once)
-        finally:
-            if hand:  # never used: pooled again (or closed if no longer sound)
-                self._upstream.give_back(hand.pop())
+        """Claim the job, then have a connection in hand within the guard of the admission
+        (ADMISSION.md I1: upstream counts the POST when it arrives), then submit it.
 
-    async def _claim_and_submit_on(
-        self, job_id: str, grant: Grant, hand: list[Connection], admitted_at: float, *, at_once: bool
-    ) -> Submitted | None:
-        if self.paused:  # admitted meanwhile, but upstream refuses new work for now
-            await self._engine.release(grant)
-            self._kick.set()
-            return None
+        Only the claim's holder gives the admission back: dispatchers on other instances may
+        hold the same ticket (admission is idempotent per ticket), and a refund by one that
+        lost the claim would cancel the token of the one that sent. If connecting outlasted
+        the guard, nothing is sent: the admission goes back, the connection goes to the pool
+        (warm for the job's next attempt), and the job is requeued in its place."""
         claim_ms = int(self._t.claim_s * 1000)
         claimed_at = self._clock.now()
         # The claimer is unique to this claim: a replayed claim script (a lost reply) finds
@@ -289,40 +233,59 @@ class Dispatcher:
         job = await self._jobs.claim(job_id, claimer, claim_ms)
         if job is None:
             return None  # claimed elsewhere, cancelled, or ended: that owner holds the leases
-        if time.perf_counter() - admitted_at > guard_s(grant):  # the claim was slow (the store)
+        if self.paused:  # admitted meanwhile, but upstream refuses new work for now
             await self._engine.release(grant)
             await self.requeue(job)
             return None
-        return await self._submit(job, grant, hand, admitted_at, claimed_at, at_once=at_once)
+        if job.cred is None:
+            await self._on_end(job, None, "The job's credential is gone; it cannot be submitted")
+            return None
+        try:
+            conn = self._upstream.idle(self._post_url, job.key_fp)
+            conn = conn or await self._upstream.connect(self._post_url, job.key_fp)
+        except NeverLeft as exc:  # nothing reached upstream: both tokens back
+            log.warning("job %s: cannot connect upstream (%s); requeued", job.id, exc)
+            await self._engine.release(grant)
+            await self.requeue(job)
+            return None
+        if time.perf_counter() - admitted_at > guard_s(grant):
+            self._upstream.give_back(conn)
+            await self._engine.release(grant)
+            log.info("job %s: connecting outlasted the guard; requeued, the connection kept warm", job.id)
+            await self.requeue(job)
+            return None
+        return await self._submit(job, grant, conn, admitted_at, claimed_at, at_once=at_once)
+
+    @property
+    def _post_url(self) -> URL:
+        return URL(self._cfg.upstream.api_url + "/v2/transcript", encoded=True)
 
     # -- submitting ------------------------------------------------------------------------
     async def _submit(
         self,
         job: Job,
         grant: Grant,
-        hand: list[Connection],
+        conn: Connection,
         admitted_at: float,
         claimed_at: float,
         *,
         at_once: bool,
     ) -> Submitted | None:
-        if job.cred is None:
-            await self._on_end(job, None, "The job's credential is gone; it cannot be submitted")
-            return None
         # The POST must be over before the claim lapses (the reconciler then takes the job):
         # give up rather than POST with too little of the claim left.
         margin = claim_margin_s(self._t.claim_s)
         left = self._t.claim_s - (self._clock.now() - claimed_at) - margin
         if left < margin:
+            self._upstream.give_back(conn)
             await self._engine.release(grant)
             await self.requeue(job)
             return None
+        assert job.cred is not None
         headers = {hdrs.AUTHORIZATION: self._vault.decrypt(job.cred), hdrs.CONTENT_TYPE: "application/json"}
         body = dict(job.body)
         receiver = receiver_url(self._cfg, job.id, self._vault)
         if receiver is not None:  # upstream tells the gateway; the gateway tells the client
             body["webhook_url"] = receiver
-        conn = hand.pop()
         try:
             resp = await self._upstream.send(
                 "POST", self._post_url, headers=headers, data=json.dumps(body).encode(),  # type: ignore[arg-type]
@@ -417,12 +380,6 @@ class Dispatcher:
         if await self._jobs.requeue(job.id, attempt=job.attempt + 1, claimer=job.claimer):
             await self._engine.store.release(job.ticket, [self._catalog.async_jobs], tombstone=True)
         self._kick.set()
-
-
-class _Late(NamedTuple):
-    """Connecting outlasted the guard: the admission was handed back, the connection kept."""
-
-    conn: Connection
 
 
 def _json(data: bytes) -> dict[str, Any]:
