@@ -245,3 +245,30 @@ def test_unmasking_is_aiohttps_c_function() -> None:
     buf = bytearray(data)
     ws_wire._mask_python(b"abcd", buf)  # the fallback agrees with it
     assert ws_wire.unmask(data, b"abcd") == bytes(buf) and ws_wire.unmask(bytes(buf), b"abcd") == data
+
+
+async def test_an_upstream_that_speaks_before_it_is_asked_is_never_used() -> None:
+    """A connection opened ahead of a session's upgrade (so it leaves within the guard) must
+    not carry a session if upstream sent anything first: a forged 101 is not an answer."""
+    forged = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+
+    async def eager(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(forged)
+        await reader.read(1 << 16)
+        writer.close()
+
+    server = await asyncio.start_server(eager, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        url = URL(f"ws://127.0.0.1:{port}/v3/ws")
+        proto = await ws_wire.open_connection(url, timeout_s=5, max_frame=100)
+        for _ in range(100):
+            if proto.closed:
+                break
+            await asyncio.sleep(0.01)
+        assert proto.closed
+        with pytest.raises(ws_wire.NotReached):  # nothing is sent on it
+            await ws_wire.handshake(proto, url, {}, timeout_s=2)
+    finally:
+        server.close()
+        await server.wait_closed()
