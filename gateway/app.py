@@ -263,7 +263,7 @@ def make_store(config: Config, clock: Clock, on_call: Callable[[str], None] | No
         connect_timeout_ms=config.redis.connect_timeout_ms,
     )
     return RedisStore(
-        client, keys, sharded_pubsub=config.redis.sharded_pubsub, pipelined=pipelined, on_call=on_call
+        client, keys, sharded_pubsub=config.redis.sharded, pipelined=pipelined, on_call=on_call
     )
 
 

@@ -100,14 +100,44 @@ class Upstream(_Model):
         return v.rstrip("/")
 
 
+class Sentinel(_Model):
+    hosts: tuple[str, ...] = Field(min_length=1)  # "host:port" of each sentinel
+    service_name: str = "mymaster"
+    password: str | None = None  # the sentinels' own password (the primary's is in url)
+
+    @field_validator("hosts")
+    @classmethod
+    def _hosts(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for item in v:
+            host, _, port = item.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{item!r} is not host:port")
+        return v
+
+
 class RedisSettings(_Model):
     url: str | None = None
+    # true: url names any node of a Redis Cluster; the client discovers the rest.
+    cluster: bool = False
+    # The primary found through Sentinel (and followed through a failover); url then gives
+    # only the database, user and password.
+    sentinel: Sentinel | None = None
     timeout_ms: int = Field(250, gt=0)
     connect_timeout_ms: int = Field(500, gt=0)
     pool_size: int = Field(64, gt=0)
-    # Redis Cluster: publish wake-ups with SPUBLISH (sharded pub/sub, Redis 7+).
-    sharded_pubsub: bool = False
+    # Publish wake-ups with SPUBLISH (sharded pub/sub, Redis 7+); None: on with cluster.
+    sharded_pubsub: bool | None = None
     key_prefix: str = "aai"
+
+    @model_validator(mode="after")
+    def _topology(self) -> RedisSettings:
+        if self.cluster and self.sentinel is not None:
+            raise ValueError("cluster and sentinel are two topologies: set one")
+        return self
+
+    @property
+    def sharded(self) -> bool:
+        return self.cluster if self.sharded_pubsub is None else self.sharded_pubsub
 
     @field_validator("url")
     @classmethod
@@ -309,6 +339,8 @@ class Config(_Model):
     public_url: str | None = None
     # One deployment serves one AssemblyAI account; its name tags every store key.
     account: str = "default"
+    # SIGTERM: requests already admitted may finish within this; then the rest is ended.
+    shutdown_grace_s: float = Field(20.0, gt=0)
 
     @field_validator("public_url")
     @classmethod
