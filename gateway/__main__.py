@@ -10,6 +10,12 @@ A port that cannot be bound (another process holds it, no permission) ends the c
 once with one line on stderr and exit code 2, before anything is logged as listening; so does
 a ``listen.tls`` certificate or key that cannot be served (the line names the key path,
 ``listen.tls.cert_file: ...``). ``check-config`` checks those files too (exit 1).
+
+SIGHUP re-reads the config file (gateway/reload.py; so does ``POST /admin/v1/reload``).
+SIGTERM (or SIGINT) shuts down gracefully: the listener stops accepting, waiting requests
+are handed back (429 with Retry-After), streaming sessions are terminated, requests in
+progress get ``shutdown_grace_s`` to finish, then the process exits 0. A second SIGTERM or
+SIGINT during the grace ends the process at once.
 """
 
 from __future__ import annotations
@@ -26,16 +32,19 @@ import signal
 import socket
 import ssl
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from .app import build_app
+from .app import ADMIN_TOKEN_ENV, RELOAD_PATH, RELOADER, build_app
 from .config import Config, ConfigError, load_config
 from .logs import AccessLogger, setup_logging
+from .reload import masked
 from .tls import SERVED_TLS, ListenSite, TlsError, server_context
 from .vault import ENV as SECRET_ENV
 from .vault import SecretError
@@ -90,8 +99,7 @@ def _urls(socks: list[socket.socket], scheme: str = "http") -> str:
 
 @contextmanager
 def _sighup_ignored() -> Iterator[None]:
-    """SIGHUP (a closed terminal, a reload by habit) must not kill the gateway: ignored until
-    the loop runs, then logged and ignored (there is no reload yet)."""
+    """SIGHUP must not kill the gateway: ignored until the loop runs, then a reload."""
     if not hasattr(signal, "SIGHUP"):
         yield
         return
@@ -102,27 +110,9 @@ def _sighup_ignored() -> Iterator[None]:
         signal.signal(signal.SIGHUP, previous)
 
 
-async def _log_sighup(app: web.Application) -> None:
+async def _reload_on_sighup(app: web.Application) -> None:
     if hasattr(signal, "SIGHUP"):
-        asyncio.get_running_loop().add_signal_handler(
-            signal.SIGHUP,
-            log.warning,
-            "SIGHUP received and ignored: the gateway does not reload its config; "
-            "restart it to apply changes",
-        )
-
-
-def masked(url: str) -> str:
-    """A Redis URL fit for a log line: any password (in the userinfo or the query) is ***."""
-    parts = urlsplit(url)
-    if parts.password is not None:
-        host = parts.netloc.rsplit("@", 1)[1]
-        parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
-    if parts.query:
-        pairs = parse_qsl(parts.query, keep_blank_values=True)
-        pairs = [(k, "***" if k.lower() == "password" else v) for k, v in pairs]
-        parts = parts._replace(query=urlencode(pairs, safe="*"))
-    return urlunsplit(parts)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, app[RELOADER].reload_logged, "SIGHUP")
 
 
 def _use_fast_loop() -> str:
@@ -167,17 +157,19 @@ def freeze_startup_heap() -> None:
 def serve(
     config: Config,
     *,
+    load: Callable[[], Config] | None = None,
     announce: str = "",
     companion: web.Application | None = None,
     companion_sock: socket.socket | None = None,
     port_hint: str = "choose another with listen.port in the config (or $AAI_GATEWAY_PORT)",
 ) -> None:
-    """Run the gateway until SIGINT/SIGTERM. ``companion`` (the demo's simulator) runs beside it,
-    on ``companion_sock``. ``TlsError`` if ``listen.tls`` cannot be served, ``ListenError`` if
-    the port is taken (both before anything is logged)."""
+    """Run the gateway until SIGINT/SIGTERM. ``load`` re-reads the config on a reload (the
+    file it came from, the same environment). ``companion`` (the demo's simulator) runs beside
+    it, on ``companion_sock``. ``TlsError`` if ``listen.tls`` cannot be served, ``ListenError``
+    if the port is taken (both before anything is logged)."""
     served_tls = server_context(config.listen.tls) if config.listen.tls is not None else None
     socks = bind(config.listen.host, config.listen.port, port_hint)
-    secrets = [os.environ.get(SECRET_ENV, "")]
+    secrets = [os.environ.get(SECRET_ENV, ""), os.environ.get(ADMIN_TOKEN_ENV, "")]
     if config.redis.url:
         secrets.append(urlsplit(config.redis.url).password or "")
     setup_logging(config.log.level, secrets, fmt=config.log.format)
@@ -185,7 +177,7 @@ def serve(
         log.warning("config: %s", warning)
     loop_name = _use_fast_loop()
     try:
-        app = build_app(config)
+        app = build_app(config, load=load)
     except BaseException:
         for sock in socks:
             sock.close()
@@ -214,18 +206,21 @@ def serve(
     def listening() -> None:
         """Called once every socket is listening."""
         log.info(
-            "aai-gateway listening on %s (store: %s; plan: %s; loop: %s)",
+            "aai-gateway listening on %s (store: %s; plan: %s; loop: %s; config %s)",
             _urls(socks, "https" if served_tls else "http"),
             store,
             config.limits.plan,
             loop_name,
+            app[RELOADER].hash,
         )
+        admin = "on" if os.environ.get(ADMIN_TOKEN_ENV) else f"off (set ${ADMIN_TOKEN_ENV} to open it)"
+        log.info("reload: SIGHUP; POST %s %s", RELOAD_PATH, admin)
         if served_tls is not None:
             log.info("TLS: %s", served_tls.describe())
         if announce:
             print(announce, file=sys.stderr, flush=True)
 
-    app.on_startup.insert(0, _log_sighup)
+    app.on_startup.insert(0, _reload_on_sighup)
     app.on_startup.append(on_start)
     with _sighup_ignored():
         run(
@@ -236,7 +231,7 @@ def serve(
             handler_cancellation=True,  # a client that disconnects cancels its handler (and its wait)
             access_log_class=AccessLogger,
             access_log=logging.getLogger("gateway.access") if config.log.access_log else None,
-            shutdown_timeout=10,
+            shutdown_timeout=config.shutdown_grace_s,  # for requests in progress at SIGTERM
         )
 
 
@@ -249,19 +244,43 @@ def run(
     **runner_args: Any,
 ) -> None:
     """``web.run_app`` on bound sockets, but through ``ListenSite`` (run_app offers no TLS
-    handshake timeout): serve until SIGINT/SIGTERM, then clean up as run_app does."""
+    handshake timeout): serve until SIGINT/SIGTERM, then shut down gracefully.
+
+    run_app raises GracefulExit out of the loop and cleans up inside the cancelled main task;
+    aiohttp then cuts the wait for requests in progress short (a cancelling task re-raises at
+    its timeout) and skips the app's cleanup. Here the signal only sets an event, and the
+    cleanup runs in a task nobody cancelled: stop listening, the app's on_shutdown (drain),
+    wait up to ``shutdown_timeout`` for requests in progress, then its cleanup. The handlers
+    are removed first, so a second signal has its default effect (the process ends)."""
     loop = asyncio.new_event_loop()
+    signals = [signal.SIGINT, signal.SIGTERM]
 
     async def main() -> None:
-        runner = web.AppRunner(app, handle_signals=True, **runner_args)
+        runner = web.AppRunner(app, handle_signals=False, **runner_args)
         await runner.setup()
+        stop = asyncio.Event()
+        got: list[str] = []
+
+        def on_signal(sig: signal.Signals) -> None:
+            got.append(sig.name)
+            stop.set()
+
+        for sig in signals:
+            loop.add_signal_handler(sig, on_signal, sig)
         try:
             for sock in socks:
                 await ListenSite(runner, sock, ssl_context=tls).start()
             on_listening()
-            await asyncio.Event().wait()  # SIGINT/SIGTERM raise GracefulExit out of the loop
+            await stop.wait()
         finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+            if got:
+                log.info("%s received: shutting down gracefully", got[0])
+            started = time.monotonic()
             await runner.cleanup()
+            if got:
+                log.info("shut down in %.1fs", time.monotonic() - started)
 
     task = loop.create_task(main())
     try:
@@ -290,7 +309,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print(f"aai-gateway: invalid config\n{exc}", file=sys.stderr)
         return 2
     try:
-        serve(config)
+        serve(config, load=partial(load_config, path))
     except (SecretError, ListenError, TlsError) as exc:
         print(f"aai-gateway: {exc}", file=sys.stderr)
         return 2
@@ -387,6 +406,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     try:
         serve(
             config,
+            load=partial(load_config, args.config, environ=environ),
             companion=build_sim_app(Sim(SimConfig(job_seconds=3.0))),
             companion_sock=sim_sock,
             port_hint="choose another with --port",
@@ -415,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("serve", help="run the gateway", description="Run the gateway until SIGINT/SIGTERM "
-                       "(SIGHUP is logged and ignored).")  # fmt: skip
+                       "(graceful, within shutdown_grace_s); SIGHUP reloads the config.")  # fmt: skip
     p.add_argument(
         "--config",
         metavar="PATH",

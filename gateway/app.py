@@ -5,7 +5,8 @@ One listener serves:
     /v2/*       -> upstream.api_url        (REST: transcripts, uploads)
     /v1/*       -> upstream.llm_url        (LLM Gateway)
     /v3/token   -> the streaming host over https;  /v3/ws -> 501 until the streaming relay
-    /metrics    Prometheus text;  /healthz  alive;  /readyz  store reachable, config loaded
+    /metrics    Prometheus text;  /healthz  alive;  /readyz  store reachable, config hash
+    POST /admin/v1/reload   re-read the config (bearer token: $AAI_GATEWAY_ADMIN_TOKEN)
 
 Every error a client sees is rendered here, in one middleware, as ``{"error": "..."}``.
 """
@@ -14,7 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 from http import HTTPStatus
@@ -32,13 +36,14 @@ from yarl import URL
 from .admission.engine import AdmissionEngine
 from .admission.health import supervise
 from .admission.keys import Keys
+from .admission.limits import OrderError
 from .admission.memory import MemoryStore
 from .admission.pipelined import PipelinedRedis
 from .admission.redis_store import RedisStore, make_client
 from .admission.store import Store
 from .clock import Clock, SystemClock
 from .config import Config
-from .errors import GatewayError, NotFound, StoreUnavailable
+from .errors import BadRequest, Forbidden, GatewayError, NotFound, StoreUnavailable, Unauthorized
 from .ledger import Ledger, RedisLedger, SqliteLedger
 from .logs import ACCESS, REQUEST_ID, access_fields, note_access, request_id
 from .metrics import Metrics
@@ -54,6 +59,8 @@ from .products.transcripts.webhooks import RECEIVER_PATH
 from .proxy.body import BODY_LIMITS, BodyLimits
 from .proxy.forward import Upstream
 from .proxy.handler import GROUP, ClientGone, ProxyHandler
+from .reload import Reloaded, Reloader, ReloadError, apply_logging, log_reloaded, retune_waiters
+from .tls import SERVED_TLS, TlsError, reload_tls
 from .vault import load_vault
 
 log = logging.getLogger("gateway")
@@ -64,6 +71,11 @@ METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
 STORE: web.AppKey[Store] = web.AppKey("store", object)  # type: ignore[arg-type]
 TRANSCRIPTS: web.AppKey[Transcripts] = web.AppKey("transcripts", Transcripts)
 LEDGER: web.AppKey[Ledger] = web.AppKey("ledger", object)  # type: ignore[arg-type]
+RELOADER: web.AppKey[Reloader] = web.AppKey("reloader", Reloader)
+HANDLER: web.AppKey[ProxyHandler] = web.AppKey("handler", ProxyHandler)
+
+ADMIN_TOKEN_ENV = "AAI_GATEWAY_ADMIN_TOKEN"
+RELOAD_PATH = "/admin/v1/reload"
 
 SAMPLE_EVERY_S = 5.0
 
@@ -262,9 +274,7 @@ def make_store(config: Config, clock: Clock, on_call: Callable[[str], None] | No
         timeout_ms=config.redis.timeout_ms,
         connect_timeout_ms=config.redis.connect_timeout_ms,
     )
-    return RedisStore(
-        client, keys, sharded_pubsub=config.redis.sharded, pipelined=pipelined, on_call=on_call
-    )
+    return RedisStore(client, keys, sharded_pubsub=config.redis.sharded, pipelined=pipelined, on_call=on_call)
 
 
 def build_app(
@@ -273,7 +283,13 @@ def build_app(
     store: Store | None = None,
     clock: Clock | None = None,
     registry: CollectorRegistry | None = None,
+    load: Callable[[], Config] | None = None,
+    admin_token: str | None = None,
 ) -> web.Application:
+    """``load`` re-reads the config for a reload (serve: the file it started with, the same
+    environment overrides; default: ``config`` again). ``admin_token`` (default: the
+    environment's $AAI_GATEWAY_ADMIN_TOKEN) opens ``POST /admin/v1/reload``; without one that
+    path answers 404 like any path the gateway does not serve."""
     clock = clock or SystemClock()
     registry = registry if registry is not None else CollectorRegistry()
     metrics = Metrics(registry)
@@ -314,6 +330,7 @@ def build_app(
     app[METRICS] = metrics
     app[STORE] = store
     app[TRANSCRIPTS] = transcripts
+    app[HANDLER] = handler
     ledger, tokens = make_ledger(config, store)
     app[LEDGER] = ledger
     metrics.store_info.labels(store.kind).set(1)
@@ -329,6 +346,8 @@ def build_app(
         sampler.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await sampler
+        for task in ending:
+            await _bounded("streaming sessions", task, config.streaming.terminate_wait_s + 3)
         # Each step is bounded: a connection stuck in a dead peer must not hold up shutdown.
         await _bounded("transcripts", transcripts.close())
         await _bounded("engine", engine.close())
@@ -346,10 +365,90 @@ def build_app(
         ledger=ledger, tokens=tokens, metrics=metrics, clock=clock,
     )  # fmt: skip
 
-    async def end_sessions(app: web.Application) -> None:
-        await sessions.shutdown()  # a graceful shutdown terminates every session cleanly
+    ending: list[asyncio.Task[None]] = []
 
-    app.on_shutdown.append(end_sessions)
+    async def drain(app: web.Application) -> None:
+        """SIGTERM, once the listener stopped accepting (aiohttp's on_shutdown; then it waits
+        up to shutdown_grace_s for the requests in progress, then cleans up): admitted
+        requests go on; waiting ones are handed back (429 + Retry-After, errors.ShuttingDown)
+        and new ones wait no more; queued transcripts stay queued in the store for the other
+        instances; every streaming session is terminated upstream and closed with 1013."""
+        handler.draining = True
+        metrics.draining.set(1)
+        log.info("shutting down: waiting requests handed back, streaming sessions terminated")
+        transcripts.drain()
+        ending.append(asyncio.create_task(sessions.shutdown()))  # awaited by the cleanup below
+        await engine.close()  # every waiter here is refused: the handler answers 429
+
+    app.on_shutdown.append(drain)
+
+    def apply(new: Config) -> list[str]:
+        """A reload (gateway/reload.py): refuse (ReloadError) before changing anything, then
+        apply in one step. Restart-only keys were refused already."""
+        claim_lease_s = 2 * new.transcripts.claim_s
+        try:
+            Catalog(
+                new.limits, claim_lease_s=claim_lease_s, max_open_sessions=new.streaming.max_open_sessions
+            )
+        except OrderError as exc:
+            raise ReloadError(f"limits: {exc}") from None
+        notes = []
+        served = app.get(SERVED_TLS)
+        if served is not None and new.listen.tls is not None:
+            try:  # checks the files first: on an error nothing is changed
+                notes.append("TLS: " + reload_tls(served, new.listen.tls))
+            except TlsError as exc:
+                raise ReloadError(str(exc)) from None
+        catalog.reload(new.limits, max_open_sessions=new.streaming.max_open_sessions)
+        handler.use_config(new)
+        sessions.use_config(new)
+        transcripts.use_config(new)
+        moved = retune_waiters(engine, catalog.current)
+        if moved:
+            notes.append(f"{moved} waiting requests moved onto the new limits")
+        metrics.tokens_capacity.children.clear()
+        for limit in catalog.fixed_limits():
+            metrics.tokens_capacity.labels(limit.metric_label).set(limit.capacity)
+        apply_logging(new.log.level, new.log.format)
+        return notes
+
+    def count(outcome: str) -> None:
+        metrics.config_reloads.labels(outcome).inc()
+
+    reloader = Reloader(config, load or (lambda: config), apply, count=count)
+    app[RELOADER] = reloader
+    metrics.running_config(reloader.hash)
+
+    def reloaded(done: Reloaded) -> None:
+        metrics.running_config(done.hash)
+
+    reloader.on_change.append(reloaded)
+    token = os.environ.get(ADMIN_TOKEN_ENV, "") if admin_token is None else admin_token
+    admin_digest = hashlib.sha256(token.encode()).digest() if token else None
+
+    async def admin_reload(request: web.Request) -> web.Response:
+        """POST /admin/v1/reload: ``Authorization: Bearer <token>``, compared in constant
+        time (digests of equal length, so not even the length leaks)."""
+        if admin_digest is None:
+            raise NotFound()
+        scheme, _, given = request.headers.get(hdrs.AUTHORIZATION, "").partition(" ")
+        if scheme.lower() != "bearer" or not given.strip():
+            raise Unauthorized(
+                f"Admin token missing: send Authorization: Bearer <${ADMIN_TOKEN_ENV}>",
+                headers={"WWW-Authenticate": 'Bearer realm="aai-gateway admin"'},
+            )
+        if not hmac.compare_digest(hashlib.sha256(given.strip().encode()).digest(), admin_digest):
+            raise Forbidden("Admin token invalid")
+        try:
+            done = reloader.reload()
+        except ReloadError as exc:
+            log.error("config reload (admin) refused; still running config %s: %s", reloader.hash, exc)
+            raise BadRequest(f"{exc} (still running config {reloader.hash})") from None
+        log_reloaded(done, "admin")
+        return web.json_response(
+            {"status": "reloaded", "config_hash": done.hash, "previous_hash": done.previous,
+             "changed": list(done.changed), "notes": list(done.notes)}
+        )  # fmt: skip
 
     async def metrics_view(request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -359,10 +458,13 @@ def build_app(
 
     async def readyz(request: web.Request) -> web.Response:
         detail: dict[str, object] = {"store": store.kind, "instance": engine.instance, "config": "loaded"}
+        detail["config_hash"] = reloader.hash
         if store.kind == "memory":
             detail["note"] = "embedded store: limits hold for this ONE instance only"
         if transcripts.dispatcher.paused:
             detail["dispatch"] = f"paused: {transcripts.dispatcher.pause_reason}"
+        if handler.draining:  # load balancers: send nothing more here
+            return web.json_response({"error": "shutting down", **detail}, status=503)
         try:
             await store.ping()
         except StoreUnavailable as exc:
@@ -386,6 +488,7 @@ def build_app(
     add_get("/metrics", metrics_view)
     add_get("/healthz", healthz)
     add_get("/readyz", readyz)
+    add_post(RELOAD_PATH, admin_reload)
 
     def job_route(serve: Callable[..., Awaitable[web.StreamResponse | None]]) -> Any:
         async def call(request: web.Request) -> web.StreamResponse | None:

@@ -16,7 +16,8 @@ admission/redis_store.py, the upstream HTTP client in proxy/forward.py.
     ├── UnsupportedMediaType (415)  a body the gateway must read, in a Content-Encoding it cannot read
     ├── RateLimited (429)           waited max_wait, or max_depth waiters ahead; has Retry-After
     │   ├── WaitTimeout
-    │   └── QueueFull
+    │   ├── QueueFull
+    │   └── ShuttingDown            this instance is draining (SIGTERM): try again, elsewhere
     ├── NotImplementedYet (501)     routes that later work will serve
     ├── BadGateway (502)            could not connect to upstream
     ├── StoreUnavailable (503)      Redis unreachable or erroring; the request was charged nothing
@@ -98,6 +99,20 @@ class WaitTimeout(RateLimited):
 
 class QueueFull(RateLimited):
     """``queue.max_depth`` waiters were already ahead on the limit."""
+
+
+class ShuttingDown(RateLimited):
+    """This instance received SIGTERM: a request still waiting for admission (or one that
+    would have to wait) is handed back, charged nothing, to be retried on another instance."""
+
+    def __init__(self, retry_after_s: float = 1.0) -> None:
+        super().__init__(
+            "Too Many Requests: this gateway instance is shutting down; nothing was charged, "
+            "try again (another instance will serve it)",
+            limit="",
+            retry_after_s=retry_after_s,
+            headers={"Retry-After": str(max(1, round(retry_after_s)))},
+        )
 
 
 class NotImplementedYet(GatewayError):

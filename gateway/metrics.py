@@ -276,7 +276,22 @@ class Metrics:
             "Lost leases of running work restored beyond the limit's capacity (the account runs over).",
             ["limit"],
         )
+        # Hot reload (gateway/reload.py) and graceful shutdown.
+        self.config_info = self._make(
+            "gauge", p + "config_info", "1, labelled with the hash of the config running.", ["hash"]
+        )
+        self.config_reloads = self._make(
+            "counter", p + "config_reloads_total", "Config reloads, by outcome.", ["outcome"]
+        )
+        self.draining = self._make(
+            "gauge", p + "draining", "1 once this instance received SIGTERM and is shutting down."
+        )
         registry.register(self)
+
+    def running_config(self, config_hash: str) -> None:
+        """aai_gateway_config_info{hash=...} 1, for the one config running (one label set)."""
+        self.config_info.children.clear()
+        self.config_info.labels(config_hash).set(1)
 
     def _make(self, kind: str, name: str, doc: str, labelnames: Sequence[str] = (), *,
               buckets: tuple[float, ...] = ()) -> LoopMetric:  # fmt: skip

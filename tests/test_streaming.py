@@ -199,14 +199,33 @@ async def test_past_the_max_wait_the_client_gets_3009_naming_the_gateways_limit(
 
 
 async def test_a_graceful_shutdown_terminates_open_sessions() -> None:
+    """The open session is terminated upstream, its Termination relayed, and the client closed
+    with 1013 (try again later: the SDKs know it); a session still waiting for admission gets
+    an Error and 1013 too, and never reaches upstream."""
+    window = {"limit": 1, "window_s": 60.0}
     async with running_sim() as (sim, sim_url), aiohttp.ClientSession() as http:
-        async with running_gateway(gateway_config(sim_url)) as (url, _, _):
-            ws = await http.ws_connect(url.replace("http", "ws") + "/v3/ws?sample_rate=16000", headers=KEY)
+        config = gateway_config(sim_url, limits={"streaming_sessions": window})
+        async with running_gateway(config) as (url, _, _):
+            ws_url = url.replace("http", "ws") + "/v3/ws?sample_rate=16000"
+            ws = await http.ws_connect(ws_url, headers=KEY)
             await ws.receive()
             await talk(ws, 0.2)
+            waiting = await http.ws_connect(ws_url, headers=KEY)
+            await talk(waiting, 0.1)
+            reading = [asyncio.create_task(texts(w)) for w in (ws, waiting)]  # as clients do
         # The gateway is gone: it terminated the session upstream before it went.
         assert sim.streaming.report()["terminated"] == 1 and sim.streaming.report()["left_open"] == 0
-        await ws.close()
+        assert sim.streaming.report()["sessions"] == 1
+        got, told = [await r for r in reading]
+        assert [m["type"] for m in got if m["type"] != "Turn"][-2:] == ["Warning", "Termination"]
+        assert ws.close_code == 1013
+        assert told[-1]["type"] == "Error" and told[-1]["error_code"] == 1013, told
+        assert "shutting down" in told[-1]["error"] and waiting.close_code == 1013
+
+
+async def texts(ws: aiohttp.ClientWebSocketResponse) -> list[dict[str, Any]]:
+    """Every JSON message of a session, read to its close."""
+    return [json.loads(m.data) async for m in ws if m.type == aiohttp.WSMsgType.TEXT]
 
 
 SDK_SCRIPT = textwrap.dedent(

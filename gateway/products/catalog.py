@@ -1,4 +1,9 @@
-"""The account's limits, built once from the config: what each kind of request must take.
+"""The account's limits, built from the config: what each kind of request must take.
+
+A reload (gateway/reload.py) rebuilds them in place (``Catalog.reload``): every component
+holds this one catalog and reads its limits per request, so new admissions take the new
+capacities at once. A limit's name is its store key, so a limit whose capacity or window
+changes keeps its leases and its queue.
 
 Names are store-key parts; labels are bounded metric labels. Per-model limits are made on
 demand (any model a client names gets its own bucket, which expires when nobody uses it);
@@ -59,6 +64,28 @@ class Catalog:
     ) -> None:
         """``claim_lease_s``: how long a transcript's concurrency lease lasts until its
         upstream id is recorded (then it is renewed for the job's run)."""
+        self._claim_lease_s = claim_lease_s
+        self._build(cfg, max_open_sessions)
+
+    def reload(self, cfg: Limits, *, max_open_sessions: int | None = None) -> None:
+        """Take new limits, in place (no await: a request sees the old set or the new one,
+        never a mix). ``OrderError`` (and nothing changed) if the new set is inconsistent."""
+        fresh = Catalog(cfg, claim_lease_s=self._claim_lease_s, max_open_sessions=max_open_sessions)
+        self.__dict__.update(fresh.__dict__)
+
+    def current(self, limit: Limit) -> Limit:
+        """This catalog's limit of the same name (its store keys), or ``limit`` itself when the
+        catalog has none by that name any more (a waiter keeps waiting under it)."""
+        for mine in (self.requests, self.understanding, self.streaming_sessions, self.async_jobs,
+                     self.open_sessions):  # fmt: skip
+            if mine is not None and mine.name == limit.name:
+                return mine
+        if limit.name.startswith("llm:"):
+            return self.model(limit.name[len("llm:") :])
+        return limit
+
+    def _build(self, cfg: Limits, max_open_sessions: int | None) -> None:
+        claim_lease_s = self._claim_lease_s
         self._cfg = cfg
         guard = cfg.guard_ms
         req = cfg.requests

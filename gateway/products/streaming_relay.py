@@ -45,7 +45,7 @@ from yarl import URL
 from ..admission.engine import AdmissionEngine, Grant, format_seconds
 from ..clock import Clock
 from ..config import Config
-from ..errors import GatewayError, RateLimited, StoreUnavailable, Unauthorized
+from ..errors import GatewayError, RateLimited, ShuttingDown, StoreUnavailable, Unauthorized
 from ..ledger import Ledger
 from ..metrics import Metrics
 from ..proxy.forward import guard_s, request_headers
@@ -59,6 +59,12 @@ log = logging.getLogger(__name__)
 
 PASS_HEADERS = (hdrs.AUTHORIZATION, "AssemblyAI-Version")
 TOO_MANY = 3009
+# A graceful shutdown (SIGTERM) ends every session with this code: "try again later" (RFC 6455
+# registry), which the Python SDK names ("Temporary server condition...") and the npm SDK
+# retries when it comes before Begin; unlike 1000 it tells the app that it did not end the
+# session itself, so it reconnects (to another instance) to go on.
+SHUTTING_DOWN = 1013
+SHUTDOWN_REASON = "aai-gateway: this gateway instance is shutting down; connect again"
 TERMINATE = b'{"type": "Terminate"}'
 FINAL_CONT_MASKED = ws_wire.frame(ws_wire.CONT, b"", mask=True)  # ends a fragmented message
 FINAL_CONT = ws_wire.frame(ws_wire.CONT, b"", mask=False)
@@ -116,6 +122,12 @@ class StreamingRelay:
         self._frames_message = metrics.child(metrics.session_frames, "message")
         self._frames_termination = metrics.child(metrics.session_frames, "termination")
 
+    def use_config(self, cfg: Config) -> None:
+        """A reloaded config (gateway/reload.py): queue and streaming settings apply to sessions
+        from now on (``streaming.max_buffered_bytes`` only at a restart: the budget is shared)."""
+        self._cfg = cfg
+        self._s = cfg.streaming
+
     async def token(self, request: web.Request) -> web.StreamResponse:
         """``GET /v3/token``, forwarded; the token it issues is noted (streaming_tokens.py)."""
         if hdrs.AUTHORIZATION not in request.headers:
@@ -164,6 +176,8 @@ class StreamingRelay:
         if hdrs.AUTHORIZATION not in request.headers and "token" not in request.query:
             return web.json_response({"error": "Authentication error, API token missing/invalid"}, status=401)
         request[GROUP] = "streaming"
+        if self._handler.draining:  # before the upgrade: a 429 with Retry-After, like HTTP
+            raise ShuttingDown()
         key = request.headers.get("Sec-WebSocket-Key", "")
         upgrade = "upgrade" in request.headers.get(hdrs.CONNECTION, "").lower()
         if request.headers.get(hdrs.UPGRADE, "").lower() != "websocket" or not key or not upgrade:
@@ -408,6 +422,10 @@ class _Session:
                 self._send_error(TOO_MANY, f"aai-gateway: waited {waited}s for the '{exc.limit}' limit")
                 return
             except (StoreUnavailable, GatewayError) as exc:
+                if relay._handler.draining:  # the engine handed its waiters back
+                    self.end_reason = "shutdown"
+                    self._send_error(SHUTTING_DOWN, SHUTDOWN_REASON)
+                    return
                 self.end_reason = "error"
                 self._send_error(1011, f"aai-gateway: {exc.message}")
                 return
@@ -745,6 +763,8 @@ class _Session:
             )
             if code not in (WSCloseCode.OK, 1005) and self.end_reason == "client":
                 self.end_reason = "upstream_error"
+            if self.end_reason == "shutdown" and code in (WSCloseCode.OK, 1005):
+                code, reason = SHUTTING_DOWN, SHUTDOWN_REASON  # upstream ended it because the gateway asked
             self._close_client(code if code != 1005 else WSCloseCode.OK, reason)
             await self._end_lease()
 
@@ -831,13 +851,17 @@ class _Session:
         self.stopping = True
         if self.end_reason == "client":
             self.end_reason = reason
-        if why:
+        if reason == "shutdown":
+            why = SHUTDOWN_REASON
+        if self.state == WAITING and reason == "shutdown":
+            self._send_error(SHUTTING_DOWN, why)  # handed back, like an HTTP waiter: charged nothing
+        elif why:
             self._tell({"type": "Warning", "warning": why})
         if self.state == WAITING:
             self.left.set()
         elif self.upstream is not None and not self.upstream.closed:
             await self._terminate_upstream()
-        self._close_client(WSCloseCode.GOING_AWAY if reason == "shutdown" else WSCloseCode.OK, why or reason)
+        self._close_client(SHUTTING_DOWN if reason == "shutdown" else WSCloseCode.OK, why or reason)
 
     async def _terminate_upstream(self) -> None:
         """Send Terminate (once), wait briefly for Termination (relayed to the client while

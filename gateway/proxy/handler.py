@@ -25,7 +25,7 @@ from yarl import URL
 from ..admission.engine import AdmissionEngine, Grant
 from ..clock import Clock
 from ..config import Config
-from ..errors import RateLimited, Unauthorized
+from ..errors import RateLimited, ShuttingDown, StoreUnavailable, Unauthorized
 from ..logs import note_access
 from ..metrics import Metrics
 from ..products.catalog import Catalog
@@ -110,11 +110,19 @@ class ProxyHandler:
         names the key's owner (jobs, sessions, the ledger, queue shares, pools)."""
         self._identify = identify
         self._cfg = cfg
+        # SIGTERM: admissions no longer wait (a request admitted at once still goes), and a
+        # waiter the engine hands back is answered 429 with Retry-After (errors.ShuttingDown).
+        self.draining = False
         self._catalog = catalog
         self._engine = engine
         self._upstream = upstream
         self._metrics = metrics
         self._clock = clock
+
+    def use_config(self, cfg: Config) -> None:
+        """A reloaded config (gateway/reload.py): queue and proxy settings apply from the next
+        request on."""
+        self._cfg = cfg
 
     def route(
         self, planner: Planner, *, public: frozenset[tuple[str, str]] = frozenset()
@@ -208,7 +216,7 @@ class ProxyHandler:
     ) -> tuple[Response, Grant | None]:
         """One admitted upstream exchange, retrying an upstream 429 within the max wait when
         the body can be sent again. Returns the response unread (the caller releases it)."""
-        deadline = self._clock.now() + plan.max_wait_s
+        deadline = self._clock.now() + (0.0 if self.draining else plan.max_wait_s)
         retries = 0
         url = URL(plan.base_url + path, encoded=True)
         key = headers.get(hdrs.AUTHORIZATION, "")
@@ -293,8 +301,14 @@ class ProxyHandler:
                 max_owner_depth=self._cfg.queue.depth_per_key if owner else None,
             )
         except RateLimited as exc:
+            if self.draining:
+                raise ShuttingDown() from None
             limit = next(limit for limit in plan.limits if limit.name == exc.limit)
             exc.headers.update(refused_headers(limit, exc.retry_after_s))
+            raise
+        except StoreUnavailable:
+            if self.draining:  # the engine closed: its waiters are handed back
+                raise ShuttingDown() from None
             raise
 
     def _give_back(self, conn: Connection | None) -> None:

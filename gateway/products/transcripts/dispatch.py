@@ -106,6 +106,7 @@ class Dispatcher:
         self._on_end = on_end
         self._metrics = metrics
         self._waiting: dict[str, asyncio.Task[None]] = {}
+        self._sending: set[str] = set()  # jobs of _waiting past their admission (claiming, POSTing)
         self._loop_task: asyncio.Task[None] | None = None
         self._kick = asyncio.Event()
         self.paused_until = 0.0  # wall seconds; upstream reported a negative balance
@@ -125,6 +126,16 @@ class Dispatcher:
         if self._engine.store.kind == "memory":
             await self._restore_leases()
         self._loop_task = supervise("transcript-dispatcher", self._run)
+
+    def drain(self) -> None:
+        """SIGTERM: take no new job, wait for none; a job already admitted finishes its POST
+        (within the shutdown grace; ``close`` ends the rest). Queued jobs stay queued in the
+        store, in their place, for the dispatchers of the other instances."""
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+        for job_id, task in list(self._waiting.items()):
+            if job_id not in self._sending:
+                task.cancel()
 
     async def close(self) -> None:
         tasks = [t for t in (self._loop_task, *self._waiting.values()) if t is not None]
@@ -194,6 +205,7 @@ class Dispatcher:
                 )
                 return
             grant = await self._admit(job, max_wait_s=self._t.max_queue_age_s - age_s)
+            self._sending.add(job_id)
             await self._claim_and_submit(job_id, grant, time.perf_counter())
         except WaitTimeout:
             self._kick.set()
@@ -201,6 +213,7 @@ class Dispatcher:
             log.debug("dispatcher stopped waiting for %s: %s", job_id, exc)
         finally:
             self._waiting.pop(job_id, None)
+            self._sending.discard(job_id)
 
     async def _admit(self, job: Job, *, max_wait_s: float) -> Grant:
         return await self._engine.admit(

@@ -86,6 +86,15 @@ class Transcripts:
             forgotten=self.forgotten, wall=wall,
         )  # fmt: skip
 
+    def use_config(self, cfg: Config) -> None:
+        """A reloaded config (gateway/reload.py): queue and proxy settings apply to requests
+        from now on; ``transcripts.*``, ``upstream.*`` and ``public_url`` need a restart."""
+        self._cfg = cfg
+
+    def drain(self) -> None:
+        """SIGTERM: dispatch nothing new (gateway/products/transcripts/dispatch.py)."""
+        self.dispatcher.drain()
+
     async def start(self) -> None:
         await self.relay.start()
         await self.dispatcher.start()
