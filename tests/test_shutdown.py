@@ -225,3 +225,55 @@ async def test_a_rolling_restart_under_load_loses_nothing_and_charges_nothing_tw
     print(f"\nrolling restart: {dict(load.statuses)} answers ({load.handed_back} handed back), "
           f"{len(load.accepted)} jobs, sessions {load.sessions}, "
           f"exits in {', '.join(f'{t:.1f}s' for t in took)}")  # fmt: skip
+
+
+async def test_sigterm_lets_an_admitted_request_finish_and_hands_a_waiter_back_at_once() -> None:
+    """One instance, two requests a window: a transcript whose upstream POST takes 1.5 s is in
+    progress and an upload holds the other token, so a second upload waits. SIGTERM: the
+    waiter gets 429 + Retry-After at once, the POST in progress its 200 within the grace,
+    /readyz says 503 meanwhile, and the process exits 0."""
+    prefix = "roll" + uuid.uuid4().hex[:8]
+    sim = start_sim_process(SimConfig())
+    raw: dict[str, Any] = {
+        "upstream": {"api_url": sim.url, "llm_url": sim.url, "streaming_url": "ws" + sim.url[4:]},
+        "redis": {"url": REDIS_URL, "key_prefix": prefix},
+        "limits": {"requests": {"limit": 2, "window_s": 30}},
+        "queue": {"max_wait_s": 10},
+        "shutdown_grace_s": GRACE_S,
+        "log": {"level": "info", "access_log": False},
+    }
+    gw = start_gateway_process(raw)
+    try:
+        await sim.ready("/_sim/report")
+        await gw.ready("/readyz")
+        async with aiohttp.ClientSession() as http:
+
+            async def call(method: str, path: str, **kw: Any) -> tuple[int, dict[str, str], Any, float]:
+                async with http.request(method, gw.url + path, headers=KEY, **kw) as r:
+                    return r.status, dict(r.headers), await r.json(content_type=None), time.monotonic()
+
+            job = {"audio_url": "https://example.com/slow.mp3?sim_post_seconds=1.5"}
+            slow = asyncio.create_task(call("POST", "/v2/transcript", json=job))
+            await asyncio.sleep(0.3)
+            assert (await call("POST", "/v2/upload", data=b"a"))[0] == 200  # the window's other token
+            waiter = asyncio.create_task(call("POST", "/v2/upload", data=b"b"))
+            await asyncio.sleep(0.3)
+            assert not waiter.done() and not slow.done()
+            sent = time.monotonic()
+            gw.proc.send_signal(signal.SIGTERM)
+            status, headers, body, at = await waiter
+            assert status == 429 and headers["Retry-After"] == "1" and "shutting down" in body["error"]
+            assert at - sent < 1.0  # handed back at once, not after the request in progress
+            try:
+                status, _, body, at = await slow
+            except Exception:
+                print(gw.output())
+                raise
+            assert status == 200 and body["status"] in ("queued", "processing"), body
+            rc = await asyncio.to_thread(gw.proc.wait, GRACE_S + MARGIN_S)
+            assert rc == 0 and time.monotonic() - sent < GRACE_S + MARGIN_S
+        assert "shut down in" in gw.output()
+    finally:
+        gw.kill()
+        sim.kill()
+        await delete_prefix(prefix)
