@@ -26,9 +26,10 @@ from typing import Any
 import aiohttp
 import pytest
 
+from gateway.app import HANDLER
 from gateway.sim.app import SimConfig
 from tests.conftest import REDIS_URL
-from tests.helpers import Process, delete_prefix, start_gateway_process, start_sim_process
+from tests.helpers import Process, delete_prefix, stack, start_gateway_process, start_sim_process
 
 pytestmark = pytest.mark.slow
 
@@ -230,8 +231,8 @@ async def test_a_rolling_restart_under_load_loses_nothing_and_charges_nothing_tw
 async def test_sigterm_lets_an_admitted_request_finish_and_hands_a_waiter_back_at_once() -> None:
     """One instance, two requests a window: a transcript whose upstream POST takes 1.5 s is in
     progress and an upload holds the other token, so a second upload waits. SIGTERM: the
-    waiter gets 429 + Retry-After at once, the POST in progress its 200 within the grace,
-    /readyz says 503 meanwhile, and the process exits 0."""
+    waiter gets 429 + Retry-After at once, the POST in progress its 200 within the grace, and
+    the process exits 0."""
     prefix = "roll" + uuid.uuid4().hex[:8]
     sim = start_sim_process(SimConfig())
     raw: dict[str, Any] = {
@@ -277,3 +278,22 @@ async def test_sigterm_lets_an_admitted_request_finish_and_hands_a_waiter_back_a
         gw.kill()
         sim.kill()
         await delete_prefix(prefix)
+
+
+async def test_while_draining_readyz_fails_and_a_request_that_would_wait_is_handed_back() -> None:
+    """What a kept-alive connection sees during the grace (new connections are refused)."""
+    async with (
+        stack(limits={"requests": {"limit": 1, "window_s": 30}}) as gw,
+        aiohttp.ClientSession() as http,
+    ):
+        async with http.post(gw.url + "/v2/upload", data=b"a", headers=KEY) as r:
+            assert r.status == 200  # the window's one token
+        gw.app[HANDLER].draining = True
+        async with http.get(gw.url + "/readyz") as r:
+            body = await r.json()
+            assert r.status == 503 and body["error"] == "shutting down" and len(body["config_hash"]) == 12
+        started = time.monotonic()
+        async with http.post(gw.url + "/v2/upload", data=b"b", headers=KEY) as r:
+            body = await r.json()
+            assert r.status == 429 and r.headers["Retry-After"] == "1" and "shutting down" in body["error"]
+        assert time.monotonic() - started < 1.0  # not after queue.max_wait_s
