@@ -106,7 +106,7 @@ class Waiter:
         self.seq = 0
         self.score = 0
         self.queue: str | None = None  # the limit it waits on, locally
-        self.future: asyncio.Future[AcquireResult] | None = None
+        self.future: asyncio.Future[AcquireResult | None] | None = None  # None: its wait is over
         self.lock: asyncio.Lock | None = None  # made once the waiter is queued (see _attempt)
         self.rerun = False  # a wake-up arrived while its first acquire was in flight
         self.touched = now  # when its deadline was last pushed back (acquire or refresh)
@@ -238,16 +238,20 @@ class Waking:
             w.future.cancel()
 
     async def _wait(self, w: Waiter, seconds: float) -> AcquireResult | None:
-        loop = asyncio.get_running_loop()
-        w.future = loop.create_future()
+        """The waiter's result when its turn comes, or None after ``seconds``."""
+        future: asyncio.Future[AcquireResult | None] = asyncio.get_running_loop().create_future()
+        w.future = future
         sleeper = asyncio.ensure_future(self._clock.sleep(seconds))
+
+        def over(_: asyncio.Future[None]) -> None:
+            if not future.done():
+                future.set_result(None)
+
+        sleeper.add_done_callback(over)
         try:
-            await asyncio.wait((w.future, sleeper), return_when=asyncio.FIRST_COMPLETED)
+            return await future  # raises what close() set
         finally:
             sleeper.cancel()
-        if w.future.done() and not w.future.cancelled():
-            return w.future.result()  # raises what close() set
-        return None
 
     def _deliver(self, w: Waiter, result: AcquireResult) -> None:
         self._unqueue(w)
