@@ -15,6 +15,10 @@ acquire(request)
     it would start waiting while ``owner_depth`` tickets of its ``owner`` already wait,
     account-wide (SHARE_FULL, nothing kept; a ticket already waiting keeps its place), or
     refuse because the ticket was aborted (ABORTED, nothing written). Idempotent per ticket.
+    ADMITTED and BLOCKED say when, in the store's clock, they were decided (``now_ms``: the
+    hint counts from it, however late the reply is read); an admission from a queue says how
+    far the capacity still free reaches in it (``owed``), so the instance retries its own
+    waiters up to there at once.
     A waiting ticket with an owner counts in its owner's share until it is admitted, refused,
     released, or its deadline lapses (its instance died): no counter that could leak.
 release(ticket, limits, tombstone=...)
