@@ -52,6 +52,7 @@ from .vault import SecretError
 log = logging.getLogger("gateway")
 
 DEFAULT_SIM_PORT = 8099
+CUT_WAIT_S = 1.0
 
 
 class ListenError(Exception):
@@ -231,7 +232,9 @@ def serve(
             handler_cancellation=True,  # a client that disconnects cancels its handler (and its wait)
             access_log_class=AccessLogger,
             access_log=logging.getLogger("gateway.access") if config.log.access_log else None,
-            shutdown_timeout=config.shutdown_grace_s,  # for requests in progress at SIGTERM
+            # The grace is waited in app.py's drain; this is how long aiohttp then gives the
+            # requests still in progress (twice: before and after cancelling them).
+            shutdown_timeout=CUT_WAIT_S,
         )
 
 

@@ -129,9 +129,36 @@ def errors_middleware(metrics: Metrics) -> Callable[..., Awaitable[web.StreamRes
     return middleware
 
 
-def access_middleware(fingerprint: Callable[[str], str]) -> Callable[..., Awaitable[web.StreamResponse]]:
+class InFlight:
+    """Requests in progress (streaming sessions included), so a graceful shutdown can wait
+    for them itself, within its grace, before aiohttp cancels what is left."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle: asyncio.Event | None = None  # made when someone waits
+
+    def done(self) -> None:
+        self.count -= 1
+        if self.count == 0 and self._idle is not None:
+            self._idle.set()
+
+    async def settle(self, within_s: float) -> bool:
+        """Wait until no request is in progress, at most ``within_s``; whether none is."""
+        if self.count == 0:
+            return True
+        self._idle = asyncio.Event()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), within_s)
+        return self.count == 0
+
+
+def access_middleware(
+    fingerprint: Callable[[str], str], inflight: InFlight | None = None
+) -> Callable[..., Awaitable[web.StreamResponse]]:
     """Outermost: the request's access dict (gateway/logs.py), with its request id and the
-    fingerprint of its key, before anything else can answer; every product notes into it."""
+    fingerprint of its key, before anything else can answer; every product notes into it.
+    Counts the requests in progress (``inflight``)."""
+    count = inflight or InFlight()
 
     @web.middleware
     async def middleware(
@@ -141,7 +168,11 @@ def access_middleware(fingerprint: Callable[[str], str]) -> Callable[..., Awaita
         key = request.headers.get(hdrs.AUTHORIZATION)
         if key:
             fields["key"] = fingerprint(key)[:16]
-        return await handler(request)
+        count.count += 1
+        try:
+            return await handler(request)
+        finally:
+            count.done()
 
     return middleware
 
@@ -317,8 +348,13 @@ def build_app(
     )  # fmt: skip
 
     json_protocol_errors()
+    inflight = InFlight()
     app = web.Application(
-        middlewares=[access_middleware(vault.fingerprint), target_middleware, errors_middleware(metrics)],
+        middlewares=[
+            access_middleware(vault.fingerprint, inflight),
+            target_middleware,
+            errors_middleware(metrics),
+        ],
         # Bodies pass through as the client sent them: decompressing them here once let a
         # gzip body smuggle requests upstream (proxy/body.py inflates what must be read).
         handler_args={"max_field_size": 16384, "auto_decompress": False},
@@ -368,17 +404,26 @@ def build_app(
     ending: list[asyncio.Task[None]] = []
 
     async def drain(app: web.Application) -> None:
-        """SIGTERM, once the listener stopped accepting (aiohttp's on_shutdown; then it waits
-        up to shutdown_grace_s for the requests in progress, then cleans up): admitted
-        requests go on; waiting ones are handed back (429 + Retry-After, errors.ShuttingDown)
-        and new ones wait no more; queued transcripts stay queued in the store for the other
-        instances; every streaming session is terminated upstream and closed with 1013."""
+        """SIGTERM, once the listener stopped accepting and idle connections were closed
+        (aiohttp's on_shutdown): admitted requests go on; waiting ones are handed back (429 +
+        Retry-After, errors.ShuttingDown) and new ones wait no more; queued transcripts stay
+        queued in the store for the other instances; every streaming session is terminated
+        upstream and closed with 1013. Then up to shutdown_grace_s for the requests in
+        progress to end; aiohttp cancels what is left (the runner's shutdown_timeout)."""
+        started = asyncio.get_running_loop().time()
         handler.draining = True
         metrics.draining.set(1)
         log.info("shutting down: waiting requests handed back, streaming sessions terminated")
         transcripts.drain()
         ending.append(asyncio.create_task(sessions.shutdown()))  # awaited by the cleanup below
         await engine.close()  # every waiter here is refused: the handler answers 429
+        left = config.shutdown_grace_s - (asyncio.get_running_loop().time() - started)
+        if not await inflight.settle(max(0.0, left)):
+            log.warning(
+                "shutting down: %d requests still in progress after shutdown_grace_s (%gs): cut",
+                inflight.count,
+                config.shutdown_grace_s,
+            )
 
     app.on_shutdown.append(drain)
 

@@ -297,3 +297,31 @@ async def test_while_draining_readyz_fails_and_a_request_that_would_wait_is_hand
             body = await r.json()
             assert r.status == 429 and r.headers["Retry-After"] == "1" and "shutting down" in body["error"]
         assert time.monotonic() - started < 1.0  # not after queue.max_wait_s
+
+
+async def test_a_request_outlasting_the_grace_is_cut_and_the_process_still_exits_0_in_time() -> None:
+    prefix = "roll" + uuid.uuid4().hex[:8]
+    sim = start_sim_process(SimConfig())
+    raw: dict[str, Any] = {
+        "upstream": {"api_url": sim.url, "llm_url": sim.url, "streaming_url": "ws" + sim.url[4:]},
+        "redis": {"url": REDIS_URL, "key_prefix": prefix},
+        "shutdown_grace_s": 1.0,
+        "log": {"level": "info", "access_log": False},
+    }
+    gw = start_gateway_process(raw)
+    try:
+        await sim.ready("/_sim/report")
+        await gw.ready("/readyz")
+        async with aiohttp.ClientSession() as http:
+            job = {"audio_url": "https://example.com/stuck.mp3?sim_post_seconds=4"}
+            stuck = asyncio.create_task(http.post(gw.url + "/v2/transcript", json=job, headers=KEY))
+            await asyncio.sleep(0.5)
+            took = await stop_gracefully(gw)
+            with pytest.raises(aiohttp.ServerDisconnectedError):
+                await stuck
+        assert 1.0 <= took < 1.0 + MARGIN_S, took
+        assert "1 requests still in progress after shutdown_grace_s (1s): cut" in gw.output()
+    finally:
+        gw.kill()
+        sim.kill()
+        await delete_prefix(prefix)
