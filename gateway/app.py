@@ -454,7 +454,8 @@ def build_app(
         metrics.tokens_capacity.children.clear()
         for limit in catalog.fixed_limits():
             metrics.tokens_capacity.labels(limit.metric_label).set(limit.capacity)
-        apply_logging(new.log.level, new.log.format)
+        if (new.log.level, new.log.format) != (reloader.config.log.level, reloader.config.log.format):
+            apply_logging(new.log.level, new.log.format)
         return notes
 
     def count(outcome: str) -> None:

@@ -222,11 +222,14 @@ async def test_sighup_on_a_running_gateway_applies_a_new_limit_and_refuses_a_bad
             assert "limits.requests.limit: must be > 0" in gw.output()
             assert await readyz_hash(http, gw.url) == first and gw.proc.poll() is None
 
-            write(path, _merge(ours, {"limits": {"requests": {"limit": 2}}}))
+            write(path, _merge(ours, {"limits": {"requests": {"limit": 2}}, "log": {"format": "json"}}))
             gw.proc.send_signal(signal.SIGHUP)
             await wait_for_log(gw, "reloaded (SIGHUP)")
             second = await readyz_hash(http, gw.url)
-            assert second != first and f"hash {first} -> {second}; limits.requests.limit" in gw.output()
+            line = next(x for x in gw.output().splitlines() if "reloaded (SIGHUP)" in x)
+            assert json.loads(line)["message"].endswith(  # logged in the new format already
+                f"hash {first} -> {second}; limits.requests.limit, log.format"
+            )
             assert await upload(http, gw.url) == 200  # the lease taken before the reload still counts:
             assert await upload(http, gw.url) == 429  # 2 of 2
         finally:
