@@ -92,7 +92,10 @@ async def main(args: argparse.Namespace) -> None:
         rows.append((waiters, per))
         detail = ", ".join(f"{k} {v}" for k, v in sorted(calls.items()))
         print(f"{waiters:>6} waiters: {per:.2f} store calls per admission ({detail})")
-        print(f"        all admitted in {elapsed:.2f}s; the limit's own schedule needs {ideal:.2f}s")
+        print(
+            f"        all admitted in {elapsed:.2f}s; the limit's own schedule needs {ideal:.2f}s"
+            f" ({elapsed / ideal:.3f}x)"
+        )
     print(
         f"\nratio of calls per admission, {rows[1][0]} waiters vs {rows[0][0]}: {rows[1][1] / rows[0][1]:.2f}"
     )
