@@ -41,10 +41,10 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from .app import ADMIN_TOKEN_ENV, RELOAD_PATH, RELOADER, build_app
+from .app import RELOADER, build_app
 from .config import Config, ConfigError, load_config
 from .logs import AccessLogger, setup_logging
-from .reload import masked
+from .reload import ADMIN_TOKEN_ENV, RELOAD_PATH, masked
 from .tls import SERVED_TLS, ListenSite, TlsError, server_context
 from .vault import ENV as SECRET_ENV
 from .vault import SecretError

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -43,7 +41,7 @@ from .admission.redis_store import RedisStore, make_client
 from .admission.store import Store
 from .clock import Clock, SystemClock
 from .config import Config
-from .errors import BadRequest, Forbidden, GatewayError, NotFound, StoreUnavailable, Unauthorized
+from .errors import GatewayError, NotFound, StoreUnavailable
 from .ledger import Ledger, RedisLedger, SqliteLedger
 from .logs import ACCESS, REQUEST_ID, access_fields, note_access, request_id
 from .metrics import Metrics
@@ -59,7 +57,16 @@ from .products.transcripts.webhooks import RECEIVER_PATH
 from .proxy.body import BODY_LIMITS, BodyLimits
 from .proxy.forward import Upstream
 from .proxy.handler import GROUP, ClientGone, ProxyHandler
-from .reload import Reloaded, Reloader, ReloadError, apply_logging, log_reloaded, retune_waiters
+from .reload import (
+    ADMIN_TOKEN_ENV,
+    RELOAD_PATH,
+    Reloaded,
+    Reloader,
+    ReloadError,
+    admin_reload,
+    apply_logging,
+    retune_waiters,
+)
 from .tls import SERVED_TLS, TlsError, reload_tls
 from .vault import load_vault
 
@@ -73,9 +80,6 @@ TRANSCRIPTS: web.AppKey[Transcripts] = web.AppKey("transcripts", Transcripts)
 LEDGER: web.AppKey[Ledger] = web.AppKey("ledger", object)  # type: ignore[arg-type]
 RELOADER: web.AppKey[Reloader] = web.AppKey("reloader", Reloader)
 HANDLER: web.AppKey[ProxyHandler] = web.AppKey("handler", ProxyHandler)
-
-ADMIN_TOKEN_ENV = "AAI_GATEWAY_ADMIN_TOKEN"
-RELOAD_PATH = "/admin/v1/reload"
 
 SAMPLE_EVERY_S = 5.0
 
@@ -470,31 +474,6 @@ def build_app(
 
     reloader.on_change.append(reloaded)
     token = os.environ.get(ADMIN_TOKEN_ENV, "") if admin_token is None else admin_token
-    admin_digest = hashlib.sha256(token.encode()).digest() if token else None
-
-    async def admin_reload(request: web.Request) -> web.Response:
-        """POST /admin/v1/reload: ``Authorization: Bearer <token>``, compared in constant
-        time (digests of equal length, so not even the length leaks)."""
-        if admin_digest is None:
-            raise NotFound()
-        scheme, _, given = request.headers.get(hdrs.AUTHORIZATION, "").partition(" ")
-        if scheme.lower() != "bearer" or not given.strip():
-            raise Unauthorized(
-                f"Admin token missing: send Authorization: Bearer <${ADMIN_TOKEN_ENV}>",
-                headers={"WWW-Authenticate": 'Bearer realm="aai-gateway admin"'},
-            )
-        if not hmac.compare_digest(hashlib.sha256(given.strip().encode()).digest(), admin_digest):
-            raise Forbidden("Admin token invalid")
-        try:
-            done = reloader.reload()
-        except ReloadError as exc:
-            log.error("config reload (admin) refused; still running config %s: %s", reloader.hash, exc)
-            raise BadRequest(f"{exc} (still running config {reloader.hash})") from None
-        log_reloaded(done, "admin")
-        return web.json_response(
-            {"status": "reloaded", "config_hash": done.hash, "previous_hash": done.previous,
-             "changed": list(done.changed), "notes": list(done.notes)}
-        )  # fmt: skip
 
     async def metrics_view(request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -534,7 +513,7 @@ def build_app(
     add_get("/metrics", metrics_view)
     add_get("/healthz", healthz)
     add_get("/readyz", readyz)
-    add_post(RELOAD_PATH, admin_reload)
+    add_post(RELOAD_PATH, admin_reload(reloader, token))
 
     def job_route(serve: Callable[..., Awaitable[web.StreamResponse | None]]) -> Any:
         async def call(request: web.Request) -> web.StreamResponse | None:

@@ -20,17 +20,24 @@ canonical JSON (passwords masked), so two instances with the same hash run the s
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from aiohttp import hdrs, web
+
 from .config import Config, ConfigError
+from .errors import BadRequest, Forbidden, NotFound, Unauthorized
 from .logs import FORMAT, JsonFormatter
 
 log = logging.getLogger("gateway")
+
+ADMIN_TOKEN_ENV = "AAI_GATEWAY_ADMIN_TOKEN"
+RELOAD_PATH = "/admin/v1/reload"
 
 # Keys (and whole sections) that only a restart applies: the listener's socket, the store and
 # its keys, the upstream clients, and what the transcript loops read once at start. A reload
@@ -225,3 +232,36 @@ def log_reloaded(done: Reloaded, source: str) -> None:
     changed = ", ".join(done.changed) if done.changed else "nothing changed"
     extra = "; " + "; ".join(done.notes) if done.notes else ""
     log.info("config reloaded (%s): hash %s -> %s; %s%s", source, done.previous, done.hash, changed, extra)
+
+
+def admin_reload(reloader: Reloader, token: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """``POST /admin/v1/reload``: ``Authorization: Bearer <token>``, compared in constant time
+    (SHA-256 digests, so not even the length leaks). Without a token the route answers 404,
+    like any path the gateway does not serve: an admin surface nobody enabled does not exist.
+    401 without a bearer token, 403 with a wrong one, 400 when the reload is refused (the old
+    config stays), 200 with the new hash."""
+    digest = hashlib.sha256(token.encode()).digest() if token else None
+
+    async def handle(request: web.Request) -> web.Response:
+        if digest is None:
+            raise NotFound()
+        scheme, _, given = request.headers.get(hdrs.AUTHORIZATION, "").partition(" ")
+        if scheme.lower() != "bearer" or not given.strip():
+            raise Unauthorized(
+                f"Admin token missing: send Authorization: Bearer <${ADMIN_TOKEN_ENV}>",
+                headers={"WWW-Authenticate": 'Bearer realm="aai-gateway admin"'},
+            )
+        if not hmac.compare_digest(hashlib.sha256(given.strip().encode()).digest(), digest):
+            raise Forbidden("Admin token invalid")
+        try:
+            done = reloader.reload()
+        except ReloadError as exc:
+            log.error("config reload (admin) refused; still running config %s: %s", reloader.hash, exc)
+            raise BadRequest(f"{exc} (still running config {reloader.hash})") from None
+        log_reloaded(done, "admin")
+        return web.json_response(
+            {"status": "reloaded", "config_hash": done.hash, "previous_hash": done.previous,
+             "changed": list(done.changed), "notes": list(done.notes)}
+        )  # fmt: skip
+
+    return handle
