@@ -14,8 +14,9 @@ import pytest
 
 from gateway.admission.engine import AdmissionEngine, Grant, format_seconds
 from gateway.admission.limits import RANK_MODEL, RANK_WINDOW, Limit, window_limit
+from gateway.admission.memory import MemoryStore
 from gateway.admission.store import AcquireRequest, AcquireResult, LimitState, Status, Store
-from gateway.clock import settle
+from gateway.clock import ManualClock, settle
 from gateway.errors import QueueFull, StoreUnavailable, WaitTimeout
 from tests.conftest import CountingStore, StoreEnv
 
@@ -335,6 +336,32 @@ async def test_a_reply_read_late_still_wakes_its_waiter_when_the_lease_ends(stor
         assert lag <= 0.03, lag  # it was 0.15 (the reply's delay) when hints counted from reading
     finally:
         await engine.close()
+
+
+async def test_the_store_clock_is_learnt_as_a_lower_bound_and_follows_a_step_back() -> None:
+    """Wake-ups are scheduled in the store's clock: the engine's estimate of store-minus-
+    local never exceeds what a reply proves (never wake early), tightens with quicker
+    replies, starts again when a reply proves it too high, and never wakes later than
+    counting the hint from when the reply was read."""
+    clock = ManualClock(start=100.0)
+    engine = AdmissionEngine(MemoryStore(clock), clock)
+
+    def decided(now_ms: int, wait_ms: int = 0) -> AcquireResult:
+        return AcquireResult(Status.BLOCKED, 1, wait_ms=wait_ms, now_ms=now_ms)
+
+    engine._sync(decided(5_000_000), 100.0, 100.2)  # decided somewhere in [100.0, 100.2] here
+    assert engine._offset == pytest.approx(4899.8)
+    engine._sync(decided(5_001_000), 101.0, 101.01)  # a quicker reply: a tighter bound
+    assert engine._offset == pytest.approx(4899.99)
+    engine._sync(decided(5_002_000), 102.0, 102.5)  # a slower one proves less: kept
+    assert engine._offset == pytest.approx(4899.99)
+    engine._sync(decided(4_000_000), 103.0, 103.01)  # the store's clock stepped back 1,000 s
+    assert engine._offset == pytest.approx(3896.99)
+    # A 300 ms hint decided at store time 4,000 s is due at 4,000.3 - 3,896.99 = 103.31 s
+    # here: at 103.0, 0.31 s away.
+    await clock.advance(3.0)
+    assert engine._wake_delay(decided(4_000_000, 300)) == pytest.approx(0.31)
+    assert engine._wake_delay(AcquireResult(Status.BLOCKED, 1, wait_ms=300)) == 0.3  # no store time
 
 
 class InFlight(CountingStore):
