@@ -44,7 +44,7 @@ from aiohttp import web
 from .app import RELOADER, build_app
 from .config import Config, ConfigError, load_config
 from .logs import AccessLogger, setup_logging
-from .reload import ADMIN_TOKEN_ENV, RELOAD_PATH, masked
+from .reload import ADMIN_TOKEN_ENV, RELOAD_PATH, config_hash, masked
 from .tls import SERVED_TLS, ListenSite, TlsError, server_context
 from .vault import ENV as SECRET_ENV
 from .vault import SecretError
@@ -337,6 +337,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     streaming = f"{lim.streaming_sessions.limit}/{lim.streaming_sessions.window_s:g}s"
     print(f"  plan: {lim.plan}; requests {lim.requests.limit}/{lim.requests.window_s:g}s")
     print(f"  async {lim.async_concurrency} at once; streaming {streaming}; llm {llm}")
+    print(f"  config hash: {config_hash(config)} (what /readyz shows once it runs)")
     if config.listen.tls is not None:
         try:
             print(f"  tls: {server_context(config.listen.tls).describe()}")

@@ -26,6 +26,8 @@ from typing import Any
 import pytest
 
 from gateway.__main__ import DEFAULT_SIM_PORT, _bind_sim, build_parser, masked
+from gateway.config import load_config
+from gateway.reload import config_hash
 
 REPO = Path(__file__).parent.parent
 SHIPPED = REPO / "config.yaml"
@@ -120,6 +122,8 @@ def test_check_config_accepts_the_shipped_file(launcher: list[str]) -> None:
     assert result.stdout.splitlines()[0] == "config.yaml: ok"
     assert "plan: paid" in result.stdout and "async 200 at once" in result.stdout
     assert result.stderr == ""
+    hashed = config_hash(load_config("config.yaml", environ={}))
+    assert f"config hash: {hashed}" in result.stdout  # what /readyz will show
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)
