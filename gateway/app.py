@@ -431,6 +431,15 @@ def build_app(
 
     app.on_shutdown.append(drain)
 
+    async def close_when_draining(request: web.BaseRequest, response: web.StreamResponse) -> None:
+        """While draining, every answer says ``Connection: close``: the client's next request
+        opens a new connection, which the balancer sends to another instance."""
+        if handler.draining and response.status != 101:
+            response.force_close()
+            response.headers[hdrs.CONNECTION] = "close"  # (aiohttp wrote its own before this hook)
+
+    app.on_response_prepare.append(close_when_draining)
+
     def apply(new: Config) -> list[str]:
         """A reload (gateway/reload.py): refuse (ReloadError) before changing anything, then
         apply in one step. Restart-only keys were refused already."""

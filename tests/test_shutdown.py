@@ -292,6 +292,7 @@ async def test_while_draining_readyz_fails_and_a_request_that_would_wait_is_hand
         async with http.get(gw.url + "/readyz") as r:
             body = await r.json()
             assert r.status == 503 and body["error"] == "shutting down" and len(body["config_hash"]) == 12
+            assert r.headers["Connection"] == "close"  # the next request goes elsewhere
         started = time.monotonic()
         async with http.post(gw.url + "/v2/upload", data=b"b", headers=KEY) as r:
             body = await r.json()
