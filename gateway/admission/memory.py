@@ -263,6 +263,8 @@ class MemoryStore:
                     leases.remove(resv)
                     self._z(self._resv, limit.name).remove(ticket)
                     leases.add(ticket, now + limit.lease_ms)
+                else:  # held already (a re-run, or a lost reply): it counts from now, never less
+                    leases.add(ticket, max(leases.score(ticket) or 0, now + limit.lease_ms))
                 if cur_q == i:
                     leave_queue(i)
                     self._leave_share(ticket)

@@ -222,6 +222,22 @@ async def test_acquire_is_idempotent(store_env: StoreEnv) -> None:
     assert await store.usage(MODEL) == (1, 0)
 
 
+async def test_a_rerun_acquire_restarts_a_held_window_lease_from_now(store_env: StoreEnv) -> None:
+    """An acquire whose reply was lost (a Redis stall, a timeout) may have admitted the ticket;
+    its caller forwards only after a later acquire says so. That lease must count from the
+    later acquire, or the guard no longer covers admission-to-arrival (ADMISSION.md I1)."""
+    store = store_env.store()
+    first = await store.acquire(req("t", REQ))
+    await store_env.advance(0.1)  # less than one lease life (W + guard: 250 ms)
+    again = await store.acquire(req("t", REQ, seq=first.seq))
+    assert first.admitted and again.admitted
+    assert await store.usage(REQ) == (1, 0)  # still one lease, not two
+    first_end = first.now_ms + first.states[0].reset_ms
+    again_end = again.now_ms + again.states[0].reset_ms
+    assert again_end - first_end >= 80  # it now ends one lease life after the re-run
+    assert again_end == again.now_ms + REQ.lease_ms
+
+
 async def test_concurrency_lease_released_at_once(store_env: StoreEnv) -> None:
     store = store_env.store()
     assert (await store.acquire(req("j1", JOBS))).admitted

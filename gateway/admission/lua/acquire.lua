@@ -177,6 +177,11 @@ if blocked == 0 then
       redis.call('ZREM', rk(i), ticket)
       redis.call('ZADD', lk(i), now + lease_ms(i), ticket)
       extend(lk(i), math.max(lease_ms(i), ttl) + 1000)
+    else
+      -- Held already: a re-run, or an acquire whose reply was lost (the caller then forwards
+      -- only now). The lease counts from now, never less: the guard covers this admission.
+      redis.call('ZADD', lk(i), 'GT', now + lease_ms(i), ticket)
+      extend(lk(i), math.max(lease_ms(i), ttl) + 1000)
     end
     if cur_q == i then
       leave_queue(i)
