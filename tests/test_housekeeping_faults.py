@@ -326,3 +326,92 @@ def _req(ticket: str):  # type: ignore[no-untyped-def]
     from gateway.admission.store import AcquireRequest
 
     return AcquireRequest(ticket, (JOBS,))
+
+
+async def test_a_release_the_store_could_not_take_is_sent_again_when_it_answers() -> None:
+    """A job's concurrency lease outlives its job by a Redis blip at most, not by its TTL
+    (hours): the release that follows the job's end failed once, and housekeeping sends it
+    again. Found by the soak: a leaked lease per blip until no job was dispatched at all."""
+    from gateway.app import ENGINE
+    from gateway.errors import StoreUnavailable
+    from gateway.sim.app import SimConfig
+    from tests.helpers import sim_and_gateway
+
+    key = {"Authorization": "k"}
+    async with sim_and_gateway(
+        SimConfig(async_concurrency=1, job_seconds=0.3),
+        store="redis",
+        limits={"async_concurrency": 1},
+        transcripts={"poll_refresh_s": 0.1},
+    ) as (sim, url, app):
+        store = app[ENGINE].store
+        real = store.release
+        failed: list[str] = []
+
+        async def once_unavailable(ticket: str, limits: list[Limit], *, tombstone: bool = False) -> int:
+            if not failed and any(limit.name == "async" for limit in limits):
+                failed.append(ticket)
+                raise StoreUnavailable("injected: one Redis blip on the release")
+            return await real(ticket, limits, tombstone=tombstone)
+
+        store.release = once_unavailable  # type: ignore[method-assign]
+        import aiohttp
+
+        async with aiohttp.ClientSession() as http:
+
+            async def submit(name: str) -> str:
+                body = {"audio_url": f"https://x/{name}.mp3"}
+                async with http.post(url + "/v2/transcript", json=body, headers=key) as r:
+                    return str((await r.json())["id"])
+
+            async def status(job_id: str) -> str:
+                async with http.get(f"{url}/v2/transcript/{job_id}", headers=key) as r:
+                    return str((await r.json()).get("status"))
+
+            first = await submit("a")
+            deadline = time.monotonic() + 10
+            while await status(first) != "completed":
+                assert time.monotonic() < deadline, "the first job never completed"
+                await asyncio.sleep(0.05)
+            assert failed, "the release after the job's end was not made to fail"
+            second = await submit("b")  # dispatched once the owed release lands
+            while await status(second) != "completed":
+                assert time.monotonic() < deadline, "the second job was never dispatched: a lease leaked"
+                await asyncio.sleep(0.05)
+        assert app[ENGINE].owed_releases == 0
+    assert sim.report()["violations"] == []
+
+
+async def test_an_abort_the_store_could_not_take_is_owed_and_lands_later() -> None:
+    """A waiter that gives up while the store is away: its abort is owed, not forgotten, so
+    an acquire that sat in Redis's socket and ran on its return gives its place back."""
+    from gateway.admission.memory import MemoryStore
+    from gateway.clock import ManualClock
+    from gateway.errors import StoreUnavailable
+
+    clock = ManualClock()
+    store = MemoryStore(clock)
+    engine = AdmissionEngine(store, clock)
+    holder = await engine.admit([JOBS], max_wait_s=1)
+    real = store.release
+    down = True
+
+    async def flaky(ticket: str, limits: list[Limit], *, tombstone: bool = False) -> int:
+        if down:
+            raise StoreUnavailable("injected: the store is away")
+        return await real(ticket, limits, tombstone=tombstone)
+
+    store.release = flaky  # type: ignore[method-assign]
+    waiting = asyncio.ensure_future(engine.admit([JOBS], max_wait_s=60, ticket="w"))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    waiting.cancel()  # the client leaves while the store is away
+    with contextlib.suppress(asyncio.CancelledError):
+        await waiting
+    assert engine.owed_releases == 1
+    assert await engine.settle_owed() == 0  # still away: kept
+    down = False
+    assert await engine.settle_owed() == 1
+    assert engine.owed_releases == 0
+    await engine.release(holder)
+    assert await store.usage(JOBS) == (0, 0)  # nothing of the waiter is left

@@ -31,6 +31,8 @@ from .waking import EngineObserver, Waiter, Waking
 
 log = logging.getLogger(__name__)
 
+MAX_OWED = 100_000  # owed releases kept per instance; beyond, the oldest lapse by their TTLs
+
 
 class Grant(NamedTuple):
     """An admitted request: it holds a lease on each of ``limits`` under ``ticket``."""
@@ -65,6 +67,8 @@ class AdmissionEngine(Waking):
         self._ids = itertools.count(1)
         self._max_seq = 0  # highest arrival sequence seen (see AcquireRequest.floor)
         self._maintenance: asyncio.Task[None] | None = None
+        # Releases the store could not take (ticket -> limits, tombstone), sent again later.
+        self._owed: dict[str, tuple[tuple[Limit, ...], bool]] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -196,7 +200,49 @@ class AdmissionEngine(Waking):
 
     async def release(self, grant: Grant, limits: Sequence[Limit] | None = None) -> None:
         """End leases: a finished concurrency lease, or a refund for work that never left."""
-        await self.store.release(grant.ticket, list(limits) if limits is not None else grant.limits)
+        await self.give_back(grant.ticket, limits if limits is not None else grant.limits)
+
+    async def give_back(self, ticket: str, limits: Sequence[Limit], *, tombstone: bool = False) -> None:
+        """Release ``ticket``'s leases (and reservations, and its place in a queue). When the
+        store cannot be reached, the release is OWED: kept here and sent again by
+        housekeeping until it lands, so a lease outlives its work by the outage at most, not
+        by its TTL (a job's concurrency lease lives hours). Releasing twice is harmless, and a
+        ticket given back is never used again (a requeued job takes a new attempt's ticket)."""
+        try:
+            await self.store.release(ticket, list(limits), tombstone=tombstone)
+        except StoreUnavailable as exc:
+            self._owe(ticket, limits, tombstone, exc)
+
+    def _owe(self, ticket: str, limits: Sequence[Limit], tombstone: bool, exc: StoreUnavailable) -> None:
+        owed = self._owed.get(ticket)
+        merged = tuple(dict.fromkeys((*(owed[0] if owed else ()), *limits)))
+        self._owed[ticket] = (merged, tombstone or bool(owed and owed[1]))
+        while len(self._owed) > MAX_OWED:  # past this, the oldest are left to their TTLs
+            self._owed.pop(next(iter(self._owed)))
+        log.warning("release of %s owed, sent again when the store answers (%s)", ticket, exc.detail)
+
+    async def settle_owed(self) -> int:
+        """Send the owed releases again (housekeeping); returns how many landed. Stops at the
+        first failure: the store is still away."""
+        landed = 0
+        for ticket, (limits, tombstone) in list(self._owed.items()):
+            try:
+                await self.store.release(ticket, list(limits), tombstone=tombstone)
+            except StoreUnavailable:
+                break
+            self._owed.pop(ticket, None)
+            landed += 1
+        if landed:
+            log.info("%d owed releases landed; %d still owed", landed, len(self._owed))
+        return landed
+
+    @property
+    def owed_releases(self) -> int:
+        return len(self._owed)
+
+    async def _housekeep(self) -> None:
+        if self._owed:
+            await self.settle_owed()
 
     # -- asking the store ------------------------------------------------------------------
     async def _attempt(self, w: Waiter) -> AcquireResult:
@@ -238,9 +284,12 @@ class AdmissionEngine(Waking):
     async def _abort(self, w: Waiter) -> None:
         try:
             await asyncio.shield(self.store.release(w.ticket, w.limits, tombstone=True))
-        except (StoreUnavailable, asyncio.CancelledError):
-            # Its ticket and reservations lapse at their deadline (nothing is forever).
-            log.debug("abort of %s left to expire", w.ticket)
+        except StoreUnavailable as exc:
+            # An acquire sent before the store went away may still run when it returns (it
+            # sat in Redis's socket): its place, or its lease, is given back then.
+            self._owe(w.ticket, w.limits, True, exc)
+        except asyncio.CancelledError:  # the shielded release goes on by itself
+            log.debug("abort of %s cancelled; the release goes on", w.ticket)
 
     def _retry_after(self, result: AcquireResult) -> float:
         """Seconds a refused client should wait: the store's hint, with jitter so they spread."""

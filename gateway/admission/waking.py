@@ -397,10 +397,14 @@ class Waking:
                     self._kick(name)
             try:
                 await self._refresh(now)
+                await self._housekeep()
             except StoreUnavailable as exc:
                 log.warning("refresh of waiting tickets failed: %s", exc.detail)
             except Exception:  # never let housekeeping die
                 log.exception("engine housekeeping failed")
+
+    async def _housekeep(self) -> None:
+        """More of each housekeeping turn, for the engine (owed releases)."""
 
     async def _refresh(self, now: float, *, force: bool = False) -> None:
         stale_after = 0.0 if force else self._ttl_ms / 2000

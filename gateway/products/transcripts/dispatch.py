@@ -383,7 +383,7 @@ class Dispatcher:
         """Upstream refused a job submitted while its client waited: the client gets
         upstream's answer; the gateway keeps nothing of it, and its lease goes back."""
         await self._jobs.delete(job.id)
-        await self._engine.store.release(job.ticket, [self._catalog.async_jobs], tombstone=True)
+        await self._engine.give_back(job.ticket, [self._catalog.async_jobs], tombstone=True)
         self._metrics.child(self._metrics.jobs_ended, "refused").inc()
 
     async def requeue(self, job: Job) -> None:
@@ -391,7 +391,7 @@ class Dispatcher:
         Only if the job is still this claim's: a dispatcher that stalled past its claim may
         find it adopted by the reconciler (running upstream: its lease stays)."""
         if await self._jobs.requeue(job.id, attempt=job.attempt + 1, claimer=job.claimer):
-            await self._engine.store.release(job.ticket, [self._catalog.async_jobs], tombstone=True)
+            await self._engine.give_back(job.ticket, [self._catalog.async_jobs], tombstone=True)
         self._kick.set()
 
 

@@ -292,7 +292,7 @@ class Transcripts:
         )
         if before is None:
             return
-        await self._engine.store.release(before.ticket, [self._catalog.async_jobs], tombstone=True)
+        await self._engine.give_back(before.ticket, [self._catalog.async_jobs], tombstone=True)
         status = str((snapshot or {}).get("status") or "error")
         self._metrics.child(self._metrics.jobs_ended, status).inc()
         if before.created_ms:
