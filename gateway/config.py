@@ -133,6 +133,9 @@ class RedisSettings(_Model):
     def _topology(self) -> RedisSettings:
         if self.cluster and self.sentinel is not None:
             raise ValueError("cluster and sentinel are two topologies: set one")
+        if (self.cluster or self.sentinel is not None) and self.url is None:
+            raise ValueError("url is required with cluster or sentinel (with sentinel it gives the "
+                             "database, user and password; its host is the service's primary)")  # fmt: skip
         return self
 
     @property
