@@ -27,6 +27,7 @@ runs, so the ticket's owner is looked up (share:owner) inside the script.
     <prefix>:{<account>}:idem:<key>       string: idempotency key (creator + header) -> job id
     <prefix>:{<account>}:usage:<day>      hash: owner|product|metric -> amount (ledger.py)
     <prefix>:{<account>}:stoken:<fp>      string: a temporary streaming token's expiry and owner
+    <prefix>:{<account>}:instances        sorted set: gateway instance -> last heartbeat (ms; fallback.py)
 """
 
 from __future__ import annotations
@@ -67,6 +68,10 @@ class Keys:
     @property
     def base(self) -> str:
         return f"{self.prefix}:{{{self.account}}}"
+
+    @property
+    def instances(self) -> str:
+        return f"{self.base}:instances"
 
     def leases(self, limit: str) -> str:
         return f"{self.base}:leases:{limit}"
