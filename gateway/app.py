@@ -32,6 +32,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from yarl import URL
 
 from .admission.engine import AdmissionEngine
+from .admission.fallback import FallbackStore, heartbeat
 from .admission.health import supervise
 from .admission.keys import Keys
 from .admission.limits import OrderError
@@ -309,7 +310,12 @@ def make_store(config: Config, clock: Clock, on_call: Callable[[str], None] | No
         timeout_ms=config.redis.timeout_ms,
         connect_timeout_ms=config.redis.connect_timeout_ms,
     )
-    return RedisStore(client, keys, sharded_pubsub=config.redis.sharded, pipelined=pipelined, on_call=on_call)
+    shared = RedisStore(
+        client, keys, sharded_pubsub=config.redis.sharded, pipelined=pipelined, on_call=on_call
+    )
+    if config.redis.on_outage == "fail_closed":
+        return shared
+    return FallbackStore(shared, clock, beat=heartbeat(client, keys))
 
 
 def build_app(

@@ -125,6 +125,9 @@ class RedisSettings(_Model):
     timeout_ms: int = Field(250, gt=0)
     connect_timeout_ms: int = Field(500, gt=0)
     pool_size: int = Field(64, gt=0)
+    # When Redis stops answering: fail_open admits locally within this instance's share of
+    # every limit (capacity / live instances) until it returns; fail_closed answers 503.
+    on_outage: Literal["fail_open", "fail_closed"] = "fail_open"
     # Publish wake-ups with SPUBLISH (sharded pub/sub, Redis 7+); None: on with cluster.
     sharded_pubsub: bool | None = None
     key_prefix: str = "aai"
