@@ -216,7 +216,7 @@ class ProxyHandler:
     ) -> tuple[Response, Grant | None]:
         """One admitted upstream exchange, retrying an upstream 429 within the max wait when
         the body can be sent again. Returns the response unread (the caller releases it)."""
-        deadline = self._clock.now() + (0.0 if self.draining else plan.max_wait_s)
+        deadline = self._clock.now() + plan.max_wait_s
         retries = 0
         url = URL(plan.base_url + path, encoded=True)
         key = headers.get(hdrs.AUTHORIZATION, "")
@@ -294,7 +294,8 @@ class ProxyHandler:
         try:
             return await self._engine.admit(
                 plan.limits,
-                max_wait_s=max(0.0, deadline - self._clock.now()),
+                # Draining: no new wait (an upstream 429's retry included); the engine wakes no one.
+                max_wait_s=0.0 if self.draining else max(0.0, deadline - self._clock.now()),
                 max_depth=self._cfg.queue.max_depth,
                 group=plan.group,
                 owner=owner,
