@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 from http import HTTPStatus
@@ -505,6 +506,13 @@ def build_app(
             detail["dispatch"] = f"paused: {transcripts.dispatcher.pause_reason}"
         if handler.draining:  # load balancers: send nothing more here
             return web.json_response({"error": "shutting down", **detail}, status=503)
+        if isinstance(store, FallbackStore) and store.degraded:  # redis.on_outage: fail_open
+            lasted = time.monotonic() - store.outage.since
+            detail["store_state"] = (
+                f"degraded for {lasted:.0f}s: Redis unreachable, admitting locally within this "
+                f"instance's share (1/{store.instances} of every limit)"
+            )
+            return web.json_response({"status": "ready", **detail})
         try:
             await store.ping()
         except StoreUnavailable as exc:

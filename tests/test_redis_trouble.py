@@ -78,10 +78,10 @@ async def private_redis() -> AsyncIterator[PrivateRedis]:
         r.kill()
 
 
-async def test_redis_down_means_503_at_once_and_recovery_after() -> None:
+async def test_fail_closed_redis_down_means_503_at_once_and_recovery_after() -> None:
     async with (
         private_redis() as redis,
-        stack(redis={"url": redis.url}) as s,
+        stack(redis={"url": redis.url, "on_outage": "fail_closed"}) as s,
         aiohttp.ClientSession() as http,
     ):
         async with http.get(s.url + "/v2/transcript/a", headers=KEY) as r:
@@ -141,3 +141,32 @@ async def test_waiters_keep_their_turn_across_a_redis_restart() -> None:
         olds = [order.index(f"old{i}") for i in range(4)]
         assert olds == sorted(olds), order  # the old waiters in their order...
         assert max(olds) < min(order.index(f"new{i}") for i in range(2)), order  # ...before newer arrivals
+
+
+async def test_fail_open_redis_down_keeps_serving_and_readyz_says_degraded() -> None:
+    """redis.on_outage: fail_open (the default): nobody gets a 503 because Redis died; the
+    instance admits locally within its share until Redis returns, then switches back."""
+    async with (
+        private_redis() as redis,
+        stack(redis={"url": redis.url}) as s,
+        aiohttp.ClientSession() as http,
+    ):
+        async with http.get(s.url + "/v2/transcript/a", headers=KEY) as r:
+            assert r.status == 404  # reached the simulator
+        redis.kill()
+        for i in range(5):
+            async with http.get(s.url + f"/v2/transcript/b{i}", headers=KEY) as r:
+                assert r.status == 404, await r.text()  # still reaches the simulator
+        async with http.get(s.url + "/readyz") as r:
+            body = await r.json()
+            assert r.status == 200 and body["store_state"].startswith("degraded"), body
+        await redis.start()  # same port, empty
+        deadline = time.monotonic() + 8
+        while True:
+            async with http.get(s.url + "/readyz") as r:
+                if "store_state" not in await r.json():
+                    break
+            assert time.monotonic() < deadline, "the gateway did not switch back to Redis"
+            await asyncio.sleep(0.1)
+        async with http.get(s.url + "/v2/transcript/c", headers=KEY) as r:
+            assert r.status == 404
