@@ -128,7 +128,8 @@ def _use_fast_loop() -> str:
 async def _warn_eviction(app: web.Application, config: Config) -> None:
     from .app import STORE
 
-    client = getattr(app[STORE], "_client", None)
+    store = app[STORE]
+    client = getattr(getattr(store, "primary", store), "_client", None)  # through a FallbackStore
     if client is None:
         return
     try:
