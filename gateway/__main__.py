@@ -126,10 +126,9 @@ def _use_fast_loop() -> str:
 
 
 async def _warn_eviction(app: web.Application, config: Config) -> None:
-    from .app import STORE
+    from .app import STORE, redis_client
 
-    store = app[STORE]
-    client = getattr(getattr(store, "primary", store), "_client", None)  # through a FallbackStore
+    client = redis_client(app[STORE])
     if client is None:
         return
     try:

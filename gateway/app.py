@@ -402,7 +402,7 @@ def build_app(
         await _bounded("ledger", ledger.close())
         await _bounded("store", store.close())
         await _bounded("upstream", upstream.close())
-        closer = getattr(getattr(store, "_client", None), "aclose", None)
+        closer = getattr(redis_client(store), "aclose", None)
         if closer is not None:
             await _bounded("redis client", closer())
 
@@ -567,9 +567,16 @@ async def _bounded(what: str, step: Awaitable[Any], seconds: float = 5.0) -> Non
         log.warning("shutdown: closing the %s failed: %s", what, exc)
 
 
+def redis_client(store: Store) -> Any:
+    """The shared store's redis-py client (jobs, usage, tokens live beside the limits), or
+    None for the embedded store. Through a FallbackStore: its primary's."""
+    inner = store.primary if isinstance(store, FallbackStore) else store
+    return getattr(inner, "_client", None)
+
+
 def make_job_store(config: Config, store: Store, on_call: Callable[[str], None] | None = None) -> JobStore:
     """Jobs live beside the limits: in Redis when it is shared, else in a local sqlite file."""
-    client = getattr(store, "_client", None)
+    client = redis_client(store)
     if config.redis.url is not None and client is not None:
         keys = Keys(prefix=config.redis.key_prefix, account=config.account)
         return RedisJobStore(client, keys, on_call=on_call)
@@ -578,7 +585,7 @@ def make_job_store(config: Config, store: Store, on_call: Callable[[str], None] 
 
 def make_ledger(config: Config, store: Store) -> tuple[Ledger, TokenBook]:
     """Usage and streaming tokens live beside the jobs: Redis when shared, else local."""
-    client = getattr(store, "_client", None)
+    client = redis_client(store)
     if config.redis.url is not None and client is not None:
         keys = Keys(prefix=config.redis.key_prefix, account=config.account)
         return RedisLedger(client, keys), RedisTokenBook(client, keys)

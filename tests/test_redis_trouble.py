@@ -18,6 +18,7 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
+from gateway.app import TRANSCRIPTS
 from gateway.sim.app import SimConfig
 from tests.helpers import free_port, stack
 
@@ -151,6 +152,8 @@ async def test_fail_open_redis_down_keeps_serving_and_readyz_says_degraded() -> 
         stack(redis={"url": redis.url}) as s,
         aiohttp.ClientSession() as http,
     ):
+        # Jobs, usage and tokens live in Redis beside the limits, through the fallback too.
+        assert type(s.app[TRANSCRIPTS].jobs).__name__ == "RedisJobStore"
         async with http.get(s.url + "/v2/transcript/a", headers=KEY) as r:
             assert r.status == 404  # reached the simulator
         redis.kill()
