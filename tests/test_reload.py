@@ -28,6 +28,7 @@ from aiohttp.test_utils import TestServer
 from gateway.app import build_app
 from gateway.config import Config, load_config
 from gateway.reload import changed_keys, config_hash, needs_restart
+from gateway.sim.app import SimConfig
 from gateway.tls import SERVED_TLS, server_context
 from tests.conftest import REDIS_URL
 from tests.helpers import _merge, delete_prefix, gateway_config, running_sim, serving, start_gateway_process
@@ -35,6 +36,7 @@ from tests.test_tls import make_certs, peer_subject
 
 KEY = {"Authorization": "reload-test-key"}
 ADMIN = "s3cret-admin-token"
+ONLY_US = SimConfig(keys=[KEY["Authorization"]])  # a stray gateway elsewhere on the machine is refused
 
 
 def write(path: Path, raw: dict[str, Any]) -> None:
@@ -121,7 +123,7 @@ async def test_the_admin_endpoint_needs_its_token_and_keeps_the_old_config_on_a_
 ) -> None:
     prefix = "rl" + uuid.uuid4().hex[:8]
     path = tmp_path / "gw.yaml"
-    async with running_sim() as (_, sim_url), aiohttp.ClientSession() as http:
+    async with running_sim(ONLY_US) as (_, sim_url), aiohttp.ClientSession() as http:
         write(path, base_raw(sim_url, prefix))
         try:
             async with gateway_on_file(path, token=None) as (url, _):
@@ -170,7 +172,7 @@ async def test_a_waiter_is_admitted_under_the_raised_limit_and_open_connections_
     and a keep-alive connection go on after it."""
     prefix = "rl" + uuid.uuid4().hex[:8]
     path = tmp_path / "gw.yaml"
-    async with running_sim() as (sim, sim_url), aiohttp.ClientSession() as http:
+    async with running_sim(ONLY_US) as (sim, sim_url), aiohttp.ClientSession() as http:
         write(path, base_raw(sim_url, prefix))
         try:
             async with gateway_on_file(path) as (url, _):
@@ -204,7 +206,7 @@ async def test_a_waiter_is_admitted_under_the_raised_limit_and_open_connections_
 # -- SIGHUP on a real process ------------------------------------------------------------------
 async def test_sighup_on_a_running_gateway_applies_a_new_limit_and_refuses_a_bad_file() -> None:
     prefix = "rl" + uuid.uuid4().hex[:8]
-    async with running_sim() as (_, sim_url), aiohttp.ClientSession() as http:
+    async with running_sim(ONLY_US) as (_, sim_url), aiohttp.ClientSession() as http:
         raw = base_raw(sim_url, prefix, queue={"max_wait_s": 0.3})
         raw.pop("listen", None)
         gw = start_gateway_process(raw)
@@ -260,7 +262,7 @@ async def test_a_reload_reads_a_renewed_certificate_and_refuses_a_bad_one(tmp_pa
     shutil.copy(first.key, key)
     path = tmp_path / "gw.yaml"
     prefix = "rl" + uuid.uuid4().hex[:8]
-    async with running_sim() as (_, sim_url):
+    async with running_sim(ONLY_US) as (_, sim_url):
         write(path, base_raw(sim_url, prefix, listen={"tls": {"cert_file": str(cert), "key_file": str(key)}}))
         load = partial(load_config, path, environ={})
         config = load()
