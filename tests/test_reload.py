@@ -289,3 +289,28 @@ async def test_a_reload_reads_a_renewed_certificate_and_refuses_a_bad_one(tmp_pa
                 assert await peer_subject(port, renewed.ca) == "renewed"
         finally:
             await delete_prefix(prefix)
+
+
+@pytest.mark.parametrize(
+    ("header", "status"),
+    [
+        ("Bearer", 401),
+        ("Bearer    ", 401),
+        ("Basic czNjcmV0", 401),
+        (f"bearer {ADMIN}", 200),  # the scheme is case-insensitive (RFC 9110)
+        (f"Bearer   {ADMIN}  ", 200),
+        (f"Bearer {ADMIN}x", 403),
+        (f"Bearer {ADMIN[:-1]}", 403),
+        ("Bearer " + "A" * 8000, 403),
+        ("Bearer s3cr\u00e9t", 403),
+    ],
+)
+async def test_the_admin_token_is_read_strictly(tmp_path: Path, header: str, status: int) -> None:
+    path = tmp_path / "gw.yaml"
+    write(path, {"transcripts": {"data_dir": str(tmp_path / "data")}})
+    async with gateway_on_file(path) as (url, _), aiohttp.ClientSession() as http:
+        async with http.post(url + "/admin/v1/reload", headers={"Authorization": header}) as resp:
+            body = await resp.json()
+            assert resp.status == status, body
+            assert ("error" in body) == (status != 200)
+            assert ADMIN not in json.dumps(body)
