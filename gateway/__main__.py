@@ -252,9 +252,11 @@ def run(
     run_app raises GracefulExit out of the loop and cleans up inside the cancelled main task;
     aiohttp then cuts the wait for requests in progress short (a cancelling task re-raises at
     its timeout) and skips the app's cleanup. Here the signal only sets an event, and the
-    cleanup runs in a task nobody cancelled: stop listening, the app's on_shutdown (drain),
-    wait up to ``shutdown_timeout`` for requests in progress, then its cleanup. The handlers
-    are removed first, so a second signal has its default effect (the process ends)."""
+    cleanup runs in a task nobody cancelled: stop listening, the app's on_shutdown (app.py's
+    drain: waiters handed back, sessions ended, up to shutdown_grace_s for the requests in
+    progress), aiohttp's own wait (``shutdown_timeout``) and cancellation of what is left,
+    then the app's cleanup. The handlers are removed first, so a second signal has its
+    default effect (the process ends)."""
     loop = asyncio.new_event_loop()
     signals = [signal.SIGINT, signal.SIGTERM]
 
