@@ -67,7 +67,6 @@ from .reload import (
     ReloadError,
     admin_reload,
     apply_logging,
-    retune_waiters,
 )
 from .tls import SERVED_TLS, TlsError, reload_tls
 from .vault import load_vault
@@ -468,7 +467,7 @@ def build_app(
         handler.use_config(new)
         sessions.use_config(new)
         transcripts.use_config(new)
-        moved = retune_waiters(engine, catalog.current)
+        moved = engine.retune(catalog.current)
         if moved:
             notes.append(f"{moved} waiting requests moved onto the new limits")
         metrics.tokens_capacity.children.clear()

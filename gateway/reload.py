@@ -7,7 +7,7 @@ the event loop (no await: a request sees the old config or the new one, never a 
 
 - the catalog's limits are rebuilt in place (products/catalog.py); a limit keeps its name,
   so its store keys: leases already taken stay counted, queued tickets keep their places;
-- requests already waiting are moved onto the new limits (``retune_waiters``), so a waiter
+- requests already waiting are moved onto the new limits (``AdmissionEngine.retune``), so a waiter
   queued under capacity 1 is admitted as soon as the capacity is raised to 2;
 - queue, proxy, streaming and log settings apply from the next request on;
 - the TLS certificate and key are read again (a renewed certificate needs no restart).
@@ -136,35 +136,6 @@ def apply_logging(level: str, fmt: str) -> None:
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
     for handler in root.handlers:
         handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(FORMAT))
-
-
-def retune_waiters(engine: Any, current: Callable[[Any], Any]) -> int:
-    """Move every request waiting in ``engine`` onto the catalog's current limits (``current``:
-    ``Catalog.current``, the limit of the same name), then have each queue retried at once:
-    a waiter asks the store with the capacities it holds, so without this one queued under a
-    capacity of 1 would wait for a lease to end even after a reload raised it to 2. Returns
-    how many waiters were moved.
-
-    The engine (gateway/admission/, another owner's) offers no verb for this yet: this
-    reaches into its waiters (``_pending``, ``_queues``, ``Waiter.limits``) and its drain
-    (``_kick``); an ``engine.retune(current)`` is used instead when it exists (tests/
-    test_reload.py checks the behaviour either way)."""
-    retune = getattr(engine, "retune", None)
-    if retune is not None:
-        return int(retune(current))
-    waiters = set(engine._pending)
-    for queue in engine._queues.values():
-        waiters.update(queue)
-    moved = 0
-    for w in waiters:
-        limits = tuple(current(limit) for limit in w.limits)
-        if limits != w.limits:
-            w.limits = limits
-            moved += 1
-    if moved:
-        for name in list(engine._queues):
-            engine._kick(name)
-    return moved
 
 
 class Reloader:

@@ -18,7 +18,7 @@ import logging
 import math
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from ..clock import Clock
@@ -197,6 +197,26 @@ class AdmissionEngine(Waking):
             limit=limit.name,
             retry_after_s=self._retry_after(result),
         )
+
+    def retune(self, current: Callable[[Limit], Limit]) -> int:
+        """A reload changed limits: every request still waiting here is moved onto the
+        current limit of the same name (``current``), and every queue is retried at once, so
+        a waiter queued under a capacity of 1 is admitted as soon as a reload raises it to 2.
+        A limit is known by its name in the store: leases and queue places carry over.
+        Returns how many waiters were moved."""
+        waiters = set(self._pending)
+        for queue in self._queues.values():
+            waiters.update(queue)
+        moved = 0
+        for w in waiters:
+            limits = tuple(current(limit) for limit in w.limits)
+            if limits != w.limits:
+                w.limits = limits
+                moved += 1
+        if moved:
+            for name in list(self._queues):
+                self._kick(name)
+        return moved
 
     async def release(self, grant: Grant, limits: Sequence[Limit] | None = None) -> None:
         """End leases: a finished concurrency lease, or a refund for work that never left."""
