@@ -337,6 +337,8 @@ def build_app(
     store = store or make_store(
         config, clock, on_call=lambda op: metrics.child(metrics.store_calls, op).inc()
     )
+    if isinstance(store, FallbackStore):
+        metrics.on_collect.append(_outage_gauges(store, metrics))
     catalog = Catalog(
         config.limits,
         claim_lease_s=2 * config.transcripts.claim_s,
@@ -589,6 +591,20 @@ def make_ledger(config: Config, store: Store) -> tuple[Ledger, TokenBook]:
         keys = Keys(prefix=config.redis.key_prefix, account=config.account)
         return RedisLedger(client, keys), RedisTokenBook(client, keys)
     return SqliteLedger(Path(config.transcripts.data_dir) / "usage.db"), MemoryTokenBook()
+
+
+def _outage_gauges(store: FallbackStore, metrics: Metrics) -> Callable[[], None]:
+    """The Redis-outage gauges, read at each scrape."""
+
+    def update() -> None:
+        outage = store.outage
+        metrics.store_degraded.set(1 if outage.degraded else 0)
+        lasted = time.monotonic() - outage.since if outage.degraded else outage.last_s
+        metrics.store_outage_seconds.set(lasted)
+        metrics.store_outages.set(outage.count)
+        metrics.store_instances.set(store.instances)
+
+    return update
 
 
 async def _sample(store: Store, catalog: Catalog, metrics: Metrics, transcripts: Transcripts) -> None:

@@ -8,7 +8,7 @@ key, an id, an IP or a customer.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -286,6 +286,23 @@ class Metrics:
         self.draining = self._make(
             "gauge", p + "draining", "1 once this instance received SIGTERM and is shutting down."
         )
+        # Through a Redis outage (redis.on_outage: fail_open; admission/fallback.py).
+        self.store_degraded = self._make(
+            "gauge",
+            p + "store_degraded",
+            "1 while Redis is unreachable and this instance admits locally within its share.",
+        )
+        self.store_outage_seconds = self._make(
+            "gauge", p + "store_outage_seconds", "How long the current (or the last) Redis outage lasted."
+        )
+        self.store_outages = self._make(
+            "gauge", p + "store_outages", "Redis outages this instance lived through since it started."
+        )
+        self.store_instances = self._make(
+            "gauge", p + "store_instances", "Live gateway instances (heartbeats): a limit's share is 1/N."
+        )
+        # Read at each scrape (set by app.py): the outage gauges are never a sample behind.
+        self.on_collect: list[Callable[[], None]] = []
         registry.register(self)
 
     def running_config(self, config_hash: str) -> None:
@@ -304,6 +321,8 @@ class Metrics:
         return metric
 
     def collect(self) -> Iterator[Metric]:
+        for update in self.on_collect:
+            update()
         for task, restarts in health.RESTARTS.items():
             self.background_alive.labels(task).set(1 if health.ALIVE.get(task, 0) > 0 else 0)
             self.background_restarts.labels(task).set(restarts)

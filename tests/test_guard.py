@@ -18,8 +18,8 @@ import aiohttp
 import pytest
 
 from gateway.app import CONFIG, ENGINE
-from gateway.products.catalog import Catalog
 from gateway.products import ws_wire
+from gateway.products.catalog import Catalog
 from gateway.proxy import http1
 from gateway.sim.app import SimConfig
 from tests.helpers import gateway_config, metric, running_gateway, running_sim, self_signed_tls

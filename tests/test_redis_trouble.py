@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 
 from gateway.app import TRANSCRIPTS
 from gateway.sim.app import SimConfig
-from tests.helpers import free_port, stack
+from tests.helpers import free_port, metric, stack
 
 KEY = {"Authorization": "k"}
 
@@ -163,6 +163,8 @@ async def test_fail_open_redis_down_keeps_serving_and_readyz_says_degraded() -> 
         async with http.get(s.url + "/readyz") as r:
             body = await r.json()
             assert r.status == 200 and body["store_state"].startswith("degraded"), body
+        assert metric(s.registry, "aai_gateway_store_degraded") == 1
+        assert metric(s.registry, "aai_gateway_store_outages") == 1
         await redis.start()  # same port, empty
         deadline = time.monotonic() + 8
         while True:
@@ -173,3 +175,5 @@ async def test_fail_open_redis_down_keeps_serving_and_readyz_says_degraded() -> 
             await asyncio.sleep(0.1)
         async with http.get(s.url + "/v2/transcript/c", headers=KEY) as r:
             assert r.status == 404
+        assert metric(s.registry, "aai_gateway_store_degraded") == 0
+        assert metric(s.registry, "aai_gateway_store_outage_seconds") > 0
