@@ -157,6 +157,8 @@ class Window(_Model):
     limit: int = Field(gt=0)
     window_s: float = Field(gt=0)
     guard_ms: int | None = Field(None, ge=0)  # per-limit override of limits.guard_ms
+    # Shadow mode for this limit alone (limits.shadow: for every limit).
+    shadow: bool = False
 
 
 class ModelWindow(_Model):
@@ -188,6 +190,10 @@ class Requests(Window):
 class Limits(_Model):
     plan: Literal["free", "paid"] = "paid"
     guard_ms: int = Field(100, ge=0)
+    # Shadow mode: every limit is decided and recorded (what would have waited or been
+    # refused: metrics aai_gateway_shadow_*, a log line each) but requests are forwarded at
+    # once. For rolling the gateway out in front of a live account.
+    shadow: bool = False
     async_concurrency: int = Field(gt=0)
     streaming_sessions: Window
     llm_requests: LlmRequests

@@ -286,6 +286,14 @@ class Metrics:
         self.draining = self._make(
             "gauge", p + "draining", "1 once this instance received SIGTERM and is shutting down."
         )
+        # Shadow mode (limits.shadow): what the gateway would have decided, enforced or not.
+        self.shadow_decisions = self._make(
+            "counter",
+            p + "shadow_decisions_total",
+            "Decisions on limits in shadow mode: admitted, would_wait, would_refuse (forwarded at once "
+            "all the same), unknown (the store did not answer).",
+            ["limit", "decision"],
+        )
         # Through a Redis outage (redis.on_outage: fail_open; admission/fallback.py).
         self.store_degraded = self._make(
             "gauge",
@@ -352,3 +360,6 @@ class Metrics:
 
     def lapsed(self) -> None:
         self.lapsed_total.inc()
+
+    def shadow(self, limit: Limit, decision: str, group: str) -> None:
+        self.shadow_decisions.labels(limit.metric_label, decision).inc()

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import math
 import os
 import random
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from ..clock import Clock
 from ..errors import GatewayError, QueueFull, RateLimited, StoreUnavailable, WaitTimeout
@@ -31,6 +32,7 @@ from .waking import EngineObserver, Waiter, Waking
 
 log = logging.getLogger(__name__)
 
+FORCED = 1 << 40  # the capacity a shadow limit is taken with once decided: never blocks
 MAX_OWED = 100_000  # owed releases kept per instance; beyond, the oldest lapse by their TTLs
 
 
@@ -127,6 +129,12 @@ class AdmissionEngine(Waking):
         waits, so it is not counted in the refusal metric.
         """
         ordered_limits = ordered(limits)
+        if any(limit.shadow for limit in ordered_limits):
+            return await self._shadowed(
+                ordered_limits, max_wait_s=max_wait_s, max_depth=max_depth, priority=priority,
+                group=group, ticket=ticket, seq=seq, durable=durable, owner=owner,
+                max_owner_depth=max_owner_depth,
+            )  # fmt: skip
         start = self._clock.now()
         w = Waiter(
             ticket or f"{self.instance}.{next(self._ids):x}",
@@ -175,6 +183,56 @@ class AdmissionEngine(Waking):
             # Refused, timed out, or abandoned (cancelled): hold nothing. FULL kept nothing.
             if not w.admitted and not durable and not (w.last is not None and w.last.status in _KEPT_NOTHING):
                 await self._abort(w)
+
+    async def _shadowed(self, limits: tuple[Limit, ...], **admit: Any) -> Grant:
+        """Shadow mode: the limits not in shadow are enforced as always (``admit``); those in
+        shadow are decided as they would be, the decision recorded (metrics, a log line when
+        it differs), and then taken whatever it was, so the request is forwarded at once and
+        the store still counts it as upstream will (a window in shadow keeps what really
+        arrived). One store call when the decision is "admitted", two when it differs."""
+        start = self._clock.now()
+        enforced = tuple(limit for limit in limits if not limit.shadow)
+        shadow = tuple(limit for limit in limits if limit.shadow)
+        group = str(admit.get("group", ""))
+        grant = await self.admit(enforced, **admit) if enforced else None
+        ticket = grant.ticket if grant else (admit.get("ticket") or f"{self.instance}.{next(self._ids):x}")
+        request = AcquireRequest(
+            ticket=ticket,
+            limits=shadow,
+            priority=int(admit.get("priority", 0)),
+            seq=int(admit.get("seq", 0)),
+            ttl_ms=self._ttl_ms,
+            max_depth=int(admit.get("max_depth", 10_000)),
+            floor=self._max_seq,
+        )
+        try:
+            result = await self.store.acquire(request)
+            if result.status is Status.ADMITTED:
+                decision, states = "admitted", result.states
+            else:
+                blocked = shadow[result.blocked - 1]
+                decision = "would_wait" if result.status is Status.BLOCKED else "would_refuse"
+                log.info(
+                    "shadow: %s on the %r limit (%d per %s; %d ahead); forwarded at once",
+                    decision.replace("_", " "), blocked.name, blocked.capacity, _span(blocked), result.ahead,
+                )  # fmt: skip
+                # Taken whatever the capacity (the same keys): upstream will count it.
+                forced = tuple(dataclasses.replace(limit, capacity=FORCED) for limit in shadow)
+                result = await self.store.acquire(request._replace(limits=forced, seq=result.seq))
+                states = tuple(s._replace(remaining=max(0, s.remaining - FORCED + limit.capacity))
+                               for s, limit in zip(result.states, shadow, strict=True))  # fmt: skip
+        except StoreUnavailable:
+            decision, states = "unknown", tuple(LimitState(0, limit.lease_ms) for limit in shadow)
+        for limit in shadow:
+            self._obs.shadow(limit, decision, group)
+        if grant is None:
+            self._obs.admitted(shadow, states, self._clock.now() - start, group)
+            return Grant(ticket, shadow, states, 0.0)
+        by_name = dict(
+            zip((limit.name for limit in (*grant.limits, *shadow)), (*grant.states, *states), strict=True)
+        )
+        every = ordered((*grant.limits, *shadow))
+        return Grant(ticket, every, tuple(by_name[limit.name] for limit in every), grant.waited_s)
 
     def _refusal(
         self,

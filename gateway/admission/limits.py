@@ -51,6 +51,8 @@ class Limit:
     rank: int
     window_ms: int = 0
     label: str = ""
+    # Shadow mode: decided and recorded, never enforced (the request is forwarded at once).
+    shadow: bool = False
 
     @property
     def sort_key(self) -> tuple[int, str]:

@@ -51,6 +51,8 @@ class EngineObserver(Protocol):
 
     def lapsed(self) -> None: ...
 
+    def shadow(self, limit: Limit, decision: str, group: str) -> None: ...
+
 
 class NullObserver:
     def admitted(
@@ -65,6 +67,9 @@ class NullObserver:
         pass
 
     def lapsed(self) -> None:
+        pass
+
+    def shadow(self, limit: Limit, decision: str, group: str) -> None:
         pass
 
 

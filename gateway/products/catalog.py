@@ -12,6 +12,7 @@ configured and known models are labelled by name, every other model as ``llm:oth
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 from ..admission.limits import (
@@ -112,6 +113,15 @@ class Catalog:
             else None
         )
         self._models: dict[str, Limit] = {name: self._make_model(name) for name in llm.models}
+        if cfg.shadow or req.shadow:
+            self.requests = _shadowed(self.requests)
+        if cfg.shadow or und.shadow or llm.shadow:
+            self.understanding = _shadowed(self.understanding)
+        if cfg.shadow or ss.shadow:
+            self.streaming_sessions = _shadowed(self.streaming_sessions)
+        if cfg.shadow:
+            self.async_jobs = _shadowed(self.async_jobs)
+            self.open_sessions = _shadowed(self.open_sessions) if self.open_sessions else None
         check_classes(self.classes())
 
     def _make_model(self, model: str) -> Limit:
@@ -120,7 +130,9 @@ class Catalog:
         capacity = override.limit if override else llm.limit
         window_s = (override.window_s if override and override.window_s else None) or llm.window_s
         label = f"llm:{model}" if (model in llm.models or model in KNOWN_MODELS) else "llm:other"
-        return window_limit(f"llm:{model}", capacity, window_s, self._llm_guard, rank=RANK_MODEL, label=label)
+        name = f"llm:{model}"
+        limit = window_limit(name, capacity, window_s, self._llm_guard, rank=RANK_MODEL, label=label)
+        return _shadowed(limit) if self._cfg.shadow or llm.shadow else limit
 
     def model(self, model: str) -> Limit:
         """The per-model limit (call ``valid_model_name`` first)."""
@@ -167,3 +179,7 @@ class Catalog:
 
 def _guard(override: int | None, default: int) -> int:
     return default if override is None else override
+
+
+def _shadowed(limit: Limit) -> Limit:
+    return dataclasses.replace(limit, shadow=True)
