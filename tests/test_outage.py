@@ -111,23 +111,38 @@ async def until(check: object, within: float = 3.0) -> None:
         await asyncio.sleep(0.02)
 
 
-async def test_each_instance_admits_its_share_counting_what_it_took_before() -> None:
+async def test_each_instance_admits_its_part_of_what_the_account_had_left() -> None:
     async with instances(3) as (redis, stores, (a, b, c)):
         assert all(s.instances == 3 for s in stores)
-        assert await admitted(a, [WINDOW], 1) == 1  # through Redis, before the outage
+        for engine in (a, b, c):  # through Redis: each reply says how many tokens are out
+            assert await admitted(engine, [WINDOW], 1) == 1
         redis.down = True
-        # Share 6 // 3 = 2 each; A already took one in this window.
-        assert await admitted(a, [WINDOW], 4) == 1
-        assert await admitted(b, [WINDOW], 4) == 2
-        assert await admitted(c, [WINDOW], 4) == 2
+        # 3 of 6 out: each instance may take (6 - what it last saw out) // 3 more.
+        assert await admitted(a, [WINDOW], 4) == 1  # saw 1 out: 5 // 3
+        assert await admitted(b, [WINDOW], 4) == 1  # saw 2 out: 4 // 3
+        assert await admitted(c, [WINDOW], 4) == 1  # saw 3 out: 3 // 3
         assert all(s.degraded for s in stores)
         assert sum(s.outage.count for s in stores) == 3
         redis.down = False
         await until(lambda: not any(s.degraded for s in stores))
-        # Written back: Redis counts every token taken during the outage, and A's first.
+        # Written back: Redis counts every token taken, before and during the outage.
         assert (await redis.inner.usage(WINDOW))[0] == 6
         assert await admitted(b, [WINDOW], 2) == 0  # the window is full, as upstream sees it
         assert all(s.outage.last_s > 0 for s in stores)
+
+
+async def test_uneven_use_before_the_outage_never_puts_the_account_over() -> None:
+    """One instance took most of the window just before Redis died: the others must not
+    each take a full share on top (that would be 4 + 2 + 2 of 6)."""
+    async with instances(3) as (redis, stores, (a, b, c)):
+        assert await admitted(a, [WINDOW], 4) == 4
+        assert await admitted(b, [WINDOW], 1) == 1  # B saw 5 out
+        redis.down = True
+        got = [await admitted(e, [WINDOW], 4) for e in (a, b, c)]
+        assert got == [0, 0, 0], got  # A: 2 // 3, B: 1 // 3, C never saw the limit: full
+        assert 5 + sum(got) <= WINDOW.capacity
+        redis.down = False
+        await until(lambda: not any(s.degraded for s in stores))
 
 
 async def test_concurrency_leases_held_across_the_outage_stay_counted() -> None:

@@ -9,23 +9,30 @@ the same semantics) holding this instance's SHARE of every limit:
     share(limit) = capacity // live instances      (at least 0)
 
 where the number of live instances is the last one read from the instances' heartbeats in
-Redis. The embedded store starts with what this instance was granted before the outage
-(window leases still inside their lease life, concurrency leases held), so in every window
-the instance admits at most its share, counting the tokens it took just before Redis
-stopped answering. Across the account, during the outage:
+Redis. What the account had already taken when Redis stopped answering counts too: every
+reply from Redis says how many tokens of each limit were out (``capacity - remaining``, or
+all of them when it blocked), and the embedded store starts with the instance's part of what
+was left: for each limit, the last count ``G`` seen at ``t``, it may admit
+``(capacity - G) // instances`` until ``t + lease life`` (when every token out at ``t`` has
+come back), then its share per window. A limit this instance has not seen is taken as full
+for one lease life. Across the account, during the outage:
 
-    arrivals upstream in any window  <=  sum of the instances' shares  <=  capacity
+    arrivals upstream in any window  <=  what was out + the instances' parts  <=  capacity
 
 provided the instances alive are the ones counted (an instance started during the outage,
 never seen in a heartbeat, is not; its admissions come on top). Waiters move to the local
 store (their tickets, unknown there, are evaluated afresh in their order), so nobody gets a
 503 because Redis died; with a share of 0 (more instances than tokens) they wait.
 
-When Redis answers again, this instance writes back every lease it holds locally (window and
-concurrency, each with the time it has left: ``renew(create=True)``), so the shared view is
-not emptier than upstream's, keeps admitting locally for ``settle_s`` (so every other
-instance notices the return and writes back its own), then switches back and resynchronises
-its waiters. Releases of tickets granted locally go to both stores (harmless twice).
+When Redis answers again, this instance writes back the leases it holds (its window leases
+still inside their lease life, before or during the outage: Redis may have come back empty;
+the concurrency leases it granted or renewed during the outage), each with the time it has
+left (``renew(create=True)``), so the shared view is not emptier than upstream's; keeps
+admitting locally for ``settle_s`` (every other instance notices the return and writes back
+its own meanwhile), writing back each of those admissions at once; then switches back and
+resynchronises its waiters. A concurrency lease from before the outage is not written back:
+another instance may have ended its work since, and a lease the gateway knows is running is
+restored by its own renewals anyway.
 
 ``fail_closed`` is the behaviour without this module: ``StoreUnavailable`` (503 at once,
 charged nothing).
@@ -46,7 +53,7 @@ from ..clock import Clock
 from ..errors import StoreUnavailable
 from .health import supervise
 from .keys import Keys
-from .limits import Limit
+from .limits import Kind, Limit
 from .memory import MemoryStore
 from .store import RESYNC, AcquireRequest, AcquireResult, Status, Store, WakeCallback
 
@@ -105,6 +112,10 @@ class FallbackStore:
         self._held: dict[str, dict[str, tuple[Limit, int]]] = {}
         self._callbacks: list[WakeCallback] = []
         self._local_only: set[str] = set()  # tickets first seen while degraded: not in Redis
+        # The account's view, from Redis's replies: limit name -> (limit, tokens out, when).
+        self._seen: dict[str, tuple[Limit, int, int]] = {}
+        self._seeded: set[str] = set()  # limits the local store was started on
+        self._during: set[str] = set()  # tickets granted or renewed locally (concurrency write-back)
         self._task: asyncio.Task[None] | None = None
         self._next_prune = 0
 
@@ -116,15 +127,24 @@ class FallbackStore:
             except StoreUnavailable as exc:
                 await self._degrade(exc)
             else:
+                self._observe(request.limits, result)
                 if result.status is Status.ADMITTED:
                     self._granted(request.ticket, request.limits)
                 return result
-        assert self._local is not None
+        local = self._local
+        assert local is not None
         if request.seq == 0:  # its first acquire: Redis never saw this ticket
             self._local_only.add(request.ticket)
-        result = await self._local.acquire(request._replace(limits=self._shares(request.limits)))
+        for limit in request.limits:
+            if limit.name not in self._seeded:
+                await self._seed(local, limit)
+        result = await local.acquire(request._replace(limits=self._shares(request.limits)))
         if result.status is Status.ADMITTED:
             self._granted(request.ticket, request.limits)
+            self._during.add(request.ticket)
+            if self._settling:  # the others may be back on Redis already: tell it now
+                with contextlib.suppress(StoreUnavailable):
+                    await self._write_back_ticket(request.ticket)
         return result
 
     async def release(self, ticket: str, limits: Sequence[Limit], *, tombstone: bool = False) -> int:
@@ -151,6 +171,7 @@ class FallbackStore:
             live = await self._local.renew(ticket, self._share(limit), ttl_ms, create=create)
             if live:
                 self._hold(ticket, limit, ttl_ms)
+                self._during.add(ticket)
             return live
         live = await self.primary.renew(ticket, limit, ttl_ms, create=create)
         if live:
@@ -206,6 +227,39 @@ class FallbackStore:
             del self._held[ticket]
         self._next_prune = now + 1000
 
+    def _observe(self, limits: Sequence[Limit], result: AcquireResult) -> None:
+        """How many tokens of each limit the account had out, per Redis's reply."""
+        at = self._clock.now_ms()
+        if result.status is Status.ADMITTED:
+            for limit, state in zip(limits, result.states, strict=False):
+                self._seen[limit.name] = (limit, limit.capacity - state.remaining, at)
+        elif result.status is Status.BLOCKED and 0 < result.blocked <= len(limits):
+            limit = limits[result.blocked - 1]
+            self._seen[limit.name] = (limit, limit.capacity, at)
+
+    async def _seed(self, local: MemoryStore, limit: Limit) -> None:
+        """Start the local store on ``limit`` with this instance's part of what the account
+        had left: placeholders hold the rest of its share until every token out when Redis
+        was last heard of has come back (a window's lease life; a concurrency limit's lease
+        TTL). Unseen: taken as full for that long."""
+        self._seeded.add(limit.name)
+        now = self._clock.now_ms()
+        limit, out, at = self._seen.get(limit.name, (limit, limit.capacity, now))
+        ttl = at + limit.lease_ms - now
+        if ttl <= 0:
+            return
+        instances = max(1, self.instances)
+        left = max(0, limit.capacity - out) // instances
+        share = self._share(limit)
+        # This instance's own leases go in as themselves (one that ends frees its slot);
+        # placeholders stand for the rest of what was out.
+        mine = [(t, held[limit.name][1]) for t, held in self._held.items() if limit.name in held]
+        mine = [(t, end) for t, end in mine if end > now]
+        for ticket, end in mine:
+            await local.renew(ticket, share, end - now, create=True)
+        for i in range(max(0, share.capacity - left - len(mine))):
+            await local.renew(f"~held:{limit.name}:{i}", share, ttl, create=True)
+
     # -- shares ------------------------------------------------------------------------------
     def _share(self, limit: Limit) -> Limit:
         return dataclasses.replace(limit, capacity=limit.capacity // max(1, self.instances))
@@ -235,13 +289,8 @@ class FallbackStore:
             exc.detail,
             self.instances,
         )
-        # What this instance was granted and still counts, it counts locally too (before any
-        # local admission: nothing here awaits anything but the embedded store).
-        now = self._clock.now_ms()
-        for ticket, held in list(self._held.items()):
-            for limit, end in list(held.values()):
-                if end > now:
-                    await local.renew(ticket, self._share(limit), end - now, create=True)
+        self._seeded.clear()
+        self._during.clear()
         for callback in self._callbacks:  # its wake-ups; RESYNC: every head is asked again
             await local.subscribe(callback)
 
@@ -291,12 +340,17 @@ class FallbackStore:
             callback(RESYNC)  # every waiter is asked again, of Redis
 
     async def _write_back(self) -> None:
-        """Every lease this instance holds, into Redis, with the time it has left."""
+        """The leases this instance holds, into Redis, with the time each has left: window
+        leases all (Redis may have come back empty), concurrency leases granted or renewed
+        during the outage only."""
+        for ticket in list(self._held):
+            await self._write_back_ticket(ticket)
+
+    async def _write_back_ticket(self, ticket: str) -> None:
         now = self._clock.now_ms()
-        for ticket, held in list(self._held.items()):
-            for limit, end in list(held.values()):
-                if end > now:
-                    await self.primary.renew(ticket, limit, end - now, create=True)
+        for limit, end in list(self._held.get(ticket, {}).values()):
+            if end > now and (limit.kind is Kind.WINDOW or ticket in self._during):
+                await self.primary.renew(ticket, limit, end - now, create=True)
 
 
 def heartbeat(client: Any, keys: Keys, instance: str | None = None) -> Callable[[], Awaitable[int]]:
