@@ -38,9 +38,9 @@ from .admission.health import supervise
 from .admission.keys import Keys
 from .admission.limits import OrderError
 from .admission.memory import MemoryStore
-from .admission.pipelined import PipelinedRedis
-from .admission.redis_store import RedisStore, make_client
+from .admission.redis_store import RedisStore
 from .admission.store import Store
+from .admission.topology import connect
 from .clock import Clock, SystemClock
 from .config import Config
 from .errors import GatewayError, NotFound, StoreUnavailable
@@ -298,21 +298,13 @@ async def target_middleware(
 def make_store(config: Config, clock: Clock, on_call: Callable[[str], None] | None = None) -> Store:
     if config.redis.url is None:
         return MemoryStore(clock)
-    client = make_client(
-        config.redis.url,
-        timeout_ms=config.redis.timeout_ms,
-        connect_timeout_ms=config.redis.connect_timeout_ms,
-        pool_size=config.redis.pool_size,
-    )
     keys = Keys(prefix=config.redis.key_prefix, account=config.account)
-    pipelined = PipelinedRedis(
-        config.redis.url,
-        timeout_ms=config.redis.timeout_ms,
-        connect_timeout_ms=config.redis.connect_timeout_ms,
-    )
+    conns = connect(config.redis, keys)  # one server, a Cluster or Sentinel's primary
+    client = conns.client
     shared = RedisStore(
-        client, keys, sharded_pubsub=config.redis.sharded, pipelined=pipelined, on_call=on_call
-    )
+        client, keys, sharded_pubsub=config.redis.sharded, pipelined=conns.pipelined, on_call=on_call,
+        subscriber=conns.subscriber,
+    )  # fmt: skip
     if config.redis.on_outage == "fail_closed":
         return shared
     return FallbackStore(shared, clock, beat=heartbeat(client, keys))

@@ -9,7 +9,8 @@ readiness, admin, tests).
 
 Failure model: replies come back in the order commands were sent, so the first thing that
 could break that order (a timeout, a lost or refused connection) fails every command in
-flight on that socket and drops it; the next call reconnects. Errors are redis-py's
+flight on that socket and drops it; the next call reconnects (and, given ``locate``, finds
+the server anew: so does a MOVED/ASK/READONLY reply). Errors are redis-py's
 exception types, so RedisStore translates them in one place. A caller that is cancelled
 leaves its reply to be read and discarded: the order is kept.
 """
@@ -19,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import hiredis
@@ -27,6 +28,11 @@ from redis import exceptions as redis_errors
 from redis.connection import parse_url
 
 FLUSH_AT = 64  # commands buffered in one loop turn before they are written without waiting for its end
+# Error replies that mean "not here": the account's slot moved (Cluster) or the server was
+# demoted to a replica (a failover); the connection is dropped and the server located again.
+_ELSEWHERE = ("MOVED ", "ASK ", "READONLY ", "CLUSTERDOWN ")
+
+Locate = Callable[[], Awaitable[tuple[str, int]]]  # where the data lives now: (host, port)
 
 
 class _Protocol(asyncio.Protocol):
@@ -53,6 +59,12 @@ class _Protocol(asyncio.Protocol):
                 if waiter.done():
                     continue  # its caller gave up; the reply is read so the order holds
                 if isinstance(reply, hiredis.ReplyError):
+                    if str(reply).startswith(_ELSEWHERE):
+                        # The data is no longer on this server (a resharding, a failover, a
+                        # demoted primary): drop the socket, the next call locates it again.
+                        waiter.set_exception(redis_errors.ConnectionError(f"redis moved: {reply}"))
+                        self.fail(redis_errors.ConnectionError(f"redis moved: {reply}"))
+                        return
                     waiter.set_exception(redis_errors.ResponseError(str(reply)))
                 else:
                     waiter.set_result(reply)
@@ -126,10 +138,18 @@ def array_header(count: int) -> bytes:
 
 
 class PipelinedRedis:
-    """``await conn.call("EVALSHA", ...)`` over one pipelined connection to ``url``."""
+    """``await conn.call("EVALSHA", ...)`` over one pipelined connection to ``url``.
 
-    def __init__(self, url: str, *, timeout_ms: int = 250, connect_timeout_ms: int = 500) -> None:
+    ``locate``, when given, names the server at each (re)connect instead of ``url``'s host
+    (the slot's master on a Cluster, Sentinel's primary: topology.py); ``url`` still gives
+    the user, password, database and TLS.
+    """
+
+    def __init__(
+        self, url: str, *, timeout_ms: int = 250, connect_timeout_ms: int = 500, locate: Locate | None = None
+    ) -> None:
         self._opts = parse_url(url)  # type: ignore[no-untyped-call]
+        self._locate = locate
         self._timeout = timeout_ms / 1000
         self._connect_timeout = connect_timeout_ms / 1000
         self._proto: _Protocol | None = None
@@ -138,6 +158,12 @@ class PipelinedRedis:
     async def _open(self) -> _Protocol:
         loop = asyncio.get_running_loop()
         opts = self._opts
+        if self._locate is not None:
+            try:
+                host, port = await asyncio.wait_for(self._locate(), 2 * self._connect_timeout)
+            except TimeoutError as exc:
+                raise redis_errors.TimeoutError("timed out locating redis") from exc
+            opts = {**opts, "host": host, "port": port}
         if "path" in opts:
             coro = loop.create_unix_connection(lambda: _Protocol(self._timeout), opts["path"])
         else:

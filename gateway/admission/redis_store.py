@@ -19,7 +19,7 @@ import contextlib
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 from typing import Any
 
@@ -85,6 +85,7 @@ class RedisStore:
         on_call: Any = None,
         pipelined: PipelinedRedis | None = None,
         heartbeat_s: float = HEARTBEAT_S,
+        subscriber: Callable[[], Awaitable[aioredis.Redis]] | None = None,
     ) -> None:
         """``client`` is shared and owned by the caller's lifecycle unless ``close`` is called.
 
@@ -93,8 +94,11 @@ class RedisStore:
         ``on_call(verb)`` is called once per round trip (metrics, benchmark counts).
         ``pipelined``, when given, carries the scripts (the hot path); ``client`` then serves
         only pub/sub, pings and reads. ``heartbeat_s`` bounds how long a silent
-        subscription goes unchecked (see _listen).
+        subscription goes unchecked (see _listen). ``subscriber``, when given, makes the
+        client each (re)subscription uses, closed with it (Cluster: the channel's shard owner,
+        topology.py); else ``client`` subscribes.
         """
+        self._subscriber = subscriber
         self._heartbeat_s = heartbeat_s
         self.heartbeat_failures = 0  # subscriptions torn down because a PING went unanswered
         self._pipe = pipelined
@@ -310,8 +314,12 @@ class RedisStore:
         loop = asyncio.get_running_loop()
         beat = self._heartbeat_s
         while True:
-            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+            own: aioredis.Redis | None = None
+            pubsub: Any = None
             try:
+                if self._subscriber is not None:
+                    own = await asyncio.wait_for(self._subscriber(), beat * 4)
+                pubsub = (self._client if own is None else own).pubsub(ignore_subscribe_messages=True)
                 if self._sharded:
                     await asyncio.wait_for(pubsub.ssubscribe(channel), beat * 2)
                 else:
@@ -355,8 +363,12 @@ class RedisStore:
                 backoff = min(backoff * 2, 1.0)
             finally:
                 # Bounded: closing a half-open connection must not hang the resubscription.
-                with contextlib.suppress(Exception, asyncio.TimeoutError):
-                    await asyncio.wait_for(pubsub.aclose(), 1.0)  # type: ignore[no-untyped-call]
+                if pubsub is not None:
+                    with contextlib.suppress(Exception, asyncio.TimeoutError):
+                        await asyncio.wait_for(pubsub.aclose(), 1.0)
+                if own is not None:
+                    with contextlib.suppress(Exception, asyncio.TimeoutError):
+                        await asyncio.wait_for(own.aclose(), 1.0)
 
     async def close(self) -> None:
         if self._pipe is not None:
