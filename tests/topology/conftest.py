@@ -1,14 +1,17 @@
 """The store contract suite on the two other topologies: a real 3-master Redis Cluster and a
 primary + replica + 3 sentinels (tests/topologies.py starts them on ports of their own).
 
-``store_env`` is overridden here, so test_store_contract.py in this folder (the contract
-suite, imported) runs once on a RedisCluster-backed and once on a Sentinel-backed
-RedisStore, both built by the production factory (gateway/admission/topology.py).
+``store_env``, ``jobs`` and ``ledger`` are overridden here, so the contract suites imported
+by this folder's modules (the store, the job store, the usage ledger) run once on a
+RedisCluster client and once on Sentinel's primary client, both built by the production
+factory (gateway/admission/topology.py).
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -19,7 +22,12 @@ from gateway.admission.store import Store
 from gateway.admission.topology import Connections, connect
 from gateway.clock import SystemClock
 from gateway.config import RedisSettings, Sentinel
+from gateway.ledger import Ledger, RedisLedger
+from gateway.products.transcripts.jobs import JobStore
+from gateway.products.transcripts.redis_jobs import RedisJobStore
 from tests.conftest import StoreEnv
+from tests.contract.test_job_store import Wall as JobWall
+from tests.contract.test_ledger import Wall as LedgerWall
 from tests.topologies import SERVICE, Cluster, SentinelSet, cluster, sentinel_set
 
 
@@ -57,10 +65,7 @@ def store_on(conns: Connections, keys: Keys, settings: RedisSettings) -> RedisSt
 
 @pytest.fixture(params=["cluster", "sentinel"])
 async def store_env(request: pytest.FixtureRequest, keys: Keys) -> AsyncIterator[StoreEnv]:
-    if request.param == "cluster":
-        settings = cluster_settings(request.getfixturevalue("redis_cluster"), timeout_ms=2000)
-    else:
-        settings = sentinel_settings(request.getfixturevalue("redis_sentinels"), timeout_ms=2000)
+    settings = topology_settings(request, timeout_ms=2000)
     made: list[Connections] = []
 
     def make() -> Store:
@@ -78,3 +83,38 @@ async def store_env(request: pytest.FixtureRequest, keys: Keys) -> AsyncIterator
             await client.delete(key)
     for conns in made:
         await conns.client.aclose()
+
+
+def topology_settings(request: pytest.FixtureRequest, **kw: Any) -> RedisSettings:
+    if request.param == "cluster":
+        return cluster_settings(request.getfixturevalue("redis_cluster"), **kw)
+    return sentinel_settings(request.getfixturevalue("redis_sentinels"), **kw)
+
+
+@asynccontextmanager
+async def topology_client(request: pytest.FixtureRequest, keys: Keys) -> AsyncIterator[Any]:
+    """The shared redis-py client of the requested topology; the keys under ``keys.prefix``
+    are deleted afterwards."""
+    conns = connect(topology_settings(request, timeout_ms=2000), keys)
+    try:
+        yield conns.client
+        async for key in conns.client.scan_iter(match=f"{keys.prefix}:*"):
+            await conns.client.delete(key)
+    finally:
+        await conns.client.aclose()
+
+
+@pytest.fixture(params=["cluster", "sentinel"])
+async def jobs(request: pytest.FixtureRequest) -> AsyncIterator[tuple[JobStore, Any]]:
+    keys = Keys(prefix="jobs" + uuid.uuid4().hex[:8])
+    async with topology_client(request, keys) as client:
+        wall = JobWall()
+        yield RedisJobStore(client, keys, wall=wall), wall
+
+
+@pytest.fixture(params=["cluster", "sentinel"])
+async def ledger(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Ledger, Any]]:
+    keys = Keys(prefix="usage" + uuid.uuid4().hex[:8])
+    async with topology_client(request, keys) as client:
+        wall = LedgerWall()
+        yield RedisLedger(client, keys, wall=wall), wall
