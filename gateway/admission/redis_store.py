@@ -26,6 +26,7 @@ from typing import Any
 import hiredis
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
@@ -281,7 +282,16 @@ class RedisStore:
         return int(out), int(waiting)
 
     async def ping(self) -> None:
-        await self._call("ping", self._client.ping(), breaker=False)
+        client = self._client
+        if isinstance(client, RedisCluster):
+            await self._call("ping", self._ping_shard(client), breaker=False)
+            return
+        await self._call("ping", client.ping(), breaker=False)
+
+    async def _ping_shard(self, client: RedisCluster) -> Any:
+        """PING the master that holds the account (a Cluster's default node may be another)."""
+        await client.initialize()
+        return await client.ping(target_nodes=client.get_node_from_key(self._keys.base))
 
     async def subscribe(self, callback: WakeCallback, *, ready_timeout_s: float = 2.0) -> None:
         """Start the subscription; wait (bounded) until it is live, so no early wake is lost.
