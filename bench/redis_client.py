@@ -9,6 +9,10 @@ parsing). Only the client underneath changes:
     redis-py hiredis, plain pool
                               the same with redis-py's non-blocking ConnectionPool
     redis-py python-parser    BlockingConnectionPool with redis._parsers._AsyncRESP2Parser
+    pipelined (hot path)      gateway.admission.pipelined.PipelinedRedis under RedisStore,
+                              as the gateway runs it on one server
+    pipelined, located        the same with a ``locate`` (how Cluster and Sentinel point it at
+                              the account's server: topology.py), here naming the same server
     lean hiredis protocol     a 60-line asyncio.Protocol: one pipelined connection, commands
                               packed by hiredis.pack_command, replies parsed by hiredis.Reader,
                               every call bounded by asyncio.timeout (what a hand-rolled
@@ -49,6 +53,7 @@ from redis._parsers import _AsyncRESP2Parser  # noqa: E402
 
 from gateway.admission.keys import Keys  # noqa: E402
 from gateway.admission.limits import RANK_WINDOW, window_limit  # noqa: E402
+from gateway.admission.pipelined import PipelinedRedis  # noqa: E402
 from gateway.admission.redis_store import RedisStore, make_client  # noqa: E402
 from gateway.admission.store import AcquireRequest, Status  # noqa: E402
 
@@ -121,6 +126,13 @@ class LeanScript:
         return await self.client.execute("EVALSHA", self.sha, len(keys), *keys, *args)
 
 
+def here(port: int) -> Callable[[], Awaitable[tuple[str, int]]]:
+    async def locate() -> tuple[str, int]:
+        return "127.0.0.1", port
+
+    return locate
+
+
 def redis_py_client(url: str, kind: str) -> aioredis.Redis:
     if kind == "hiredis":
         return make_client(url)  # the product's client, as shipped
@@ -140,6 +152,8 @@ CLIENTS = {
     "redis-py hiredis (shipped)": "hiredis",
     "redis-py hiredis, plain pool": "plain",
     "redis-py python-parser": "python",
+    "pipelined (hot path)": "pipelined",
+    "pipelined, located": "located",
     "lean hiredis protocol": "lean",
 }
 
@@ -148,8 +162,13 @@ async def run_one(client_name: str, port: int, calls: int, concurrency: int, rou
     """CPU seconds per acquire, for ``calls`` acquires from ``concurrency`` tasks."""
     url = f"redis://127.0.0.1:{port}/0"
     kind = CLIENTS[client_name]
-    client = make_client(url) if kind == "lean" else redis_py_client(url, kind)
-    store = RedisStore(client, Keys(prefix="bench", account="redis-client"))
+    client = make_client(url) if kind in ("lean", "pipelined", "located") else redis_py_client(url, kind)
+    pipelined = None
+    if kind in ("pipelined", "located"):
+        pipelined = PipelinedRedis(
+            url, timeout_ms=int(TIMEOUT_S * 1000), locate=here(port) if kind == "located" else None
+        )
+    store = RedisStore(client, Keys(prefix="bench", account="redis-client"), pipelined=pipelined)
     lean = None
     if kind == "lean":
         lean = await LeanClient.connect("127.0.0.1", port)
@@ -177,6 +196,8 @@ async def run_one(client_name: str, port: int, calls: int, concurrency: int, rou
     finally:
         if lean is not None:
             lean.close()
+        if pipelined is not None:
+            await pipelined.close()
         await client.aclose()
     return cpu / (calls // concurrency * concurrency)
 
