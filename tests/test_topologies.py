@@ -176,7 +176,10 @@ async def test_a_failover_under_load_is_a_short_burst_of_fast_503s(
                 await asyncio.sleep(max(0.0, start_at + n / rate - time.monotonic()))
             await asyncio.gather(*tasks)
             done = await poll_jobs(http, gateways, jobs)
-        report = await report_of(sim)
+            report = await report_of(sim)
+            # Upstream's own list (read after the report: the sim counts this read too).
+            async with http.get(sim.url + "/v2/transcript?limit=200", headers=headers) as r:
+                upstream = [t["audio_url"] for t in (await r.json())["transcripts"]]
     finally:
         for p in [*gateways, sim]:
             p.kill()
@@ -196,6 +199,7 @@ async def test_a_failover_under_load_is_a_short_burst_of_fast_503s(
     served_after = [s for sent, s, _ in calls if sent - kill > FAILOVER_BOUND_S]
     assert served_after and set(served_after) <= {200, 404, 429}, served_after
     assert len(jobs) == 2 * JOBS and done == {"completed"}, (jobs, done)
+    assert sorted(upstream) == sorted(set(upstream)) and len(upstream) == 2 * JOBS, upstream  # each sent once
 
 
 async def poll_jobs(http: aiohttp.ClientSession, gateways: list[Process], jobs: list[str]) -> set[str]:
