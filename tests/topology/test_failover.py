@@ -111,6 +111,8 @@ async def test_the_store_follows_a_failover_without_a_restart(kind: str) -> None
             await store.ping()
             await publish("before")
             await until(lambda: "before" in heard)
+            await asyncio.sleep(1.6)  # three heartbeats: the PINGs on the subscription are answered
+            assert heard == [RESYNC, "before"] and store.heartbeat_failures == 0, heard
             heard.clear()
 
             if isinstance(topology, Cluster):
