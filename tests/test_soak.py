@@ -24,8 +24,9 @@ answered after more than ``claim_s``. The whole schedule is drawn from one seed 
 run: ``AAI_SOAK_SEED`` replays a run's offered load and faults, ``AAI_SOAK_SECONDS`` sets the
 load phase (default 90 s; the whole test takes about 15 s more); ``AAI_SOAK_DUMP=file.json``
 keeps everything the run saw (calls, arrivals upstream, the store) for a look at a failure;
-``AAI_SOAK_OUTAGE=fail_open`` runs the gateways with ``redis.on_outage: fail_open`` (default
-here: fail_closed).
+the test runs twice, once per ``redis.on_outage`` (``fail_open``, the default, admits locally
+within each instance's part while Redis stalls; ``fail_closed`` answers 503 at once);
+``AAI_SOAK_OUTAGE=fail_open`` (or ``fail_closed``) runs only that one.
 """
 
 from __future__ import annotations
@@ -85,10 +86,8 @@ TICKET_TTL_S = 2.0  # queue.ticket_ttl_ms: a waiting ticket nobody refreshes lap
 # allow the longer of a ticket's life and a lease's.
 RECOVERY_S = 1.0 + max(TICKET_TTL_S, SPAN) + 0.5
 DRAIN_S = 90.0
-# What the gateways do while Redis stalls: fail_closed (503 at once, the engine's own
-# semantics: issue 9's scope) unless AAI_SOAK_OUTAGE says fail_open (the fallback store of
-# issue 10, which admits locally within each instance's share).
-OUTAGE = os.environ.get("AAI_SOAK_OUTAGE") or "fail_closed"
+# What the gateways do while Redis stalls: both, unless AAI_SOAK_OUTAGE names one.
+OUTAGES = (os.environ.get("AAI_SOAK_OUTAGE") or "fail_open,fail_closed").split(",")
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(int(LOAD_S) + 240)]
 
@@ -389,8 +388,9 @@ class Soak:
 
 
 # -- the test ----------------------------------------------------------------------------------
-async def test_soak_holds_every_limit_loses_nothing_strands_no_one_and_leaves_nothing() -> None:
-    print(f"soak seed={SEED} load={LOAD_S:.0f}s on_outage={OUTAGE} (replay: AAI_SOAK_SEED={SEED})")
+@pytest.mark.parametrize("outage", OUTAGES)
+async def test_soak_holds_every_limit_loses_nothing_strands_no_one_and_leaves_nothing(outage: str) -> None:
+    print(f"soak seed={SEED} load={LOAD_S:.0f}s on_outage={outage} (replay: AAI_SOAK_SEED={SEED})")
     schedule = draw(random.Random(SEED), LOAD_S)
     redis = PausableRedis()
     await redis.start()
@@ -409,7 +409,7 @@ async def test_soak_holds_every_limit_loses_nothing_strands_no_one_and_leaves_no
     prefix = "soak" + uuid.uuid4().hex[:6]
     raw = {
         "upstream": {"api_url": sim.url, "llm_url": sim.url, "streaming_url": "ws" + sim.url[4:]},
-        "redis": {"url": redis.url, "key_prefix": prefix, "on_outage": OUTAGE},
+        "redis": {"url": redis.url, "key_prefix": prefix, "on_outage": outage},
         "limits": {
             "guard_ms": int(GUARD * 1000),
             "requests": {"limit": REQUESTS, "window_s": W},

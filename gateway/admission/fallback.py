@@ -27,9 +27,10 @@ store (their tickets, unknown there, are evaluated afresh in their order), so no
 When Redis answers again, this instance writes back the leases it holds (its window leases
 still inside their lease life, before or during the outage: Redis may have come back empty;
 the concurrency leases it granted or renewed during the outage), each with the time it has
-left (``renew(create=True)``), so the shared view is not emptier than upstream's; keeps
-admitting locally for ``settle_s`` (every other instance notices the return and writes back
-its own meanwhile), writing back each of those admissions at once; then switches back and
+left (``renew(create=True)``), so the shared view is not emptier than upstream's; admits
+nothing new for ``settle_s`` (its waiters wait: every other instance notices the return
+within ``PROBE_S`` and writes back its own meanwhile; admitting locally while another
+instance admits from Redis would put the account over); then switches back and
 resynchronises its waiters. A concurrency lease from before the outage is not written back:
 another instance may have ended its work since, and a lease the gateway knows is running is
 restored by its own renewals anyway.
@@ -61,7 +62,11 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 1.0  # how often an instance says it is alive (and, while degraded, probes Redis)
 ALIVE_S = 5.0  # an instance not heard of for this long is not counted
-SETTLE_S = 2.0  # after Redis returns: keep admitting locally this long, so every instance writes back
+# A view of a limit older than this (no reply about it from Redis since) is not trusted: the
+# other instances may have taken anything meanwhile, so the limit counts as full.
+FRESH_MS = 1000
+PROBE_S = 0.25  # while degraded: how often Redis is asked whether it is back
+SETTLE_S = 1.0  # after Redis returns: admit nothing new this long, so every instance writes back
 
 # One heartbeat: this instance's entry, the stale ones dropped, how many are alive (Redis TIME).
 HEARTBEAT_LUA = """
@@ -107,6 +112,8 @@ class FallbackStore:
         self.outage = Outage()
         self._local: MemoryStore | None = None
         self._settling_until = 0.0
+        self._settled = asyncio.Event()  # set except while settling: acquires wait on it
+        self._settled.set()
         # What this instance holds, for the local store's start and the write-back:
         # ticket -> {limit name: (limit, end in this instance's clock ms)}.
         self._held: dict[str, dict[str, tuple[Limit, int]]] = {}
@@ -121,6 +128,8 @@ class FallbackStore:
 
     # -- the verbs ---------------------------------------------------------------------------
     async def acquire(self, request: AcquireRequest) -> AcquireResult:
+        while self._settling:  # Redis is back, the others are writing back: admit nothing yet
+            await self._settled.wait()
         if self._local is None:
             try:
                 result = await self.primary.acquire(request)
@@ -142,9 +151,6 @@ class FallbackStore:
         if result.status is Status.ADMITTED:
             self._granted(request.ticket, request.limits)
             self._during.add(request.ticket)
-            if self._settling:  # the others may be back on Redis already: tell it now
-                with contextlib.suppress(StoreUnavailable):
-                    await self._write_back_ticket(request.ticket)
         return result
 
     async def release(self, ticket: str, limits: Sequence[Limit], *, tombstone: bool = False) -> int:
@@ -245,9 +251,9 @@ class FallbackStore:
         self._seeded.add(limit.name)
         now = self._clock.now_ms()
         limit, out, at = self._seen.get(limit.name, (limit, limit.capacity, now))
+        if now - at > FRESH_MS:  # others may have taken anything since: full, from now
+            out, at = limit.capacity, now
         ttl = at + limit.lease_ms - now
-        if ttl <= 0:
-            return
         instances = max(1, self.instances)
         left = max(0, limit.capacity - out) // instances
         share = self._share(limit)
@@ -300,7 +306,7 @@ class FallbackStore:
                 await self._beat_once()
             else:
                 await self._probe()
-            await asyncio.sleep(self._heartbeat_s)
+            await asyncio.sleep(self._heartbeat_s if self._local is None else min(self._heartbeat_s, PROBE_S))
 
     async def _beat_once(self) -> None:
         if self._beat is None:
@@ -317,20 +323,23 @@ class FallbackStore:
         try:
             await self.primary.ping()
             if not self._settling:
-                await self._write_back()
+                # From now on nothing is admitted here until the switch: an instance that
+                # admitted locally while another admits from Redis would put the account over.
                 self._settling_until = time.monotonic() + self._settle_s
+                self._settled.clear()
+                await self._write_back()
                 log.warning("store: Redis answers again; leases written back, switching in %.1fs",
                             self._settle_s)  # fmt: skip
                 return
             if time.monotonic() < self._settling_until:
-                await self._write_back()  # what was granted meanwhile, too
                 return
-            await self._write_back()
         except StoreUnavailable as exc:
             self._settling_until = 0.0
+            self._settled.set()  # gone again: local admission goes on
             log.debug("store: Redis still unavailable (%s)", exc.detail)
             return
         self._local, self._settling_until = None, 0.0
+        self._settled.set()
         self._local_only.clear()  # their leases were written back: released in Redis from now
         lasted = time.monotonic() - self.outage.since
         self.outage.degraded, self.outage.last_s = False, lasted
