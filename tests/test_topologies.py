@@ -4,9 +4,10 @@ primary + replica + 3 sentinels, the simulator as the judge (as in test_exactnes
 - Exactness: three gateways, five times every limit offered: no violation, capacity used.
 - Failover: the account's shard master (Cluster) or the primary (Sentinel) is killed under
   load. With ``on_outage: fail_closed`` the requests that meet the failover get a fast 503
-  (never a hang, never a violation); the gateways follow the promotion by themselves (no
+  (never a hang, never a violation); with ``fail_open`` (the default) none at all, the
+  instances admitting locally meanwhile. The gateways follow the promotion by themselves (no
   restart) and serve again within FAILOVER_BOUND_S of the kill; every transcript submitted
-  before or during the failover completes.
+  before or during the failover completes, sent upstream once.
 
 The topology's own fail-over time (cluster-node-timeout 1 s, down-after-milliseconds 1 s in
 tests/topologies.py) is most of that bound; the gateway adds at most its breaker (1 s) and a
@@ -53,21 +54,22 @@ def sentinels() -> Iterator[SentinelSet]:
 
 def redis_section(topology: Cluster | SentinelSet, prefix: str) -> dict[str, Any]:
     if isinstance(topology, Cluster):
-        return {"url": topology.url, "cluster": True, "key_prefix": prefix, "on_outage": "fail_closed"}
+        return {"url": topology.url, "cluster": True, "key_prefix": prefix}
     return {
         "url": "redis://ignored:1/0",  # with sentinel only the db/user/password count
         "sentinel": {"hosts": topology.hosts, "service_name": SERVICE},
         "key_prefix": prefix,
-        "on_outage": "fail_closed",
     }
 
 
-async def start(topology: Cluster | SentinelSet, sim_config: SimConfig) -> tuple[Process, list[Process], str]:
+async def start(
+    topology: Cluster | SentinelSet, sim_config: SimConfig, outage: str = "fail_closed"
+) -> tuple[Process, list[Process], str]:
     sim = start_sim_process(sim_config)
     prefix = "topo" + uuid.uuid4().hex[:8]
     raw = {
         "upstream": {"api_url": sim.url, "llm_url": sim.url, "streaming_url": "ws" + sim.url[4:]},
-        "redis": redis_section(topology, prefix),
+        "redis": {**redis_section(topology, prefix), "on_outage": outage},
         "limits": {
             "guard_ms": 100,
             "requests": {"limit": REQUESTS, "window_s": WINDOW_S},
@@ -117,13 +119,17 @@ async def test_three_gateways_hold_every_limit_exactly(kind: str, request: pytes
     assert statuses.count(200) + statuses.count(404) == report["requests"]["arrivals"]
 
 
+@pytest.mark.parametrize("outage", ["fail_closed", "fail_open"])
 @pytest.mark.parametrize("kind", ["cluster", "sentinel"])
-async def test_a_failover_under_load_is_a_short_burst_of_fast_503s(
-    kind: str, request: pytest.FixtureRequest
-) -> None:
-    """Runs after the exactness test on the same servers (module order): it kills one."""
-    topology = request.getfixturevalue("a_cluster" if kind == "cluster" else "sentinels")
-    sim, gateways, prefix = await start(topology, limits_sim())
+async def test_a_failover_under_load_is_a_short_burst_of_fast_503s_or_none(kind: str, outage: str) -> None:
+    """fail_closed: fast 503s for a bounded time; fail_open: none (admitted locally meanwhile).
+    Each on servers of its own: it kills one."""
+    with cluster() if kind == "cluster" else sentinel_set() as topology:
+        await failover_under_load(kind, topology, outage)
+
+
+async def failover_under_load(kind: str, topology: Cluster | SentinelSet, outage: str) -> None:
+    sim, gateways, prefix = await start(topology, limits_sim(), outage)
     calls: list[tuple[float, int, float]] = []  # (sent, status, seconds taken)
     jobs: list[str] = []
     killed: list[float] = []
@@ -188,11 +194,14 @@ async def test_a_failover_under_load_is_a_short_burst_of_fast_503s(
     failed = [(sent - kill, status, took) for sent, status, took in calls if status not in (200, 404, 429)]
     first, last = min((f[0] for f in failed), default=0), max((f[0] for f in failed), default=0)
     print(
-        f"{kind}: promotion {promoted - kill:.1f}s after the kill; {len(failed)} of {len(calls)} calls "
-        f"failed, sent from {first:.1f}s to {last:.1f}s after the kill, the slowest answered in "
-        f"{max((f[2] for f in failed), default=0):.2f}s; statuses {sorted({f[1] for f in failed})}"
+        f"{kind}, {outage}: promotion {promoted - kill:.1f}s after the kill; {len(failed)} of "
+        f"{len(calls)} calls failed, sent from {first:.1f}s to {last:.1f}s after the kill, the slowest "
+        f"answered in {max((f[2] for f in failed), default=0):.2f}s;"
+        f" statuses {sorted({f[1] for f in failed})}"
     )
     assert report["violations"] == [], report["violations"][:5]
+    if outage == "fail_open":
+        assert failed == [], failed[:10]
     assert {status for _, status, _ in failed} <= {503}, failed[:10]  # refused by the gateway, never hung
     assert all(sent >= -0.5 and sent <= FAILOVER_BOUND_S for sent, _, _ in failed), failed
     assert all(took < 2.0 for _, _, took in failed), failed  # fast, not a client timeout
