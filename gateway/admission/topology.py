@@ -69,6 +69,8 @@ def connect(settings: RedisSettings, keys: Keys) -> Connections:
             db=opts.get("db", 0),
             username=opts.get("username"),
             password=opts.get("password"),
+            ssl=url.startswith("rediss://"),  # TLS to the primary too, with the url's ssl_* options
+            **{k: v for k, v in opts.items() if k.startswith("ssl_")},
             max_connections=settings.pool_size,
             retry=Retry(NoBackoff(), 1),
             **timeouts,
