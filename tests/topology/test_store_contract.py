@@ -1,4 +1,7 @@
-"""The store contract suite (tests/contract/test_store_contract.py), run here on Redis Cluster
-and Sentinel through this folder's ``store_env``."""
+"""The store contract suite (tests/contract/test_store_contract.py), run here on Redis Cluster and
+Sentinel through this folder's fixtures (conftest.py). Only its tests are taken: its own
+fixtures would override this folder's."""
 
-from tests.contract.test_store_contract import *  # noqa: F403
+from tests.contract import test_store_contract as suite
+
+globals().update({name: test for name, test in vars(suite).items() if name.startswith("test_")})
