@@ -17,6 +17,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -136,6 +137,8 @@ class RedisSettings(_Model):
     def _topology(self) -> RedisSettings:
         if self.cluster and self.sentinel is not None:
             raise ValueError("cluster and sentinel are two topologies: set one")
+        if self.cluster and self.url is not None and urlsplit(self.url).path.strip("/") not in ("", "0"):
+            raise ValueError("a Redis Cluster has only database 0: end url with /0 or no database")
         if (self.cluster or self.sentinel is not None) and self.url is None:
             raise ValueError("url is required with cluster or sentinel (with sentinel it gives the "
                              "database, user and password; its host is the service's primary)")  # fmt: skip

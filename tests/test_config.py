@@ -438,3 +438,12 @@ def test_check_classes_accepts_consistent_classes() -> None:
 def test_catalog_classes_pass_the_order_check(raw: dict[str, Any]) -> None:
     """Every request class the catalog builds passes the check it runs at start."""
     check_classes(Catalog(limits(raw)).classes())
+
+
+def test_a_cluster_url_naming_another_database_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("redis: {url: 'redis://10.0.0.5:6379/3', cluster: true}\n")
+    with pytest.raises(ConfigError, match=r"redis: a Redis Cluster has only database 0"):
+        load_config(path, environ={})
+    path.write_text("redis: {url: 'redis://10.0.0.5:6379/0', cluster: true}\n")
+    assert load_config(path, environ={}).redis.sharded  # sharded pub/sub: on with cluster
