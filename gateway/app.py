@@ -52,6 +52,7 @@ from .products.catalog import Catalog
 from .products.streaming_relay import StreamingRelay
 from .products.streaming_tokens import MemoryTokenBook, RedisTokenBook, TokenBook
 from .products.transcripts.jobs import JobStore
+from .products.transcripts.journal import Journal
 from .products.transcripts.redis_jobs import RedisJobStore
 from .products.transcripts.service import Transcripts
 from .products.transcripts.sqlite_jobs import SqliteJobStore
@@ -346,9 +347,12 @@ def build_app(
     jobs = make_job_store(
         config, store, on_call=lambda op: metrics.child(metrics.store_calls, f"job_{op}").inc()
     )
+    journal = None
+    if isinstance(store, FallbackStore):  # Redis, fail_open: new jobs wait here while it is away
+        journal = Journal(Path(config.transcripts.data_dir) / "journal.db")
     transcripts = Transcripts(
         config, jobs=jobs, engine=engine, catalog=catalog, handler=handler, upstream=upstream,
-        vault=vault, metrics=metrics, clock=clock,
+        vault=vault, metrics=metrics, clock=clock, journal=journal,
     )  # fmt: skip
 
     json_protocol_errors()

@@ -177,3 +177,43 @@ async def test_fail_open_redis_down_keeps_serving_and_readyz_says_degraded() -> 
             assert r.status == 404
         assert metric(s.registry, "aai_gateway_store_degraded") == 0
         assert metric(s.registry, "aai_gateway_store_outage_seconds") > 0
+
+
+async def test_fail_open_a_transcript_submitted_while_redis_is_down_is_kept_and_runs_once() -> None:
+    """New submissions while Redis is away wait in a local journal (answered as queued, their
+    id pollable), then move into Redis in order when it returns and run once each."""
+    async with (
+        private_redis() as redis,
+        stack(SimConfig(job_seconds=0.2), redis={"url": redis.url}, transcripts={"poll_refresh_s": 0.1}) as s,
+        aiohttp.ClientSession() as http,
+    ):
+
+        async def status(job_id: str) -> tuple[int, str]:
+            async with http.get(f"{s.url}/v2/transcript/{job_id}", headers=KEY) as r:
+                return r.status, str((await r.json()).get("status"))
+
+        redis.kill()
+        ids = []
+        for i in range(3):
+            body = {"audio_url": f"https://example.com/{i}.mp3"}
+            headers = {**KEY, "Idempotency-Key": f"k{i}"}
+            async with http.post(s.url + "/v2/transcript", json=body, headers=headers) as r:
+                assert r.status == 200, await r.text()
+                doc = await r.json()
+                assert doc["status"] == "queued"
+                ids.append(doc["id"])
+        async with http.post(
+            s.url + "/v2/transcript", json={"audio_url": "x"}, headers={**KEY, "Idempotency-Key": "k0"}
+        ) as r:
+            assert (await r.json())["id"] == ids[0]  # the same key again: the same job
+        assert [await status(i) for i in ids] == [(200, "queued")] * 3
+        await redis.start()  # same port, empty
+        deadline = time.monotonic() + 15
+        while [await status(i) for i in ids] != [(200, "completed")] * 3:
+            assert time.monotonic() < deadline, [await status(i) for i in ids]
+            await asyncio.sleep(0.1)
+        assert len(s.app[TRANSCRIPTS].journal or []) == 0
+        jobs = [await s.app[TRANSCRIPTS].jobs.get(i) for i in ids]
+        seqs = [job.seq for job in jobs if job is not None]
+        assert len(seqs) == 3 and seqs == sorted(seqs)  # queued in Redis in the order they came
+    assert s.sim.report()["transcript_posts"] == 3  # each once

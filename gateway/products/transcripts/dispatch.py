@@ -127,6 +127,10 @@ class Dispatcher:
             await self._restore_leases()
         self._loop_task = supervise("transcript-dispatcher", self._run)
 
+    def kick(self) -> None:
+        """Look at the queue now (jobs were just added to it)."""
+        self._kick.set()
+
     def drain(self) -> None:
         """SIGTERM: take no new job, wait for none; a job already admitted finishes its POST
         (within the shutdown grace; ``close`` ends the rest). Queued jobs stay queued in the

@@ -15,6 +15,7 @@ job ended, its concurrency lease is released and the client gets upstream's real
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -25,9 +26,10 @@ from urllib.parse import urlencode
 from aiohttp import hdrs, web
 
 from ...admission.engine import AdmissionEngine
+from ...admission.health import supervise
 from ...clock import Clock
 from ...config import Config
-from ...errors import BadRequest, Conflict, GatewayError, NotFound
+from ...errors import BadRequest, Conflict, GatewayError, NotFound, StoreUnavailable
 from ...metrics import Metrics
 from ...proxy.forward import Upstream
 from ...proxy.handler import ProxyHandler
@@ -39,10 +41,13 @@ from ..plan import Plan, parse_object, read_object
 from .dispatch import Dispatcher
 from .ids import is_job_id, listed_ids, new_job_id, swap
 from .jobs import Job, JobStore, State, ended_snapshot
+from .journal import Journal
 from .reconcile import Forgotten, Reconciler
 from .webhooks import Relay, client_fields, receiver_token, redacted_audio_event, split_webhook
 
 log = logging.getLogger(__name__)
+
+JOURNAL_EVERY_S = 0.5  # how often jobs kept while Redis was away are offered to it again
 
 ENDED = frozenset({"completed", "error"})
 PRIORITY_HEADER = "X-AAI-Gateway-Priority"
@@ -63,8 +68,12 @@ class Transcripts:
         metrics: Metrics,
         clock: Clock,
         wall: Callable[[], float] = time.time,
+        journal: Journal | None = None,
     ) -> None:
+        """``journal``: where new submissions wait while Redis is away (fail_open), or None."""
         self._cfg = cfg
+        self.journal = journal
+        self._journal_task: asyncio.Task[None] | None = None
         self._t = cfg.transcripts
         self.jobs = jobs
         self._engine = engine
@@ -99,11 +108,35 @@ class Transcripts:
         await self.relay.start()
         await self.dispatcher.start()
         await self.reconciler.start()
+        if self.journal is not None:
+            self._journal_task = supervise("transcript-journal", self._move_journal)
 
     async def close(self) -> None:
+        if self._journal_task is not None:
+            self._journal_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._journal_task
         await self.reconciler.close()
         await self.dispatcher.close()
         await self.relay.close()
+
+    async def _move_journal(self) -> None:
+        """Jobs kept while Redis was away go into it, in the order they came, once it answers."""
+        assert self.journal is not None
+        while True:
+            await asyncio.sleep(JOURNAL_EVERY_S)
+            moved = 0
+            for entry, job, idem in self.journal.first(100):
+                try:
+                    await self.jobs.create(job, idempotency=idem or f"journal:{job.id}")
+                except StoreUnavailable:
+                    break
+                self.journal.delete(entry)
+                moved += 1
+            if moved:
+                log.warning("transcripts: %d jobs kept while Redis was away are queued in it now "
+                            "(%d still kept)", moved, len(self.journal))  # fmt: skip
+                self.dispatcher.kick()
 
     async def renew(self, job: Job) -> None:
         """The job still runs: its concurrency lease lasts another ``lease_ttl_s`` (restored if
@@ -121,7 +154,14 @@ class Transcripts:
         is not the gateway's (an upstream id: forwarded as is); 404 for someone else's."""
         if not is_job_id(job_id):
             return None
-        job = await self.jobs.get(job_id)
+        try:
+            job = await self.jobs.get(job_id)
+        except StoreUnavailable:
+            job = self.journal.get(job_id) if self.journal is not None else None
+            if job is None:
+                raise
+        if job is None and self.journal is not None:  # kept here, not moved into Redis yet
+            job = self.journal.get(job_id)
         if job is None:
             return None
         if not self._owned(job, request):
@@ -153,7 +193,18 @@ class Transcripts:
             extra={"webhook": hook} if hook else {},
         )
         idem = request.headers.get("Idempotency-Key")
-        created = await self.jobs.create(job, idempotency=f"{fingerprint}:{idem}" if idem else None)
+        idempotency = f"{fingerprint}:{idem}" if idem else None
+        try:
+            created = await self.jobs.create(job, idempotency=idempotency)
+        except StoreUnavailable:
+            if self.journal is None:
+                raise
+            # Redis is away (fail_open): kept here, moved into Redis in order when it returns.
+            kept = self.journal.add(job, idempotency)
+            log.warning("transcripts: Redis unavailable; job %s kept in the local journal", kept.id)
+            return web.json_response(
+                self.view(kept), headers={"RateLimit-Policy": policy(self._catalog.async_jobs)}
+            )
         if created.id != job.id:  # the same Idempotency-Key again: the same job
             return await self.get(request, created.id) or web.json_response(self.view(created))
         self._metrics.child(self._metrics.jobs_created).inc()
