@@ -27,10 +27,11 @@ MODEL = 30  # per window, the whole account; 10 per instance while Redis is away
 OVERLOAD = 2
 RUN_S = 18.0
 KILL_AT_S, KILL_FOR_S = 3.0, 10.0
+JOBS = 6  # transcripts submitted while Redis is dead
 
 
 async def test_redis_killed_for_10s_under_2x_overload_on_3_instances() -> None:
-    sim = start_sim_process(SimConfig(llm_limit=MODEL, llm_window_s=WINDOW_S))
+    sim = start_sim_process(SimConfig(llm_limit=MODEL, llm_window_s=WINDOW_S, job_seconds=0.5))
     async with private_redis() as redis:
         raw = {
             "upstream": {"api_url": sim.url, "llm_url": sim.url, "streaming_url": "ws" + sim.url[4:]},
@@ -45,7 +46,7 @@ async def test_redis_killed_for_10s_under_2x_overload_on_3_instances() -> None:
             for g in gateways:
                 await g.ready("/readyz")
             await asyncio.sleep(1.5)  # heartbeats: every instance counts three
-            statuses, recovered_in = await load_with_an_outage(gateways, redis)
+            statuses, recovered_in, jobs = await load_with_an_outage(gateways, redis)
             async with aiohttp.ClientSession() as http, http.get(sim.url + "/_sim/report") as r:
                 report = await r.json()
         finally:
@@ -56,16 +57,21 @@ async def test_redis_killed_for_10s_under_2x_overload_on_3_instances() -> None:
     assert statuses.count(200) == report["llm"]["gpt-5"]["arrivals"]
     assert report["llm"]["gpt-5"]["busiest"] >= 0.9 * MODEL  # capacity was used
     assert max(recovered_in) <= 5.0, recovered_in
+    # Transcripts submitted while Redis was dead: kept, then run once each (none lost).
+    assert sorted(jobs.values()) == ["completed"] * JOBS, jobs
+    assert report["transcripts"]["submitted"] == JOBS
     print(f"answers {len(statuses)}: 200 x{statuses.count(200)}, 429 x{statuses.count(429)}; "
           f"busiest window {report['llm']['gpt-5']['busiest']}/{MODEL}; back on Redis in "
           + ", ".join(f"{s:.1f}s" for s in recovered_in))  # fmt: skip
 
 
-async def load_with_an_outage(gateways: list, redis) -> tuple[list[int], list[float]]:  # type: ignore[no-untyped-def,type-arg]
+async def load_with_an_outage(gateways: list, redis) -> tuple[list[int], list[float], dict[str, str]]:  # type: ignore[no-untyped-def,type-arg]
     rate = OVERLOAD * MODEL / WINDOW_S
     targets = itertools.cycle(gateways)
     statuses: list[int] = []
     recovered_in: list[float] = []
+    jobs: dict[str, str] = {}  # job id -> status, and the instance that took it
+    where: dict[str, str] = {}
     body = {"model": "gpt-5", "messages": [{"role": "user", "content": "hi"}]}
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as http:
@@ -76,10 +82,23 @@ async def load_with_an_outage(gateways: list, redis) -> tuple[list[int], list[fl
                 await resp.read()
                 statuses.append(resp.status)
 
+        async def submit(i: int) -> None:
+            base = gateways[i % len(gateways)].url
+            body = {"audio_url": f"https://example.com/{i}.mp3"}
+            headers = {"Authorization": "load-key"}
+            async with http.post(base + "/v2/transcript", json=body, headers=headers) as r:
+                if r.status != 200:  # shows in the final check: a job that was not taken
+                    jobs[f"refused-{i}"] = f"http {r.status}"
+                    return
+                job_id = (await r.json())["id"]
+                jobs[job_id], where[job_id] = "queued", base
+
         async def outage() -> None:
             await asyncio.sleep(KILL_AT_S)
             redis.kill()
-            await asyncio.sleep(KILL_FOR_S)
+            await asyncio.sleep(1.0)
+            await asyncio.gather(*(submit(i) for i in range(JOBS)))
+            await asyncio.sleep(KILL_FOR_S - 1.0)
             await redis.start()  # the same port, empty: every lease was lost with it
             back = time.monotonic()
             for g in gateways:
@@ -89,6 +108,15 @@ async def load_with_an_outage(gateways: list, redis) -> tuple[list[int], list[fl
                             break
                     await asyncio.sleep(0.1)
                 recovered_in.append(time.monotonic() - back)
+            deadline = time.monotonic() + 20
+            while any(status in ("queued", "processing") for status in jobs.values()) \
+                    and time.monotonic() < deadline:  # fmt: skip
+                for job_id in where:
+                    async with http.get(f"{where[job_id]}/v2/transcript/{job_id}",
+                                        headers={"Authorization": "load-key"}) as r:  # fmt: skip
+                        if r.status == 200:
+                            jobs[job_id] = str((await r.json())["status"])
+                await asyncio.sleep(0.2)
 
         loop = asyncio.get_running_loop()
         start = loop.time()
@@ -99,4 +127,4 @@ async def load_with_an_outage(gateways: list, redis) -> tuple[list[int], list[fl
             i += 1
             await asyncio.sleep(max(0.0, start + i / rate - loop.time()))
         await asyncio.gather(*tasks)
-    return statuses, recovered_in
+    return statuses, recovered_in, jobs
