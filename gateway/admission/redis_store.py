@@ -323,7 +323,9 @@ class RedisStore:
         backoff = 0.1
         loop = asyncio.get_running_loop()
         beat = self._heartbeat_s
+        me = asyncio.current_task()
         while True:
+            _still_wanted(me)
             own: aioredis.Redis | None = None
             pubsub: Any = None
             try:
@@ -340,6 +342,7 @@ class RedisStore:
                 ready.set()
                 callback(RESYNC)
                 while True:
+                    _still_wanted(me)
                     now = loop.time()
                     if pinged:
                         if now - pinged >= beat:
@@ -391,6 +394,14 @@ class RedisStore:
 
     def __repr__(self) -> str:
         return f"RedisStore({self._keys.base}, publish={self._pubcmd})"
+
+
+def _still_wanted(task: asyncio.Task[Any] | None) -> None:
+    """Raise if ``task`` was cancelled, even when a library call it awaited swallowed the
+    CancelledError (Python 3.11's ``wait_for`` can, racing a result): a loop that went on
+    would hold up shutdown for ever."""
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError()
 
 
 def parse_acquire(raw: Sequence[Any]) -> AcquireResult:
