@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import json
+import logging
 import os
 import socket
 import ssl
@@ -11,9 +14,10 @@ import struct
 import subprocess
 import sys
 import tempfile
+import textwrap
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -155,37 +159,120 @@ def metric(registry: CollectorRegistry, name: str, **labels: str) -> float:
     return 0.0 if value is None else value
 
 
+@contextmanager
+def captured_logs(formatter: logging.Formatter | None = None) -> Iterator[io.StringIO]:
+    """Every logger at DEBUG into one protected handler, formatted as ``aai-gateway serve`` does
+    (or by ``formatter``)."""
+    from gateway.logs import FORMAT, protect
+
+    root = logging.getLogger()
+    stream = io.StringIO()
+    handler = protect(logging.StreamHandler(stream))
+    handler.setFormatter(formatter or logging.Formatter(FORMAT))
+    handler.setLevel(logging.DEBUG)
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    try:
+        yield stream
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+
+
+# The real Python SDK, in a process of its own: one streaming session, its events noted.
+_SDK_STREAM = textwrap.dedent(
+    """
+    import json, sys, time
+    import assemblyai as aai
+    from assemblyai.streaming.v3 import (
+        StreamingClient, StreamingClientOptions, StreamingEvents, StreamingParameters,
+    )
+    def stream(options):
+        events = []
+        client = StreamingClient(options)
+        client.on(StreamingEvents.Begin, lambda c, e: events.append("Begin"))
+        client.on(StreamingEvents.Turn, lambda c, e: events.append("Turn"))
+        client.on(StreamingEvents.Termination, lambda c, e: events.append("Termination"))
+        client.on(StreamingEvents.Error, lambda c, e: events.append("Error: " + str(e)))
+        client.connect(StreamingParameters(sample_rate=16000))
+        def audio():
+            for _ in range(30):
+                yield b"\\0\\0" * 800
+                time.sleep(0.05)
+        client.stream(audio())
+        client.disconnect(terminate=True)
+        return events
+    """
+)
+
+
+def sdk_stream_script(body: str) -> str:
+    """A script for ``python -c`` with the real SDK: ``stream(options)`` runs one streaming
+    session (1.5 s of silence, then Terminate) and returns the events it saw ("Begin", "Turn",
+    "Termination", "Error: ..."); ``body`` (dedented) calls it and prints ``RESULT <json>``.
+    One copy, so the plain and the TLS tests drive the SDK the same way."""
+    return _SDK_STREAM + textwrap.dedent(body)
+
+
 # -- separate processes ----------------------------------------------------------------------
 class Process:
-    def __init__(self, args: list[str], env: dict[str, str], port: int) -> None:
+    """A process of ours (``python -m gateway ...``), its output in a log file of its own."""
+
+    tls: ssl.SSLContext | None = None  # a client context trusting it: it serves https
+
+    def __init__(
+        self, args: list[str], env: dict[str, str], port: int, *, tls: ssl.SSLContext | None = None
+    ) -> None:
         self.port = port
-        self.url = f"http://127.0.0.1:{port}"
+        self.tls = tls
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
         self.log = tempfile.NamedTemporaryFile(prefix="aai-gw-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gateway", *args], env=env, stdout=self.log, stderr=subprocess.STDOUT
         )
 
-    async def ready(self, path: str = "/healthz", within: float = 20.0) -> None:
+    async def ready(self, path: str | None = "/healthz", within: float = 20.0) -> None:
+        """Until ``path`` answers (below 500). ``None``: until the port takes a connection, no
+        request sent (a test that counts access-log lines sees only its own)."""
         deadline = asyncio.get_running_loop().time() + within
-        async with aiohttp.ClientSession() as session:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self.tls or True)) as session:
             while True:
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"process exited: {self.output()}")
                 try:
+                    if path is None:
+                        _, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                        writer.close()
+                        return
                     async with session.get(self.url + path) as resp:
                         if resp.status < 500:
                             return
-                except aiohttp.ClientError:
+                except (aiohttp.ClientError, OSError):
                     pass
                 if asyncio.get_running_loop().time() > deadline:
                     raise TimeoutError(f"not ready: {self.output()}")
                 await asyncio.sleep(0.1)
 
-    def output(self) -> str:
+    def output(self, tail: int | None = 4000) -> str:
+        """The last ``tail`` characters of what it wrote (None: all of it)."""
         with open(self.log.name) as f:
-            return f.read()[-4000:]
+            text = f.read()
+        return text if tail is None else text[-tail:]
+
+    async def stop(self, within: float = 15.0) -> tuple[int, str]:
+        """SIGTERM, as an orchestrator stops it; (its exit code, all it wrote). Killed if it
+        has not exited ``within`` seconds (then the wait's TimeoutExpired is raised)."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            code = await asyncio.to_thread(self.proc.wait, within)
+            return code, self.output(tail=None)
+        finally:
+            self.kill()
 
     def kill(self) -> None:
+        """Stop it (SIGTERM, then SIGKILL after 10 s) and remove its log; again: nothing."""
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -194,7 +281,8 @@ class Process:
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()
-        os.unlink(self.log.name)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.log.name)
 
 
 def start_sim_process(config: SimConfig) -> Process:
@@ -206,15 +294,32 @@ def start_sim_process(config: SimConfig) -> Process:
     )
 
 
-def start_gateway_process(raw_config: dict[str, Any]) -> Process:
+def start_gateway_process(
+    raw_config: dict[str, Any],
+    *,
+    env: dict[str, str] | None = None,
+    public_url: bool = False,
+    tls: ssl.SSLContext | None = None,
+) -> Process:
+    """``aai-gateway serve`` on ``raw_config`` in a process of its own, on a free local port,
+    its output captured (``Process.output``, ``Process.stop``). The environment is this one
+    without any AAI_GATEWAY_* variable but the tests' secret key (the same on every instance),
+    plus ``env``. ``public_url``: the config's ``public_url`` is the process's own address, so
+    upstream's webhooks for the jobs it submits come back to it. ``tls``: a client context
+    trusting the certificate of the config's ``listen.tls``: its url says https and readiness
+    is asked over TLS."""
     port = free_port()
-    raw = _merge(raw_config, {"listen": {"host": "127.0.0.1", "port": port}})
+    scheme = "https" if tls else "http"
+    over: dict[str, Any] = {"listen": {"host": "127.0.0.1", "port": port}}
+    if public_url:
+        over["public_url"] = f"{scheme}://127.0.0.1:{port}"
+    raw = _merge(raw_config, over)
     f = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)
     yaml.safe_dump(raw, f)
     f.close()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AAI_GATEWAY_")}
-    env["AAI_GATEWAY_SECRET_KEY"] = TEST_SECRET_KEY  # the same on every instance
-    return Process(["serve", "--config", f.name], env, port)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("AAI_GATEWAY_")}
+    clean["AAI_GATEWAY_SECRET_KEY"] = TEST_SECRET_KEY  # the same on every instance
+    return Process(["serve", "--config", f.name], {**clean, **(env or {})}, port, tls=tls)
 
 
 @asynccontextmanager

@@ -26,11 +26,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from aiohttp import web
 
 from gateway.sim.app import SIM, Sim, SimConfig, build_sim_app
-from tests.helpers import TEST_SECRET_KEY, Process, _merge, free_port
+from tests.helpers import Process, free_port
 from tests.test_redis_trouble import PrivateRedis
 
 SOAK_ID = "X-Soak-Id"
@@ -111,19 +110,6 @@ class SimProcess(Process):
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )
-
-
-def start_gateway(raw_config: dict[str, Any]) -> Process:
-    """A gateway process whose ``public_url`` is its own address: upstream's webhooks for the
-    jobs it submits come back to it (helpers.start_gateway_process picks the port itself)."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    raw = _merge(raw_config, {"listen": {"host": "127.0.0.1", "port": port}, "public_url": url})
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        yaml.safe_dump(raw, f)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AAI_GATEWAY_")}
-    env["AAI_GATEWAY_SECRET_KEY"] = TEST_SECRET_KEY
-    return Process(["serve", "--config", f.name], env, port)
 
 
 class PausableRedis(PrivateRedis):

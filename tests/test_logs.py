@@ -11,12 +11,9 @@ import asyncio
 import io
 import json
 import logging
-import os
 import re
-import subprocess
-import sys
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -31,12 +28,11 @@ from gateway.logs import (
     Redactor,
     escape,
     escape_path,
-    protect,
     redact,
     sanitize,
 )
 from gateway.products.transcripts.webhooks import RECEIVER_PATH
-from tests.helpers import TEST_SECRET_KEY, free_port, gateway_config, running_sim
+from tests.helpers import captured_logs, gateway_config, running_sim, start_gateway_process
 
 SECRET = "secret-key-123"
 HEX_KEY = "0123456789abcdef0123456789abcdef"  # the shape of an AssemblyAI key
@@ -142,24 +138,6 @@ def test_the_redactor_formats_then_sanitizes_message_and_traceback() -> None:
 
 
 # --- a gateway, its logs at DEBUG, and raw-socket clients ---------------------------------------
-
-
-@contextmanager
-def captured_logs(formatter: logging.Formatter | None = None) -> Iterator[io.StringIO]:
-    """Every logger at DEBUG into one protected handler, formatted as ``aai-gateway serve`` does."""
-    root = logging.getLogger()
-    stream = io.StringIO()
-    handler = protect(logging.StreamHandler(stream))
-    handler.setFormatter(formatter or logging.Formatter(FORMAT))
-    handler.setLevel(logging.DEBUG)
-    level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG)
-    try:
-        yield stream
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(level)
 
 
 @asynccontextmanager
@@ -318,34 +296,15 @@ async def test_json_lines_carry_the_access_fields_and_never_a_key_query_or_body(
 
 async def test_serve_writes_json_lines_when_asked_by_the_environment(tmp_path: Path) -> None:
     """``AAI_GATEWAY_LOG_FORMAT=json``: every line ``aai-gateway serve`` writes is JSON."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AAI_GATEWAY_")}
-    env.update(
-        AAI_GATEWAY_SECRET_KEY=TEST_SECRET_KEY, AAI_GATEWAY_LOG_FORMAT="json", AAI_GATEWAY_PORT=str(port)
-    )
-    config = tmp_path / "gw.yaml"
-    config.write_text(f"transcripts: {{data_dir: {tmp_path / 'data'}}}\n")
-    log_path = tmp_path / "gw.log"
-    with log_path.open("w") as log_file:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway", "serve", "--config", str(config),
-            env=env, stdout=log_file, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+    raw = {"transcripts": {"data_dir": str(tmp_path / "data")}}
+    gw = start_gateway_process(raw, env={"AAI_GATEWAY_LOG_FORMAT": "json"})
     try:
-        for _ in range(100):
-            try:
-                answer = await _ask(port, "GET", "/healthz", {"X-Request-Id": "from-client"})
-                break
-            except OSError:
-                assert proc.returncode is None, log_path.read_text()
-                await asyncio.sleep(0.1)
-        else:
-            raise AssertionError(log_path.read_text())
+        await gw.ready(path=None)  # (no request: the one access line below is the client's)
+        answer = await _ask(gw.port, "GET", "/healthz", {"X-Request-Id": "from-client"})
         assert _request_id(answer) == "from-client"
     finally:
-        proc.terminate()
-        await asyncio.wait_for(proc.wait(), 15)
-    records = [json.loads(line) for line in log_path.read_text().splitlines()]
+        _, output = await gw.stop()
+    records = [json.loads(line) for line in output.splitlines()]
     assert any("listening on http://" in r["message"] for r in records), records
     (line,) = [r for r in records if r.get("type") == "access"]
     assert line["request_id"] == "from-client" and line["path"] == "/healthz" and line["group"] == "other"

@@ -50,7 +50,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway.sim.app import SimConfig
-from tests.helpers import Process
+from tests.helpers import Process, start_gateway_process
 from tests.soak_support import (
     SOAK_ID,
     Call,
@@ -58,7 +58,6 @@ from tests.soak_support import (
     PausableRedis,
     SimProcess,
     Timeline,
-    start_gateway,
 )
 
 SEED = int(os.environ.get("AAI_SOAK_SEED") or random.SystemRandom().randrange(1 << 32))
@@ -437,7 +436,7 @@ async def test_soak_holds_every_limit_loses_nothing_strands_no_one_and_leaves_no
     try:
         await sim.ready("/_sim/report")
         for _ in range(INSTANCES):
-            gateways.append(start_gateway(raw))
+            gateways.append(start_gateway_process(raw, public_url=True))
         for g in gateways:
             await g.ready("/readyz")
         soak = Soak(gateways, sim.url, redis)

@@ -8,7 +8,6 @@ import contextlib
 import json
 import os
 import sys
-import textwrap
 import time
 import urllib.parse
 from collections.abc import AsyncIterator
@@ -22,7 +21,7 @@ import yarl
 from gateway.app import LEDGER, TRANSCRIPTS
 from gateway.ledger import utc_day
 from gateway.sim.app import Sim, SimConfig
-from tests.helpers import gateway_config, metric, running_gateway, running_sim
+from tests.helpers import gateway_config, metric, running_gateway, running_sim, sdk_stream_script
 
 KEY = {"Authorization": "stream-key"}
 
@@ -228,26 +227,9 @@ async def texts(ws: aiohttp.ClientWebSocketResponse) -> list[dict[str, Any]]:
     return [json.loads(m.data) async for m in ws if m.type == aiohttp.WSMsgType.TEXT]
 
 
-SDK_SCRIPT = textwrap.dedent(
+SDK_SCRIPT = sdk_stream_script(
     """
-    import json, sys, time
-    import assemblyai as aai
-    from assemblyai.streaming.v3 import (
-        StreamingClient, StreamingClientOptions, StreamingEvents, StreamingParameters,
-    )
-    events = []
-    client = StreamingClient(StreamingClientOptions(api_key="stream-key", api_host=sys.argv[1]))
-    client.on(StreamingEvents.Begin, lambda c, e: events.append("Begin"))
-    client.on(StreamingEvents.Turn, lambda c, e: events.append("Turn"))
-    client.on(StreamingEvents.Termination, lambda c, e: events.append("Termination"))
-    client.on(StreamingEvents.Error, lambda c, e: events.append("Error: " + str(e)))
-    client.connect(StreamingParameters(sample_rate=16000))
-    def audio():
-        for _ in range(30):
-            yield b"\\0\\0" * 800
-            time.sleep(0.05)
-    client.stream(audio())
-    client.disconnect(terminate=True)
+    events = stream(StreamingClientOptions(api_key="stream-key", api_host=sys.argv[1]))
     print("RESULT " + json.dumps(events))
     """
 )

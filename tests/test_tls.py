@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import io
 import json
-import logging
 import os
 import shutil
 import ssl
 import subprocess
 import sys
-import textwrap
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from ipaddress import ip_address
 from pathlib import Path
@@ -39,9 +36,16 @@ from prometheus_client import CollectorRegistry
 from gateway.__main__ import bind
 from gateway.app import build_app
 from gateway.config import Tls
-from gateway.logs import FORMAT, protect
 from gateway.sim.app import Sim, SimConfig
-from tests.helpers import TEST_SECRET_KEY, free_port, gateway_config, running_sim
+from tests.helpers import (
+    TEST_SECRET_KEY,
+    captured_logs,
+    free_port,
+    gateway_config,
+    running_sim,
+    sdk_stream_script,
+    start_gateway_process,
+)
 
 NODE_DIR = Path(__file__).parent / "node"
 
@@ -161,23 +165,6 @@ async def tls_gateway(
             await runner.cleanup()
 
 
-@contextmanager
-def captured_logs() -> Iterator[io.StringIO]:
-    """Every logger at DEBUG into one protected handler, formatted as ``aai-gateway serve`` does."""
-    root = logging.getLogger()
-    stream = io.StringIO()
-    handler = protect(logging.StreamHandler(stream))
-    handler.setFormatter(logging.Formatter(FORMAT))
-    level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG)
-    try:
-        yield stream
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(level)
-
-
 async def peer_subject(port: int, ca: Path) -> str:
     """The common name of the certificate the server presents to a new handshake."""
     _, writer = await asyncio.open_connection(
@@ -287,30 +274,10 @@ async def test_urls_the_gateway_writes_say_https(certs: Certs) -> None:
 
 # --- the real SDKs -------------------------------------------------------------------------------
 
-PY_SDK = textwrap.dedent(
+PY_SDK = sdk_stream_script(
     """
-    import json, sys, time
-    import assemblyai as aai
-    from assemblyai.streaming.v3 import (
-        StreamingClient, StreamingClientOptions, StreamingEvents, StreamingParameters,
-    )
     host = sys.argv[1]
     out = {}
-    def stream(options):
-        events = []
-        client = StreamingClient(options)
-        client.on(StreamingEvents.Begin, lambda c, e: events.append("Begin"))
-        client.on(StreamingEvents.Turn, lambda c, e: events.append("Turn"))
-        client.on(StreamingEvents.Termination, lambda c, e: events.append("Termination"))
-        client.on(StreamingEvents.Error, lambda c, e: events.append("Error: " + str(e)))
-        client.connect(StreamingParameters(sample_rate=16000))
-        def audio():
-            for _ in range(30):
-                yield b"\\0\\0" * 800
-                time.sleep(0.05)
-        client.stream(audio())
-        client.disconnect(terminate=True)
-        return events
     out["with_key"] = stream(StreamingClientOptions(api_key="py-key", api_host=host))
     token = StreamingClient(StreamingClientOptions(api_key="py-key", api_host=host)).create_temporary_token(
         expires_in_seconds=60
@@ -436,44 +403,23 @@ async def test_a_slow_handshake_blocks_nobody_and_is_dropped(certs: Certs) -> No
 async def test_serve_over_tls_in_its_own_process(tmp_path: Path, certs: Certs) -> None:
     """``aai-gateway serve`` (uvloop, the real listener): https, a plain-HTTP client dropped,
     the log naming https and the certificate, and no traceback."""
-    port = free_port()
-    config = tmp_path / "gw.yaml"
     raw = {
-        "listen": {"host": "127.0.0.1", "port": port, "tls": certs.tls.model_dump()},
+        "listen": {"tls": certs.tls.model_dump()},
         "upstream": {"api_url": "http://127.0.0.1:9", "llm_url": "http://127.0.0.1:9"},
         "transcripts": {"data_dir": str(tmp_path / "data")},
     }
-    config.write_text(yaml.safe_dump(raw))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AAI_GATEWAY_")}
-    env["AAI_GATEWAY_SECRET_KEY"] = TEST_SECRET_KEY
-    log_path = tmp_path / "gw.log"
-    with log_path.open("w") as log_file:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway", "serve", "--config", str(config),
-            env=env, stdout=log_file, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+    gw = start_gateway_process(raw, tls=client_context(certs))
     try:
+        await gw.ready()
+        assert await _closed_without_answer(gw.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n") == b""
+        assert await _closed_without_answer(gw.port, GARBAGE_HELLO) == b""
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client_context(certs))) as http:
-            for _ in range(100):
-                try:
-                    async with http.get(f"https://127.0.0.1:{port}/healthz") as resp:
-                        assert resp.status == 200
-                        break
-                except aiohttp.ClientConnectionError:
-                    assert proc.returncode is None, log_path.read_text()
-                    await asyncio.sleep(0.1)
-            else:
-                raise AssertionError(log_path.read_text())
-            assert await _closed_without_answer(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n") == b""
-            assert await _closed_without_answer(port, GARBAGE_HELLO) == b""
-            async with http.get(f"https://127.0.0.1:{port}/readyz") as resp:
+            async with http.get(gw.url + "/readyz") as resp:
                 assert resp.status == 200
     finally:
-        proc.terminate()
-        await asyncio.wait_for(proc.wait(), 15)
-    output = log_path.read_text()
-    assert proc.returncode == 0, output
-    assert f"listening on https://127.0.0.1:{port}" in output, output
+        returncode, output = await gw.stop()
+    assert returncode == 0, output
+    assert f"listening on https://127.0.0.1:{gw.port}" in output, output
     assert "TLS: certificate CN=aai-gateway test for DNS:localhost, IP:127.0.0.1" in output, output
     assert "Traceback" not in output and " ERROR " not in output, output
 
