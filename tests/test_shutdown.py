@@ -20,6 +20,8 @@ import signal
 import time
 import uuid
 from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +31,7 @@ import pytest
 from gateway.app import HANDLER
 from gateway.sim.app import SimConfig
 from tests.conftest import REDIS_URL
-from tests.helpers import Process, delete_prefix, stack, start_gateway_process, start_sim_process
+from tests.helpers import Process, _merge, delete_prefix, stack, start_gateway_process, start_sim_process
 
 pytestmark = pytest.mark.slow
 
@@ -139,6 +141,36 @@ async def termination_seen(ws: aiohttp.ClientWebSocketResponse) -> bool:
     return seen
 
 
+def shutdown_config(sim: Process, prefix: str, **more: Any) -> dict[str, Any]:
+    """What every gateway here runs on: the simulator upstream, the real Redis under the test's
+    key prefix, a grace of GRACE_S, and INFO logs (the shutdown's own lines are asserted);
+    ``more`` merges into it."""
+    raw = {
+        "upstream": {"api_url": sim.url, "llm_url": sim.url, "streaming_url": "ws" + sim.url[4:]},
+        "redis": {"url": REDIS_URL, "key_prefix": prefix},
+        "shutdown_grace_s": GRACE_S,
+        "log": {"level": "info", "access_log": False},
+    }
+    return _merge(raw, more)
+
+
+@asynccontextmanager
+async def one_gateway(**more: Any) -> AsyncIterator[Process]:
+    """The simulator (answering only OURS) and one gateway process on ``shutdown_config``, both
+    ready; both killed and the test's keys deleted afterwards."""
+    prefix = "roll" + uuid.uuid4().hex[:8]
+    sim = start_sim_process(SimConfig(keys=OURS))
+    gw = start_gateway_process(shutdown_config(sim, prefix, **more))
+    try:
+        await sim.ready("/_sim/report")
+        await gw.ready("/readyz")
+        yield gw
+    finally:
+        gw.kill()
+        sim.kill()
+        await delete_prefix(prefix)
+
+
 async def stop_gracefully(gw: Process) -> float:
     """SIGTERM; the exit code must be 0. Returns the seconds it took."""
     started = time.monotonic()
@@ -152,17 +184,15 @@ async def stop_gracefully(gw: Process) -> float:
 async def test_a_rolling_restart_under_load_loses_nothing_and_charges_nothing_twice() -> None:
     prefix = "roll" + uuid.uuid4().hex[:8]
     sim = start_sim_process(SimConfig(async_concurrency=3, job_seconds=0.5, post_latency_s=0.3, keys=OURS))
-    raw: dict[str, Any] = {
-        "upstream": {"api_url": sim.url, "llm_url": sim.url, "streaming_url": "ws" + sim.url[4:]},
-        "redis": {"url": REDIS_URL, "key_prefix": prefix},
-        "account": "rolling",
-        "limits": {"async_concurrency": 3, "requests": {"limit": 10, "window_s": 1.0}},
-        "queue": {"max_wait_s": 2.0},
-        "transcripts": {"claim_s": 3, "reconcile_after_s": 0.5, "poll_refresh_s": 0.2},
-        "streaming": {"terminate_wait_s": 2.0},
-        "shutdown_grace_s": GRACE_S,
-        "log": {"level": "info", "access_log": False},
-    }
+    raw = shutdown_config(
+        sim,
+        prefix,
+        account="rolling",
+        limits={"async_concurrency": 3, "requests": {"limit": 10, "window_s": 1.0}},
+        queue={"max_wait_s": 2.0},
+        transcripts={"claim_s": 3, "reconcile_after_s": 0.5, "poll_refresh_s": 0.2},
+        streaming={"terminate_wait_s": 2.0},
+    )
     gateways = [start_gateway_process(raw) for _ in range(3)]
     everyone = list(gateways)
     took: list[float] = []
@@ -235,20 +265,8 @@ async def test_sigterm_lets_an_admitted_request_finish_and_hands_a_waiter_back_a
     progress and an upload holds the other token, so a second upload waits. SIGTERM: the
     waiter gets 429 + Retry-After at once, the POST in progress its 200 within the grace, and
     the process exits 0."""
-    prefix = "roll" + uuid.uuid4().hex[:8]
-    sim = start_sim_process(SimConfig(keys=OURS))
-    raw: dict[str, Any] = {
-        "upstream": {"api_url": sim.url, "llm_url": sim.url, "streaming_url": "ws" + sim.url[4:]},
-        "redis": {"url": REDIS_URL, "key_prefix": prefix},
-        "limits": {"requests": {"limit": 2, "window_s": 30}},
-        "queue": {"max_wait_s": 10},
-        "shutdown_grace_s": GRACE_S,
-        "log": {"level": "info", "access_log": False},
-    }
-    gw = start_gateway_process(raw)
-    try:
-        await sim.ready("/_sim/report")
-        await gw.ready("/readyz")
+    limits = {"requests": {"limit": 2, "window_s": 30}}
+    async with one_gateway(limits=limits, queue={"max_wait_s": 10}) as gw:
         async with aiohttp.ClientSession() as http:
 
             async def call(method: str, path: str, **kw: Any) -> tuple[int, dict[str, str], Any, float]:
@@ -276,10 +294,6 @@ async def test_sigterm_lets_an_admitted_request_finish_and_hands_a_waiter_back_a
             rc = await asyncio.to_thread(gw.proc.wait, GRACE_S + MARGIN_S)
             assert rc == 0 and time.monotonic() - sent < GRACE_S + MARGIN_S
         assert "shut down in" in gw.output()
-    finally:
-        gw.kill()
-        sim.kill()
-        await delete_prefix(prefix)
 
 
 async def test_while_draining_readyz_fails_and_a_request_that_would_wait_is_handed_back() -> None:
@@ -303,18 +317,7 @@ async def test_while_draining_readyz_fails_and_a_request_that_would_wait_is_hand
 
 
 async def test_a_request_outlasting_the_grace_is_cut_and_the_process_still_exits_0_in_time() -> None:
-    prefix = "roll" + uuid.uuid4().hex[:8]
-    sim = start_sim_process(SimConfig(keys=OURS))
-    raw: dict[str, Any] = {
-        "upstream": {"api_url": sim.url, "llm_url": sim.url, "streaming_url": "ws" + sim.url[4:]},
-        "redis": {"url": REDIS_URL, "key_prefix": prefix},
-        "shutdown_grace_s": 1.0,
-        "log": {"level": "info", "access_log": False},
-    }
-    gw = start_gateway_process(raw)
-    try:
-        await sim.ready("/_sim/report")
-        await gw.ready("/readyz")
+    async with one_gateway(shutdown_grace_s=1.0) as gw:
         async with aiohttp.ClientSession() as http:
             job = {"audio_url": "https://example.com/stuck.mp3?sim_post_seconds=4"}
             stuck = asyncio.create_task(http.post(gw.url + "/v2/transcript", json=job, headers=KEY))
@@ -324,7 +327,3 @@ async def test_a_request_outlasting_the_grace_is_cut_and_the_process_still_exits
                 await stuck
         assert 1.0 <= took < 1.0 + MARGIN_S, took
         assert "1 requests still in progress after shutdown_grace_s (1s): cut" in gw.output()
-    finally:
-        gw.kill()
-        sim.kill()
-        await delete_prefix(prefix)
