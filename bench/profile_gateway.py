@@ -38,7 +38,6 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from proxy_overhead import (  # noqa: E402
     Processes,
-    RedisInfo,
     chat_body,
     closed_loop,
     cpu_seconds,
@@ -46,6 +45,7 @@ from proxy_overhead import (  # noqa: E402
     new_session,
     open_loop,
     send,
+    start_redis,
     wait_ready,
 )
 
@@ -132,15 +132,10 @@ def analyse(stacks: list[tuple[list[str], int]], us_per_req: float, top: int) ->
 
 async def run(args: argparse.Namespace, workdir: Path, procs: Processes) -> None:
     py = sys.executable
-    redis_port, up_port, gw_port = free_port(), free_port(), free_port()
-    redis = procs.start(
-        "redis", ["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no"]
-    )
+    up_port, gw_port = free_port(), free_port()
+    _, redis_port, _ = start_redis(procs)
     upstream = procs.start("upstream", [py, str(HERE / "fast_upstream.py"), "--port", str(up_port)])
     up_url = f"http://127.0.0.1:{up_port}"
-    while not RedisInfo(redis_port).ping():
-        redis.check()
-        await asyncio.sleep(0.05)
     await wait_ready(upstream, f"{up_url}/v2/transcript/ready")
     if args.bare:  # the baseline, for comparison
         argv = [py, str(HERE / "bare_proxy.py"), "--loop", args.loop]

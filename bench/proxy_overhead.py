@@ -178,6 +178,22 @@ class RedisInfo:
         return out
 
 
+def start_redis(procs: Processes, within_s: float = 10.0) -> tuple[Proc, int, RedisInfo]:
+    """A private redis-server on a free port (no persistence; a Redis on 6379 is never
+    touched), once it answers PING: (its process, its port, its INFO reader)."""
+    port = free_port()
+    argv = ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no", "--daemonize", "no"]
+    proc = procs.start("redis", argv)
+    info = RedisInfo(port)
+    deadline = time.monotonic() + within_s
+    while not info.ping():
+        proc.check()
+        if time.monotonic() > deadline:
+            raise RuntimeError("the private redis-server did not answer")
+        time.sleep(0.05)
+    return proc, port, info
+
+
 # -- load -----------------------------------------------------------------------------------
 @dataclass
 class Slice:
@@ -226,18 +242,30 @@ async def send(session: aiohttp.ClientSession, base: str, i: int, chat: bytes | 
 
 
 async def closed_loop(
-    session: aiohttp.ClientSession, base: str, concurrency: int, seconds: float, chat: bytes | None = None
+    session: aiohttp.ClientSession,
+    base: str,
+    concurrency: int,
+    seconds: float,
+    chat: bytes | None = None,
+    *,
+    count_client_errors: bool = False,
 ) -> Slice:
-    """``concurrency`` workers, each sending its next request when the last one answered."""
+    """``concurrency`` workers, each sending its next request when the last one answered.
+    ``count_client_errors``: a request the client library fails (a refused or dropped
+    connection) counts as an error instead of ending the run (tls_overhead.py's handshakes)."""
     done = errors = 0
     start = time.perf_counter()
     deadline = start + seconds
+    tolerated: tuple[type[BaseException], ...] = (aiohttp.ClientError,) if count_client_errors else ()
 
     async def worker(w: int) -> None:
         nonlocal done, errors
         i = w
         while time.perf_counter() < deadline:
-            status = await send(session, base, i, chat)
+            try:
+                status = await send(session, base, i, chat)
+            except tolerated:
+                status = 0
             i += concurrency
             if status == 200:
                 done += 1
@@ -366,21 +394,12 @@ class Bench:
         return next(v for v in self.variants if v.name == name)
 
     async def start(self) -> None:
-        self.redis_port = free_port()
-        redis_argv = ["redis-server", "--port", str(self.redis_port), "--save", "", "--appendonly", "no"]
-        self.redis = self.procs.start("redis", [*redis_argv, "--daemonize", "no"])
-        self.info = RedisInfo(self.redis_port)
+        self.redis, self.redis_port, self.info = start_redis(self.procs)
         up_port = free_port()
         self.upstream = self.procs.start(
             "upstream", [self.py, str(HERE / "fast_upstream.py"), "--port", str(up_port)]
         )
         self.upstream_url = f"http://127.0.0.1:{up_port}"
-        deadline = time.monotonic() + 10
-        while not self.info.ping():
-            self.redis.check()
-            if time.monotonic() > deadline:
-                raise RuntimeError("the private redis-server did not answer")
-            await asyncio.sleep(0.05)
         await wait_ready(self.upstream, f"{self.upstream_url}/v2/transcript/ready")
 
         for v in self.variants:

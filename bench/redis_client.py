@@ -58,7 +58,7 @@ from gateway.admission.redis_store import RedisStore, make_client  # noqa: E402
 from gateway.admission.store import AcquireRequest, Status  # noqa: E402
 
 sys.path.insert(0, str(HERE))
-from proxy_overhead import Processes, RedisInfo, free_port  # noqa: E402
+from proxy_overhead import Processes, start_redis  # noqa: E402
 
 LIMIT = window_limit("requests", 10_000_000, 300, 100, rank=RANK_WINDOW)
 TIMEOUT_S = 0.25
@@ -219,15 +219,8 @@ def main() -> int:
         args.calls, args.rounds = 1000, 2
     workdir = Path(tempfile.mkdtemp(prefix="aai-bench-redis-"))
     procs = Processes(workdir)
-    port = free_port()
     try:
-        procs.start("redis", ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"])
-        info = RedisInfo(port)
-        deadline = time.monotonic() + 10
-        while not info.ping():
-            if time.monotonic() > deadline:
-                raise RuntimeError("the private redis-server did not answer")
-            time.sleep(0.05)
+        _, port, info = start_redis(procs)
         results: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
         names = list(CLIENTS)
         for r in range(args.rounds):

@@ -27,13 +27,11 @@ import argparse
 import asyncio
 import os
 import signal
-import socket
 import ssl
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,22 +41,10 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-AUTH = {"Authorization": "bench-key"}
-IDS = [f"{i:08x}-4a7d-4a53-9d3e-2f0c1b7e8a90" for i in range(1000)]
 HIGH = 10_000_000
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        rest = f.read().rsplit(")", 1)[1].split()
-    return (int(rest[11]) + int(rest[12])) / CLK_TCK
+sys.path.insert(0, str(HERE))
+from proxy_overhead import closed_loop, cpu_seconds, free_port  # noqa: E402
 
 
 def make_cert(folder: Path) -> tuple[Path, Path]:
@@ -127,30 +113,14 @@ async def wait_ready(gw: Gateway, client_tls: ssl.SSLContext) -> None:
 async def load(
     gw: Gateway, client_tls: ssl.SSLContext, *, workers: int, seconds: float, fresh: bool
 ) -> tuple[float, float, int]:
-    """(requests/s, gateway CPU µs per request, errors) for ``seconds`` of closed-loop load."""
+    """(requests/s, gateway CPU µs per request, errors) for ``seconds`` of closed-loop load
+    (proxy_overhead.py's, ``GET /v2/transcript/<id>``; a failed connection counts as an error)."""
     connector = aiohttp.TCPConnector(ssl=client_tls, limit=0, force_close=fresh)
-    done = errors = 0
     async with aiohttp.ClientSession(connector=connector) as http:
-        stop = time.perf_counter() + seconds
-
-        async def worker(i: int) -> None:
-            nonlocal done, errors
-            while time.perf_counter() < stop:
-                try:
-                    async with http.get(f"{gw.base}/v2/transcript/{IDS[i % len(IDS)]}", headers=AUTH) as r:
-                        await r.read()
-                        if r.status == 200:
-                            done += 1
-                        else:
-                            errors += 1
-                except aiohttp.ClientError:
-                    errors += 1
-                i += workers
-
-        cpu0, t0 = cpu_seconds(gw.popen.pid), time.perf_counter()
-        await asyncio.gather(*(worker(i) for i in range(workers)))
-        elapsed, cpu = time.perf_counter() - t0, cpu_seconds(gw.popen.pid) - cpu0
-    return done / elapsed, cpu / max(1, done + errors) * 1e6, errors
+        cpu0 = cpu_seconds(gw.popen.pid)
+        out = await closed_loop(http, gw.base, workers, seconds, count_client_errors=True)
+        out.cpu_s = cpu_seconds(gw.popen.pid) - cpu0
+    return out.rps, out.cpu_us, out.errors
 
 
 async def measure(args: argparse.Namespace, gateways: list[Gateway], client_tls: ssl.SSLContext) -> None:
