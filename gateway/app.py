@@ -44,13 +44,13 @@ from .admission.topology import connect
 from .clock import Clock, SystemClock
 from .config import Config
 from .errors import GatewayError, NotFound, StoreUnavailable
-from .ledger import Ledger, RedisLedger, SqliteLedger
+from .ledger import Ledger, OutageLedger, RedisLedger, SqliteLedger
 from .logs import ACCESS, REQUEST_ID, access_fields, note_access, request_id
 from .metrics import Metrics
 from .products import llm, rest, streaming
 from .products.catalog import Catalog
 from .products.streaming_relay import StreamingRelay
-from .products.streaming_tokens import MemoryTokenBook, RedisTokenBook, TokenBook
+from .products.streaming_tokens import MemoryTokenBook, OutageTokenBook, RedisTokenBook, TokenBook
 from .products.transcripts.jobs import JobStore
 from .products.transcripts.journal import Journal
 from .products.transcripts.redis_jobs import RedisJobStore
@@ -84,6 +84,7 @@ RELOADER: web.AppKey[Reloader] = web.AppKey("reloader", Reloader)
 HANDLER: web.AppKey[ProxyHandler] = web.AppKey("handler", ProxyHandler)
 
 SAMPLE_EVERY_S = 5.0
+WRITE_BACK_EVERY_S = 0.5  # usage and token notes kept during a Redis outage: offered again
 
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -386,10 +387,14 @@ def build_app(
         await engine.start()
         await transcripts.start()
         sampler = supervise("metrics-sampler", lambda: _sample(store, catalog, metrics, transcripts))
+        tasks = [sampler]
+        if isinstance(ledger, OutageLedger) and isinstance(tokens, OutageTokenBook):
+            tasks.append(supervise("outage-write-back", lambda: _write_back(ledger, tokens)))
         yield
-        sampler.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sampler
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         for task in ending:
             await _bounded("streaming sessions", task, config.streaming.terminate_wait_s + 3)
         # Each step is bounded: a connection stuck in a dead peer must not hold up shutdown.
@@ -581,12 +586,26 @@ def make_job_store(config: Config, store: Store, on_call: Callable[[str], None] 
 
 
 def make_ledger(config: Config, store: Store) -> tuple[Ledger, TokenBook]:
-    """Usage and streaming tokens live beside the jobs: Redis when shared, else local."""
+    """Usage and streaming tokens live beside the jobs: Redis when shared, else local.
+    With ``on_outage: fail_open``, what cannot reach Redis waits here until it answers."""
     client = redis_client(store)
     if config.redis.url is not None and client is not None:
         keys = Keys(prefix=config.redis.key_prefix, account=config.account)
-        return RedisLedger(client, keys), RedisTokenBook(client, keys)
+        ledger, tokens = RedisLedger(client, keys), RedisTokenBook(client, keys)
+        if isinstance(store, FallbackStore):
+            pending = Path(config.transcripts.data_dir) / "usage-pending.db"
+            return OutageLedger(ledger, pending), OutageTokenBook(tokens)
+        return ledger, tokens
     return SqliteLedger(Path(config.transcripts.data_dir) / "usage.db"), MemoryTokenBook()
+
+
+async def _write_back(ledger: OutageLedger, tokens: OutageTokenBook) -> None:
+    """Usage and token notes kept while Redis was away go into it once it answers."""
+    while True:
+        await asyncio.sleep(WRITE_BACK_EVERY_S)
+        if len(ledger):
+            await ledger.flush()
+        await tokens.flush()
 
 
 def _outage_gauges(store: FallbackStore, metrics: Metrics) -> Callable[[], None]:

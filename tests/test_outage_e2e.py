@@ -28,6 +28,7 @@ OVERLOAD = 2
 RUN_S = 18.0
 KILL_AT_S, KILL_FOR_S = 3.0, 10.0
 JOBS = 6  # transcripts submitted while Redis is dead
+EARLIER = 3  # transcripts submitted before: polled on every instance while Redis is dead
 
 
 async def test_redis_killed_for_10s_under_2x_overload_on_3_instances() -> None:
@@ -38,6 +39,7 @@ async def test_redis_killed_for_10s_under_2x_overload_on_3_instances() -> None:
             "redis": {"url": redis.url, "key_prefix": "outage" + uuid.uuid4().hex[:6]},
             "limits": {"guard_ms": 100, "llm_requests": {"limit": MODEL, "window_s": WINDOW_S}},
             "queue": {"llm_max_wait_s": 4},
+            "transcripts": {"poll_refresh_s": 2},
             "log": {"level": "warning", "access_log": False},
         }
         gateways = [start_gateway_process(raw) for _ in range(3)]
@@ -46,7 +48,7 @@ async def test_redis_killed_for_10s_under_2x_overload_on_3_instances() -> None:
             for g in gateways:
                 await g.ready("/readyz")
             await asyncio.sleep(1.5)  # heartbeats: every instance counts three
-            statuses, recovered_in, jobs = await load_with_an_outage(gateways, redis)
+            statuses, recovered_in, jobs, polls = await load_with_an_outage(gateways, redis)
             async with aiohttp.ClientSession() as http, http.get(sim.url + "/_sim/report") as r:
                 report = await r.json()
         finally:
@@ -59,19 +61,27 @@ async def test_redis_killed_for_10s_under_2x_overload_on_3_instances() -> None:
     assert max(recovered_in) <= 5.0, recovered_in
     # Transcripts submitted while Redis was dead: kept, then run once each (none lost).
     assert sorted(jobs.values()) == ["completed"] * JOBS, jobs
-    assert report["transcripts"]["submitted"] == JOBS
+    assert report["transcripts"]["submitted"] == JOBS + EARLIER
+    # Jobs from before the outage, polled on every instance during it: never a 5xx, and
+    # each seen complete (upstream's document, refreshed as usual) before Redis returned.
+    assert {status for _, status, _ in polls} == {200}, polls
+    assert len({job for job, _, doc_status in polls if doc_status == "completed"}) == EARLIER, polls
     print(f"answers {len(statuses)}: 200 x{statuses.count(200)}, 429 x{statuses.count(429)}; "
           f"busiest window {report['llm']['gpt-5']['busiest']}/{MODEL}; back on Redis in "
           + ", ".join(f"{s:.1f}s" for s in recovered_in))  # fmt: skip
 
 
-async def load_with_an_outage(gateways: list, redis) -> tuple[list[int], list[float], dict[str, str]]:  # type: ignore[no-untyped-def,type-arg]
+async def load_with_an_outage(
+    gateways: list, redis
+) -> tuple[list[int], list[float], dict[str, str], list[tuple[str, int, str]]]:  # type: ignore[no-untyped-def,type-arg]
     rate = OVERLOAD * MODEL / WINDOW_S
     targets = itertools.cycle(gateways)
     statuses: list[int] = []
     recovered_in: list[float] = []
     jobs: dict[str, str] = {}  # job id -> status, and the instance that took it
     where: dict[str, str] = {}
+    earlier: list[str] = []
+    polls: list[tuple[int, str, str]] = []  # the earlier jobs' polls: (job, http status, job status)
     body = {"model": "gpt-5", "messages": [{"role": "user", "content": "hi"}]}
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as http:
@@ -93,12 +103,32 @@ async def load_with_an_outage(gateways: list, redis) -> tuple[list[int], list[fl
                 job_id = (await r.json())["id"]
                 jobs[job_id], where[job_id] = "queued", base
 
+        async def poll(base: str, job_id: str) -> None:
+            async with http.get(f"{base}/v2/transcript/{job_id}", headers={"Authorization": "load-key"}) as r:
+                polls.append(
+                    (job_id, r.status, str((await r.json()).get("status")) if r.status == 200 else "")
+                )
+
         async def outage() -> None:
-            await asyncio.sleep(KILL_AT_S)
+            await asyncio.sleep(1.0)
+            for i in range(EARLIER):
+                doc = {"audio_url": f"https://example.com/earlier{i}.mp3"}
+                url = gateways[i].url + "/v2/transcript"
+                async with http.post(url, headers={"Authorization": "load-key"}, json=doc) as r:
+                    assert r.status == 200, await r.text()
+                    earlier.append((await r.json())["id"])
+            await asyncio.sleep(KILL_AT_S - 1.5)
+            # As an SDK waiting on them through a load balancer would: a poll on each instance.
+            await asyncio.gather(*(poll(g.url, job_id) for g in gateways for job_id in earlier))
+            polls.clear()
+            await asyncio.sleep(0.5)
             redis.kill()
             await asyncio.sleep(1.0)
             await asyncio.gather(*(submit(i) for i in range(JOBS)))
-            await asyncio.sleep(KILL_FOR_S - 1.0)
+            until = time.monotonic() + KILL_FOR_S - 1.0
+            while time.monotonic() < until:
+                await asyncio.gather(*(poll(g.url, job_id) for g in gateways for job_id in earlier))
+                await asyncio.sleep(0.5)
             await redis.start()  # the same port, empty: every lease was lost with it
             back = time.monotonic()
             for g in gateways:
@@ -127,4 +157,4 @@ async def load_with_an_outage(gateways: list, redis) -> tuple[list[int], list[fl
             i += 1
             await asyncio.sleep(max(0.0, start + i / rate - loop.time()))
         await asyncio.gather(*tasks)
-    return statuses, recovered_in, jobs
+    return statuses, recovered_in, jobs, polls

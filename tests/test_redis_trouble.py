@@ -8,6 +8,7 @@ requests that were waiting keep their turn ahead of newer arrivals.
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import subprocess
 import time
@@ -18,7 +19,9 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.app import TRANSCRIPTS
+from gateway.app import LEDGER, TRANSCRIPTS
+from gateway.ledger import OutageLedger, utc_day
+from gateway.products.transcripts.ids import new_job_id
 from gateway.sim.app import SimConfig
 from tests.helpers import free_port, metric, stack
 
@@ -217,3 +220,86 @@ async def test_fail_open_a_transcript_submitted_while_redis_is_down_is_kept_and_
         seqs = [job.seq for job in jobs if job is not None]
         assert len(seqs) == 3 and seqs == sorted(seqs)  # queued in Redis in the order they came
     assert s.sim.report()["transcript_posts"] == 3  # each once
+
+
+async def test_fail_open_polling_a_job_from_before_the_outage_keeps_working() -> None:
+    """A job whose record is in Redis: while Redis is away, this instance answers from the
+    last record it saw, refreshed from upstream as usual (the real document once it ends);
+    another key still gets 404; an id it never saw is answered `queued` (the SDK waits on)."""
+    async with (
+        private_redis() as redis,
+        stack(SimConfig(job_seconds=0.6), redis={"url": redis.url}, transcripts={"poll_refresh_s": 0.1}) as s,
+        aiohttp.ClientSession() as http,
+    ):
+        body = {"audio_url": "https://example.com/a.mp3"}
+        async with http.post(s.url + "/v2/transcript", json=body, headers=KEY) as r:
+            job_id = (await r.json())["id"]
+        redis.kill()
+        deadline = time.monotonic() + 10
+        while True:
+            async with http.get(f"{s.url}/v2/transcript/{job_id}", headers=KEY) as r:
+                assert r.status == 200, await r.text()
+                doc = await r.json()
+            assert doc["id"] == job_id
+            if doc["status"] == "completed":
+                break
+            assert doc["status"] in ("queued", "processing"), doc
+            assert time.monotonic() < deadline, doc
+            await asyncio.sleep(0.1)
+        assert doc["text"], doc  # upstream's document, under the client's id
+        async with http.get(f"{s.url}/v2/transcript/{job_id}", headers={"Authorization": "other"}) as r:
+            assert r.status == 404  # ownership holds on the copy too
+        unseen = new_job_id()  # a well-formed gateway id this instance never saw
+        async with http.get(f"{s.url}/v2/transcript/{unseen}", headers=KEY) as r:
+            assert r.status == 200 and (await r.json())["status"] == "queued"
+        async with http.get(s.url + "/v2/transcript?limit=5", headers=KEY) as r:
+            listed = await r.json()
+            assert r.status == 200 and job_id in [t["id"] for t in listed["transcripts"]], listed
+        assert metric(s.registry, "aai_gateway_store_degraded") == 1
+    assert s.sim.report()["transcript_posts"] == 1
+
+
+async def test_fail_open_tokens_and_streaming_usage_survive_the_outage() -> None:
+    """While Redis is away a temporary token is issued and noted here (its session billed to
+    the key that asked for it), and a session's usage waits in a local file until Redis is
+    back, then is recorded once."""
+    async with (
+        private_redis() as redis,
+        stack(redis={"url": redis.url}) as s,
+        aiohttp.ClientSession() as http,
+    ):
+        ledger = s.app[LEDGER]
+        assert isinstance(ledger, OutageLedger)
+
+        async def token() -> str:
+            async with http.get(s.url + "/v3/token?expires_in_seconds=60", headers=KEY) as r:
+                assert r.status == 200, await r.text()
+                return str((await r.json())["token"])
+
+        async def session(token: str) -> None:
+            ws_url = s.url.replace("http", "ws") + f"/v3/ws?sample_rate=16000&token={token}"
+            async with http.ws_connect(ws_url) as ws:
+                assert json.loads((await ws.receive()).data)["type"] == "Begin"
+                await ws.send_bytes(b"\0\0" * 1600)
+                await ws.send_str(json.dumps({"type": "Terminate"}))
+                async for _ in ws:
+                    pass
+
+        # One of each first: limits not heard of within the last second count as full.
+        await session(await token())
+        redis.kill()
+        await session(await token())
+        deadline = time.monotonic() + 5
+        while len(ledger) != 1:
+            assert time.monotonic() < deadline, "the session's usage was not kept"
+            await asyncio.sleep(0.05)
+        await redis.start()  # same port, empty
+        owner = s.app[TRANSCRIPTS]._vault.fingerprint(KEY["Authorization"])
+        deadline = time.monotonic() + 8
+        while len(ledger):
+            assert time.monotonic() < deadline, "the kept usage did not reach Redis"
+            await asyncio.sleep(0.1)
+        rows = await ledger.day(utc_day(time.time()))
+        usage = {(r.owner, r.metric): r.value for r in rows if r.product == "streaming"}
+        assert usage[(owner, "sessions")] == 1, usage  # the token's issuer, once (Redis came back empty)
+        assert await ledger.flush() == 0  # nothing left to add twice

@@ -26,6 +26,7 @@ runs, so the ticket's owner is looked up (share:owner) inside the script.
     <prefix>:{<account>}:upid:<id>        string: upstream transcript id -> job id
     <prefix>:{<account>}:idem:<key>       string: idempotency key (creator + header) -> job id
     <prefix>:{<account>}:usage:<day>      hash: owner|product|metric -> amount (ledger.py)
+    <prefix>:{<account>}:usage-moved:<m>  string: a usage entry kept during an outage was added (ledger.py)
     <prefix>:{<account>}:stoken:<fp>      string: a temporary streaming token's expiry and owner
     <prefix>:{<account>}:instances        sorted set: gateway instance -> last heartbeat (ms; fallback.py)
 """
@@ -130,6 +131,9 @@ class Keys:
 
     def usage(self, day: str) -> str:
         return f"{self.base}:usage:{day}"
+
+    def usage_moved(self, marker: str) -> str:
+        return f"{self.base}:usage-moved:{marker}"
 
     def streaming_token(self, fingerprint: str) -> str:
         return f"{self.base}:stoken:{fingerprint}"

@@ -10,6 +10,11 @@ they are.
 
 A token the gateway did not issue (fetched from AssemblyAI directly) is read for a JWT
 ``exp`` claim if it has one; otherwise it waits the usual ``streaming.max_wait_s``.
+
+With Redis and ``redis.on_outage: fail_open``, ``OutageTokenBook`` keeps this instance's
+notes too: while Redis is away, a token issued here is noted here (and written to Redis once
+it answers, for the time it has left), and a lookup Redis cannot answer is answered from
+here (a token issued by another instance is then read like one the gateway did not issue).
 """
 
 from __future__ import annotations
@@ -54,6 +59,44 @@ class MemoryTokenBook:
     async def lookup(self, fingerprint: str) -> TokenNote | None:
         note = self._notes.get(fingerprint)
         return note if note is not None and note.valid_until > self._wall() else None
+
+
+class OutageTokenBook:
+    """Redis's book, and this instance's own for while Redis is away (see above)."""
+
+    def __init__(self, shared: RedisTokenBook, *, wall: Callable[[], float] = time.time) -> None:
+        self._shared = shared
+        self._local = MemoryTokenBook(wall=wall)
+        self._unwritten: dict[str, TokenNote] = {}
+        self._wall = wall
+
+    async def issued(self, fingerprint: str, expires_in_s: float, owner: str) -> None:
+        await self._local.issued(fingerprint, expires_in_s, owner)
+        try:
+            await self._shared.issued(fingerprint, expires_in_s, owner)
+        except StoreUnavailable:
+            self._unwritten[fingerprint] = TokenNote(self._wall() + expires_in_s, owner)
+
+    async def lookup(self, fingerprint: str) -> TokenNote | None:
+        try:
+            note = await self._shared.lookup(fingerprint)
+        except StoreUnavailable:
+            note = None
+        return note if note is not None else await self._local.lookup(fingerprint)
+
+    async def flush(self) -> int:
+        """Write the notes made while Redis was away, for the time each has left."""
+        moved = 0
+        for fingerprint, note in list(self._unwritten.items()):
+            left = note.valid_until - self._wall()
+            try:
+                if left > 0:
+                    await self._shared.issued(fingerprint, left, note.owner)
+            except StoreUnavailable:
+                break
+            del self._unwritten[fingerprint]
+            moved += 1
+        return moved
 
 
 class RedisTokenBook:

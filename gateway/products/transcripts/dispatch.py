@@ -93,7 +93,10 @@ class Dispatcher:
         metrics: Metrics,
         wall: Callable[[], float] = time.time,
         on_end: OnEnd,
+        on_submitted: Callable[[Job], None] | None = None,
     ) -> None:
+        """``on_submitted(job)``: the job's record once upstream took it (this instance's
+        copy for while Redis is away: recent.py)."""
         self._cfg = cfg
         self._t = cfg.transcripts
         self._jobs = jobs
@@ -104,6 +107,7 @@ class Dispatcher:
         self._clock = clock
         self._wall = wall
         self._on_end = on_end
+        self._on_submitted = on_submitted
         self._metrics = metrics
         self._waiting: dict[str, asyncio.Task[None]] = {}
         self._sending: set[str] = set()  # jobs of _waiting past their admission (claiming, POSTing)
@@ -347,6 +351,8 @@ class Dispatcher:
             ttl = int(self._t.lease_ttl_s * 1000)  # it runs upstream: a lapsed claim lease is restored
             await self._engine.store.renew(job.ticket, self._catalog.async_jobs, ttl, create=True)
             submitted = await self._jobs.get(job.id)
+            if submitted is not None and self._on_submitted is not None:
+                self._on_submitted(submitted)
             if doc.get("status") in ("completed", "error") and submitted is not None:
                 await self._on_end(submitted, doc, "")
             return Submitted(status, doc, submitted)

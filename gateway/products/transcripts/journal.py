@@ -13,22 +13,15 @@ answers from here.
 from __future__ import annotations
 
 import json
-import os
-import sqlite3
 from pathlib import Path
 
+from ...localdb import open_db
 from .jobs import Job
 
 
 class Journal:
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self._path = Path(path)
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self._path, os.O_CREAT | os.O_RDWR, 0o600)
-        os.close(fd)
-        os.chmod(self._path, 0o600)
-        self._db = sqlite3.connect(self._path, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
+    def __init__(self, path: str | Path) -> None:
+        self._db = open_db(path)
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS journal (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
             "id TEXT UNIQUE NOT NULL, idem TEXT, fields TEXT NOT NULL)"

@@ -42,6 +42,7 @@ from .dispatch import Dispatcher
 from .ids import is_job_id, listed_ids, new_job_id, swap
 from .jobs import Job, JobStore, State, ended_snapshot
 from .journal import Journal
+from .recent import RecentJobs
 from .reconcile import Forgotten, Reconciler
 from .webhooks import Relay, client_fields, receiver_token, redacted_audio_event, split_webhook
 
@@ -84,10 +85,11 @@ class Transcripts:
         self._clock = clock
         self._wall = wall
         self._refreshing: dict[str, asyncio.Future[dict[str, Any] | None]] = {}
+        self.recent = RecentJobs()  # answers polls while Redis is away (recent.py)
         self.relay = Relay(cfg, vault, metrics)
         self.dispatcher = Dispatcher(
             cfg, jobs=jobs, engine=engine, catalog=catalog, upstream=upstream, vault=vault, clock=clock,
-            metrics=metrics, wall=wall, on_end=self.finish,
+            metrics=metrics, wall=wall, on_end=self.finish, on_submitted=self.recent.saw,
         )  # fmt: skip
         self.reconciler = Reconciler(
             cfg, jobs=jobs, catalog=catalog, handler=handler, vault=vault, dispatcher=self.dispatcher,
@@ -151,21 +153,32 @@ class Transcripts:
 
     async def _job(self, request: web.Request, job_id: str) -> Job | None:
         """The gateway's job for ``job_id`` if the caller's key created it; None when the id
-        is not the gateway's (an upstream id: forwarded as is); 404 for someone else's."""
+        is not the gateway's (an upstream id: forwarded as is); 404 for someone else's.
+        While Redis is away: the journal's or this instance's last copy (StoreUnavailable
+        when neither has it)."""
         if not is_job_id(job_id):
             return None
+        job = await self._find(job_id)
+        if job is None:
+            return None
+        if not self._owned(job, request):
+            raise NotFound("Transcript not found")
+        return job
+
+    async def _find(self, job_id: str) -> Job | None:
         try:
             job = await self.jobs.get(job_id)
         except StoreUnavailable:
             job = self.journal.get(job_id) if self.journal is not None else None
             if job is None:
+                job = self.recent.get(job_id)
+            if job is None:
                 raise
+            return job
         if job is None and self.journal is not None:  # kept here, not moved into Redis yet
             job = self.journal.get(job_id)
-        if job is None:
-            return None
-        if not self._owned(job, request):
-            raise NotFound("Transcript not found")
+        elif job is not None:
+            self.recent.saw(job)
         return job
 
     def _to_client(self, job: Job) -> dict[str, str]:
@@ -208,6 +221,7 @@ class Transcripts:
         if created.id != job.id:  # the same Idempotency-Key again: the same job
             return await self.get(request, created.id) or web.json_response(self.view(created))
         self._metrics.child(self._metrics.jobs_created).inc()
+        self.recent.saw(created)
         answer = await self.dispatcher.try_now(created)
         if answer is None:  # queued in the gateway: answered the way upstream answers a queued job
             limit = self._catalog.async_jobs
@@ -250,7 +264,15 @@ class Transcripts:
 
     # -- GET /v2/transcript/{id} ---------------------------------------------------------
     async def get(self, request: web.Request, job_id: str) -> web.StreamResponse | None:
-        job = await self._job(request, job_id)
+        try:
+            job = await self._job(request, job_id)
+        except StoreUnavailable:
+            if self.journal is None:  # fail_closed
+                raise
+            # Redis is away and this instance never saw the job: "queued" until it returns
+            # (an SDK waiting for the job keeps waiting; a 503 would end its wait in error).
+            log.info("transcripts: Redis unavailable; job %s unknown here, answered as queued", job_id)
+            return web.json_response(self.view(Job(id=job_id, key_fp="", body={}, created_ms=0)))
         if job is None:
             return None
         self._metrics.child(self._metrics.job_polls).inc()
@@ -277,16 +299,23 @@ class Transcripts:
         self._refreshing[job.id] = fut
         snapshot = None
         try:
-            snapshot = await self.lookup(job, request.headers[hdrs.AUTHORIZATION])
+            try:
+                snapshot = await self.lookup(job, request.headers[hdrs.AUTHORIZATION])
+            except Forgotten:
+                await self.forgotten(job)
             if snapshot is not None:
+                # This instance's copy too: while Redis is away it is all there is, and the
+                # next poll within poll_refresh_s is answered from it.
+                job.refreshed_ms = int(self._wall() * 1000)
                 if snapshot.get("status") in ENDED:
                     await self.finish(job, snapshot)
                 else:
                     await self.jobs.refreshed(job.id, snapshot)
                     await self.renew(job)
-        except Forgotten:
-            await self.forgotten(job)
         except GatewayError as exc:
+            # Redis away (StoreUnavailable) included: the client still gets upstream's view;
+            # the job's end is learnt again from upstream once Redis answers (a poll, the
+            # reconciler).
             log.info("refreshing job %s failed (%s); answering from what the gateway knows", job.id, exc)
         finally:
             del self._refreshing[job.id]
@@ -408,9 +437,10 @@ class Transcripts:
         query = dict(request.query)
         for cursor in ("before_id", "after_id"):
             if cursor in query and is_job_id(query[cursor]):
-                job = await self.jobs.get(query[cursor])
-                if job is not None and job.upstream_id and self._owned(job, request):
-                    query[cursor] = job.upstream_id
+                with contextlib.suppress(StoreUnavailable):  # unknown while Redis is away: as is
+                    job = await self._find(query[cursor])
+                    if job is not None and job.upstream_id and self._owned(job, request):
+                        query[cursor] = job.upstream_id
         path = "/v2/transcript" + (f"?{urlencode(query)}" if query else "")
         plan = Plan("rest", self._cfg.upstream.api_url, self._catalog.account_window("rest", "GET"),
                     self._cfg.queue.max_wait_s, b"")  # fmt: skip
@@ -423,7 +453,11 @@ class Transcripts:
             return web.Response(
                 status=status, body=data, content_type=headers.get(hdrs.CONTENT_TYPE), headers=rate
             )
-        doc = swap(doc, await self.jobs.by_upstream(listed_ids(doc)))
+        try:
+            ours = await self.jobs.by_upstream(listed_ids(doc))
+        except StoreUnavailable:  # Redis is away: the jobs this instance saw last
+            ours = self.recent.by_upstream(listed_ids(doc))
+        doc = swap(doc, ours)
         body = rewrite_page_details(
             json.dumps(doc).encode(),
             api_url=self._cfg.upstream.api_url,
@@ -443,9 +477,15 @@ class Transcripts:
         )  # fmt: skip
         resp = await self._handler.forward(request, plan)
         if request.method == hdrs.METH_DELETE and resp.status == 200:
-            if job.state is not State.ENDED:
-                await self.finish(job, None)
-            await self.jobs.purge(job.id)  # deleted upstream: nothing of it stays here either
+            self.recent.forget(job.id)
+            try:
+                if job.state is not State.ENDED:
+                    await self.finish(job, None)
+                await self.jobs.purge(job.id)  # deleted upstream: nothing of it stays here either
+            except StoreUnavailable as exc:
+                # Deleted upstream all the same: once Redis answers, the reconciler finds it
+                # ended there and frees its lease; its record goes with its retention.
+                log.warning("transcripts: job %s deleted upstream; its record stays for now: %s", job.id, exc)
         return resp
 
     # -- ids in other products' bodies (LLM Gateway) -------------------------------------
@@ -453,7 +493,7 @@ class Transcripts:
         """Job ids in a request body -> upstream ids. A job not submitted yet is a 400."""
         out: dict[str, str] = {}
         for job_id in ids:
-            job = await self.jobs.get(job_id) if is_job_id(job_id) else None
+            job = await self._find(job_id) if is_job_id(job_id) else None
             if job is None or not self._vault.same(job.key_fp, self._vault.fingerprint(key)):
                 continue
             if not job.upstream_id:
