@@ -16,7 +16,7 @@ import sys
 import tempfile
 import textwrap
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -320,6 +320,92 @@ def start_gateway_process(
     clean = {k: v for k, v in os.environ.items() if not k.startswith("AAI_GATEWAY_")}
     clean["AAI_GATEWAY_SECRET_KEY"] = TEST_SECRET_KEY  # the same on every instance
     return Process(["serve", "--config", f.name], {**clean, **(env or {})}, port, tls=tls)
+
+
+# -- several gateway processes on one store, the simulator process the judge ----------------
+@dataclass(frozen=True)
+class Limits:
+    """An account's limits for a multi-instance run: the simulator enforces them upstream and
+    the gateways are configured with them, so a violation upstream is the gateways' fault."""
+
+    requests: int  # per window, the whole account
+    model: int  # per window, per model
+    window_s: float
+    models: tuple[str, ...] = ("gpt-5", "claude-sonnet-4-6")
+    guard_ms: int = 100
+
+    def sim_config(self, **more: Any) -> SimConfig:
+        return SimConfig(
+            requests_limit=self.requests,
+            requests_window_s=self.window_s,
+            llm_limit=self.model,
+            llm_window_s=self.window_s,
+            **more,
+        )
+
+    def gateway_config(self, sim_url: str, redis: dict[str, Any], **more: Any) -> dict[str, Any]:
+        """What every instance shares: the simulator upstream, ``redis`` (its config section),
+        these limits, 3 s of waiting at most, warnings only; ``more`` merges into it."""
+        raw = {
+            "upstream": {"api_url": sim_url, "llm_url": sim_url, "streaming_url": "ws" + sim_url[4:]},
+            "redis": redis,
+            "limits": {
+                "guard_ms": self.guard_ms,
+                "requests": {"limit": self.requests, "window_s": self.window_s},
+                "llm_requests": {"limit": self.model, "window_s": self.window_s},
+            },
+            "queue": {"max_wait_s": 3, "llm_max_wait_s": 3},
+            "log": {"level": "warning", "access_log": False},
+        }
+        return _merge(raw, more)
+
+
+async def start_gateways(
+    raw_config: dict[str, Any], count: int, *, public_url: bool = False
+) -> list[Process]:
+    """``count`` gateway processes on one config, each ready (``/readyz``); if one is not,
+    all are killed before the error goes up."""
+    gateways = [start_gateway_process(raw_config, public_url=public_url) for _ in range(count)]
+    try:
+        for g in gateways:
+            await g.ready("/readyz")
+    except BaseException:
+        for g in gateways:
+            g.kill()
+        raise
+    return gateways
+
+
+async def at_rate(rate: float, seconds: float, call: Callable[[int], Awaitable[None]]) -> None:
+    """An open loop: ``call(0)``, ``call(1)``, ... each started on schedule (``rate`` a
+    second, for ``seconds``) whatever the earlier ones are doing, then all awaited."""
+    loop = asyncio.get_running_loop()
+    tasks = []
+    start = loop.time()
+    i = 0
+    while loop.time() - start < seconds:
+        tasks.append(asyncio.ensure_future(call(i)))
+        i += 1
+        await asyncio.sleep(max(0.0, start + i / rate - loop.time()))
+    await asyncio.gather(*tasks)
+
+
+async def sim_report(sim: Process) -> dict[str, Any]:
+    """The simulator process's ``/_sim/report``: what upstream saw (violations, busiest windows)."""
+    async with aiohttp.ClientSession() as http, http.get(sim.url + "/_sim/report") as r:
+        return dict(await r.json())
+
+
+def assert_exact(report: dict[str, Any], statuses: list[int], limits: Limits) -> None:
+    """The simulator's ``report`` after an overload: no violation, and no waste (the busiest
+    rolling window of each limit used at least 95% of it: the guard costs guard / W); every
+    refusal came from the gateway (429 after its max wait), never from upstream."""
+    assert report["violations"] == [], report["violations"][:5]
+    assert report["requests"]["busiest"] >= 0.95 * limits.requests, report["requests"]
+    for model in limits.models:
+        assert report["llm"][model]["busiest"] >= 0.95 * limits.model, report["llm"]
+    assert set(statuses) <= {200, 404, 429}, statuses
+    assert statuses.count(200) + statuses.count(404) == report["requests"]["arrivals"]
 
 
 @asynccontextmanager

@@ -10,13 +10,22 @@ from __future__ import annotations
 import asyncio
 import itertools
 import uuid
+from collections.abc import Awaitable
 
 import aiohttp
 import pytest
 
-from gateway.sim.app import SimConfig
 from tests.conftest import REDIS_URL, redis_client
-from tests.helpers import start_gateway_process, start_sim_process
+from tests.helpers import (
+    Limits,
+    Process,
+    assert_exact,
+    at_rate,
+    delete_prefix,
+    sim_report,
+    start_gateways,
+    start_sim_process,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -24,6 +33,7 @@ WINDOW_S = 4.0
 REQUESTS = 60  # per window, the whole account
 MODEL = 12  # per window, per model
 MODELS = ("gpt-5", "claude-sonnet-4-6")
+LIMITS = Limits(REQUESTS, MODEL, WINDOW_S, MODELS)
 RUN_S = 10.0
 OVERLOAD = 5
 
@@ -31,52 +41,24 @@ OVERLOAD = 5
 async def test_five_times_overload_on_two_instances_holds_every_limit_exactly() -> None:
     probe = await redis_client()  # fails (never skips) without the real Redis
     await probe.aclose()
-    sim = start_sim_process(
-        SimConfig(
-            requests_limit=REQUESTS,
-            requests_window_s=WINDOW_S,
-            llm_limit=MODEL,
-            llm_window_s=WINDOW_S,
-        )
-    )
+    sim = start_sim_process(LIMITS.sim_config())
     prefix = "exact" + uuid.uuid4().hex[:8]
-    raw = {
-        "upstream": {"api_url": sim.url, "llm_url": sim.url, "streaming_url": "ws" + sim.url[4:]},
-        "redis": {"url": REDIS_URL, "key_prefix": prefix},
-        "limits": {
-            "guard_ms": 100,
-            "requests": {"limit": REQUESTS, "window_s": WINDOW_S},
-            "llm_requests": {"limit": MODEL, "window_s": WINDOW_S},
-        },
-        "queue": {"max_wait_s": 3, "llm_max_wait_s": 3},
-        "log": {"level": "warning", "access_log": False},
-    }
-    gateways = [start_gateway_process(raw) for _ in range(2)]
+    raw = LIMITS.gateway_config(sim.url, {"url": REDIS_URL, "key_prefix": prefix})
+    gateways: list[Process] = []
     try:
         await sim.ready("/_sim/report")
-        for g in gateways:
-            await g.ready("/readyz")
+        gateways = await start_gateways(raw, 2)
         statuses = await offer_load(gateways)
-        async with aiohttp.ClientSession() as http, http.get(sim.url + "/_sim/report") as r:
-            report = await r.json()
+        report = await sim_report(sim)
     finally:
         for p in [*gateways, sim]:
             p.kill()
-        client = await redis_client()
-        async for key in client.scan_iter(match=f"{prefix}:*"):
-            await client.delete(key)
-        await client.aclose()
+        await delete_prefix(prefix)
 
-    assert report["violations"] == [], report["violations"][:5]
-    assert report["requests"]["busiest"] >= 0.95 * REQUESTS, report["requests"]
-    for model in MODELS:
-        assert report["llm"][model]["busiest"] >= 0.95 * MODEL, report["llm"]
-    # Refused work was refused by the gateway (429 after its max wait), never by upstream.
-    assert set(statuses) <= {200, 404, 429}, statuses
-    assert statuses.count(200) + statuses.count(404) == report["requests"]["arrivals"]
+    assert_exact(report, statuses, LIMITS)
 
 
-async def offer_load(gateways: list) -> list[int]:  # type: ignore[type-arg]
+async def offer_load(gateways: list[Process]) -> list[int]:
     """OVERLOAD x every limit, spread evenly over the gateways, for RUN_S seconds."""
     per_s_total = OVERLOAD * REQUESTS / WINDOW_S
     per_s_model = OVERLOAD * MODEL / WINDOW_S
@@ -99,16 +81,8 @@ async def offer_load(gateways: list) -> list[int]:  # type: ignore[type-arg]
                 await resp.read()
                 statuses.append(resp.status)
 
-        async def stream(kind: str, rate: float) -> None:
-            tasks = []
-            loop = asyncio.get_running_loop()
-            start = loop.time()
-            i = 0
-            while loop.time() - start < RUN_S:
-                tasks.append(asyncio.ensure_future(one(kind)))
-                i += 1
-                await asyncio.sleep(max(0.0, start + i / rate - loop.time()))
-            await asyncio.gather(*tasks)
+        def stream(kind: str, rate: float) -> Awaitable[None]:
+            return at_rate(rate, RUN_S, lambda _: one(kind))
 
         await asyncio.gather(stream("get", per_s_get), *(stream(m, per_s_model) for m in MODELS))
     return statuses

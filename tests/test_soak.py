@@ -49,8 +49,7 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.sim.app import SimConfig
-from tests.helpers import Process, start_gateway_process
+from tests.helpers import Limits, Process, start_gateways
 from tests.soak_support import (
     SOAK_ID,
     Call,
@@ -69,6 +68,7 @@ W, GUARD = 3.0, 0.3
 SPAN = W + GUARD  # a window lease's life
 REQUESTS, MODEL, JOBS, SESSIONS = 30, 6, 3, 4
 MODELS = ("gpt-5", "claude-sonnet-4-6")
+LIMITS = Limits(REQUESTS, MODEL, W, MODELS, guard_ms=int(GUARD * 1000))
 CLAIM_S, MAX_WAIT_S = 2.0, 3.0
 KEYS = ("soak-key-a", "soak-key-b", "soak-key-c")
 # A waiter may see its limits free this long before it is admitted: wake-ups take
@@ -394,51 +394,34 @@ async def test_soak_holds_every_limit_loses_nothing_strands_no_one_and_leaves_no
     redis = PausableRedis()
     await redis.start()
     sim = SimProcess(
-        SimConfig(
-            requests_limit=REQUESTS,
-            requests_window_s=W,
-            llm_limit=MODEL,
-            llm_window_s=W,
-            async_concurrency=JOBS,
-            streaming_limit=SESSIONS,
-            streaming_window_s=W,
-            webhook_retry_s=1.0,
+        LIMITS.sim_config(
+            async_concurrency=JOBS, streaming_limit=SESSIONS, streaming_window_s=W, webhook_retry_s=1.0
         )
     )
     prefix = "soak" + uuid.uuid4().hex[:6]
-    raw = {
-        "upstream": {"api_url": sim.url, "llm_url": sim.url, "streaming_url": "ws" + sim.url[4:]},
-        "redis": {"url": redis.url, "key_prefix": prefix, "on_outage": outage},
-        "limits": {
-            "guard_ms": int(GUARD * 1000),
-            "requests": {"limit": REQUESTS, "window_s": W},
-            "llm_requests": {"limit": MODEL, "window_s": W},
-            "async_concurrency": JOBS,
-            "streaming_sessions": {"limit": SESSIONS, "window_s": W},
-        },
-        "streaming": {"max_wait_s": 4.0},
-        "queue": {
+    raw = LIMITS.gateway_config(
+        sim.url,
+        {"url": redis.url, "key_prefix": prefix, "on_outage": outage},
+        limits={"async_concurrency": JOBS, "streaming_sessions": {"limit": SESSIONS, "window_s": W}},
+        streaming={"max_wait_s": 4.0},
+        queue={
             "max_wait_s": MAX_WAIT_S,
             "llm_max_wait_s": MAX_WAIT_S,
             "ticket_ttl_ms": int(TICKET_TTL_S * 1000),
         },
-        "transcripts": {
+        transcripts={
             "claim_s": CLAIM_S,
             "trust_priority_header": True,
             "poll_refresh_s": 0.5,
             "poll_refresh_with_webhooks_s": 2.0,
             "reconcile_after_s": 4.0,
         },
-        "log": {"level": "warning", "access_log": False},
-    }
+    )
     gateways: list[Process] = []
     logs: list[str] = []
     try:
         await sim.ready("/_sim/report")
-        for _ in range(INSTANCES):
-            gateways.append(start_gateway_process(raw, public_url=True))
-        for g in gateways:
-            await g.ready("/readyz")
+        gateways = await start_gateways(raw, INSTANCES, public_url=True)
         soak = Soak(gateways, sim.url, redis)
         timeout = aiohttp.ClientTimeout(total=20)
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as http:

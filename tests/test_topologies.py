@@ -27,8 +27,8 @@ import pytest
 
 from gateway.admission.keys import Keys
 from gateway.sim.app import SimConfig
-from tests.helpers import Process, start_gateway_process, start_sim_process
-from tests.test_exactness import MODEL, MODELS, REQUESTS, WINDOW_S, offer_load
+from tests.helpers import Process, assert_exact, at_rate, sim_report, start_gateways, start_sim_process
+from tests.test_exactness import LIMITS, REQUESTS, WINDOW_S, offer_load
 from tests.topologies import SERVICE, Cluster, SentinelSet, cluster, sentinel_set
 
 pytestmark = pytest.mark.slow
@@ -67,56 +67,27 @@ async def start(
 ) -> tuple[Process, list[Process], str]:
     sim = start_sim_process(sim_config)
     prefix = "topo" + uuid.uuid4().hex[:8]
-    raw = {
-        "upstream": {"api_url": sim.url, "llm_url": sim.url, "streaming_url": "ws" + sim.url[4:]},
-        "redis": {**redis_section(topology, prefix), "on_outage": outage},
-        "limits": {
-            "guard_ms": 100,
-            "requests": {"limit": REQUESTS, "window_s": WINDOW_S},
-            "llm_requests": {"limit": MODEL, "window_s": WINDOW_S},
-        },
-        "queue": {"max_wait_s": 3, "llm_max_wait_s": 3},
-        "transcripts": {"claim_s": 2},
-        "log": {"level": "warning", "access_log": False},
-    }
-    gateways = [start_gateway_process(raw) for _ in range(GATEWAYS)]
-    await sim.ready("/_sim/report")
-    for g in gateways:
-        await g.ready("/readyz")
-    return sim, gateways, prefix
-
-
-async def report_of(sim: Process) -> dict[str, Any]:
-    async with aiohttp.ClientSession() as http, http.get(sim.url + "/_sim/report") as r:
-        return dict(await r.json())
-
-
-def limits_sim() -> SimConfig:
-    return SimConfig(
-        requests_limit=REQUESTS,
-        requests_window_s=WINDOW_S,
-        llm_limit=MODEL,
-        llm_window_s=WINDOW_S,
-        job_seconds=1.0,
-    )
+    redis = {**redis_section(topology, prefix), "on_outage": outage}
+    raw = LIMITS.gateway_config(sim.url, redis, transcripts={"claim_s": 2})
+    try:
+        await sim.ready("/_sim/report")
+        return sim, await start_gateways(raw, GATEWAYS), prefix
+    except BaseException:
+        sim.kill()
+        raise
 
 
 @pytest.mark.parametrize("kind", ["cluster", "sentinel"])
 async def test_three_gateways_hold_every_limit_exactly(kind: str, request: pytest.FixtureRequest) -> None:
     topology = request.getfixturevalue("a_cluster" if kind == "cluster" else "sentinels")
-    sim, gateways, _ = await start(topology, limits_sim())
+    sim, gateways, _ = await start(topology, LIMITS.sim_config(job_seconds=1.0))
     try:
         statuses = await offer_load(gateways)
-        report = await report_of(sim)
+        report = await sim_report(sim)
     finally:
         for p in [*gateways, sim]:
             p.kill()
-    assert report["violations"] == [], report["violations"][:5]
-    assert report["requests"]["busiest"] >= 0.95 * REQUESTS, report["requests"]
-    for model in MODELS:
-        assert report["llm"][model]["busiest"] >= 0.95 * MODEL, report["llm"]
-    assert set(statuses) <= {200, 404, 429}, statuses
-    assert statuses.count(200) + statuses.count(404) == report["requests"]["arrivals"]
+    assert_exact(report, statuses, LIMITS)
 
 
 @pytest.mark.parametrize("outage", ["fail_closed", "fail_open"])
@@ -129,7 +100,7 @@ async def test_a_failover_under_load_is_a_short_burst_of_fast_503s_or_none(kind:
 
 
 async def failover_under_load(kind: str, topology: Cluster | SentinelSet, outage: str) -> None:
-    sim, gateways, prefix = await start(topology, limits_sim(), outage)
+    sim, gateways, prefix = await start(topology, LIMITS.sim_config(job_seconds=1.0), outage)
     calls: list[tuple[float, int, float]] = []  # (sent, status, seconds taken)
     jobs: list[str] = []
     killed: list[float] = []
@@ -173,16 +144,9 @@ async def failover_under_load(kind: str, topology: Cluster | SentinelSet, outage
 
             await asyncio.gather(*(submit(i) for i in range(JOBS)))
             rate = 2 * REQUESTS / WINDOW_S  # twice the account's limit
-            start_at = time.monotonic()
-            tasks = [asyncio.ensure_future(fail_over())]
-            n = 0
-            while time.monotonic() - start_at < LOAD_S:
-                tasks.append(asyncio.ensure_future(get(n)))
-                n += 1
-                await asyncio.sleep(max(0.0, start_at + n / rate - time.monotonic()))
-            await asyncio.gather(*tasks)
+            await asyncio.gather(fail_over(), at_rate(rate, LOAD_S, get))
             done = await poll_jobs(http, gateways, jobs)
-            report = await report_of(sim)
+            report = await sim_report(sim)
             # Upstream's own list (read after the report: the sim counts this read too).
             async with http.get(sim.url + "/v2/transcript?limit=200", headers=headers) as r:
                 upstream = [t["audio_url"] for t in (await r.json())["transcripts"]]
