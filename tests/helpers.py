@@ -307,10 +307,14 @@ def start_gateway_process(
     plus ``env``. ``public_url``: the config's ``public_url`` is the process's own address, so
     upstream's webhooks for the jobs it submits come back to it. ``tls``: a client context
     trusting the certificate of the config's ``listen.tls``: its url says https and readiness
-    is asked over TLS."""
+    is asked over TLS. Without ``transcripts.data_dir`` in the config, each process gets a
+    folder of its own, as each instance of a deployment has its own disk: the default
+    (./aai-gateway-data) would let one test's journal or pending usage leak into another's."""
     port = free_port()
     scheme = "https" if tls else "http"
     over: dict[str, Any] = {"listen": {"host": "127.0.0.1", "port": port}}
+    if "data_dir" not in (raw_config.get("transcripts") or {}):
+        over["transcripts"] = {"data_dir": tempfile.mkdtemp(prefix="aai-gw-data-")}
     if public_url:
         over["public_url"] = f"{scheme}://127.0.0.1:{port}"
     raw = _merge(raw_config, over)

@@ -467,7 +467,7 @@ async def background_restarts(http: aiohttp.ClientSession, url: str) -> float:
 # Keys that stay after everything drained (admission/keys.py), and those that must be gone.
 KEPT = ("job", "upid", "idem", "usage", "seq")
 # Markers with a short TTL, and the instances' heartbeats (alive while the gateways run).
-EXPIRING = ("tomb", "ended", "stoken", "job-end", "instances")
+EXPIRING = ("tomb", "ended", "stoken", "job-end", "instances", "usage-moved")
 GONE = ("wait", "dead", "resv", "share", "jobs")
 
 
