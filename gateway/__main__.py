@@ -4,6 +4,7 @@ aai-gateway serve [--config PATH]     run the gateway (embedded store unless red
 aai-gateway check-config [PATH]       validate a config file; exit 1 with the key path on error
 aai-gateway demo [--port N]           the gateway in front of the upstream simulator
 aai-gateway gen-key                   print a new secret key (AAI_GATEWAY_SECRET_KEY)
+aai-gateway keys new --project P --name N   print a new gateway key (managed mode) and its config line
 aai-gateway sim [--port N]            the upstream simulator alone (tests, benchmarks)
 
 A port that cannot be bound (another process holds it, no permission) ends the command at
@@ -40,11 +41,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from aiohttp import web
+from pydantic import ValidationError
 
 from .app import RELOADER, build_app
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, Project, load_config
 from .logs import AccessLogger, setup_logging
-from .reload import ADMIN_TOKEN_ENV, RELOAD_PATH, config_hash, masked
+from .reload import RELOAD_PATH, config_hash, masked
 from .tls import SERVED_TLS, ListenSite, TlsError, server_context
 from .vault import ENV as SECRET_ENV
 from .vault import SecretError
@@ -170,7 +172,9 @@ def serve(
     if the port is taken (both before anything is logged)."""
     served_tls = server_context(config.listen.tls) if config.listen.tls is not None else None
     socks = bind(config.listen.host, config.listen.port, port_hint)
-    secrets = [os.environ.get(SECRET_ENV, ""), os.environ.get(ADMIN_TOKEN_ENV, "")]
+    secrets = [os.environ.get(SECRET_ENV, ""), os.environ.get(config.admin.token_env, "")]
+    if config.managed:  # the account's key: masked in every log line, whatever logs it
+        secrets.append(os.environ.get(config.upstream.api_key_env, ""))
     if config.redis.url:
         secrets.append(urlsplit(config.redis.url).password or "")
     setup_logging(config.log.level, secrets, fmt=config.log.format)
@@ -214,7 +218,12 @@ def serve(
             loop_name,
             app[RELOADER].hash,
         )
-        admin = "on" if os.environ.get(ADMIN_TOKEN_ENV) else f"off (set ${ADMIN_TOKEN_ENV} to open it)"
+        token_env = config.admin.token_env
+        admin = "on" if os.environ.get(token_env) else f"off (set ${token_env} to open it)"
+        if config.managed:
+            keys = sum(len(p.keys) for p in config.projects)
+            log.info("managed mode: %d projects, %d keys in the config; upstream key from $%s",
+                     len(config.projects), keys, config.upstream.api_key_env)  # fmt: skip
         log.info("reload: SIGHUP; POST %s %s", RELOAD_PATH, admin)
         if served_tls is not None:
             log.info("TLS: %s", served_tls.describe())
@@ -315,7 +324,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return 2
     try:
         serve(config, load=partial(load_config, path))
-    except (SecretError, ListenError, TlsError) as exc:
+    except (SecretError, ListenError, TlsError, ConfigError) as exc:
         print(f"aai-gateway: {exc}", file=sys.stderr)
         return 2
     return 0
@@ -355,6 +364,25 @@ def _cmd_gen_key(args: argparse.Namespace) -> int:
     from .vault import generate_key
 
     print(generate_key())
+    return 0
+
+
+def _cmd_keys_new(args: argparse.Namespace) -> int:
+    from .identity import key_digest, new_key
+
+    try:
+        Project.model_validate({"name": args.project, "keys": [{"name": args.name, "sha256": "0" * 64}]})
+    except ValidationError as exc:
+        print(f"aai-gateway: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}", file=sys.stderr)
+        return 2
+    key = new_key()
+    print("The key (shown once: give it to the client; the gateway keeps only its hash):")
+    print(f"  {key}")
+    print(f"Add it to the config under the project {args.project!r} (then SIGHUP or POST /admin/v1/reload):")
+    print("projects:")
+    print(f"  - name: {args.project}")
+    print("    keys:")
+    print(f'      - {{name: {json.dumps(args.name)}, sha256: "{key_digest(key)}"}}')
     return 0
 
 
@@ -475,6 +503,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
     p = sub.add_parser("gen-key", help="print a new AAI_GATEWAY_SECRET_KEY")
     p.set_defaults(func=_cmd_gen_key)
+    p = sub.add_parser("keys", help="gateway keys (managed mode)")
+    keys = p.add_subparsers(dest="keys_command", required=True, metavar="ACTION", help="new: a new key")
+    p = keys.add_parser(
+        "new",
+        help="print a new gateway key and the config line that admits it",
+        description="Print a new random gateway key (256 bits) once, and the line to paste into the "
+        "config's projects: the file holds only the key's SHA-256.",
+    )
+    p.add_argument("--project", required=True, help="the project it belongs to ([a-z0-9-]+)")
+    p.add_argument("--name", required=True, help="a name for the key (e.g. backend, ci)")
+    p.set_defaults(func=_cmd_keys_new)
     p = sub.add_parser("sim", help="run the upstream simulator alone")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=DEFAULT_SIM_PORT, help=f"port (default: {DEFAULT_SIM_PORT})")

@@ -42,10 +42,11 @@ from .admission.redis_store import RedisStore
 from .admission.store import Store
 from .admission.topology import connect
 from .clock import Clock, SystemClock
-from .config import Config
+from .config import Config, ConfigError
 from .errors import GatewayError, NotFound, StoreUnavailable
+from .identity import Auth, identity_middleware
 from .ledger import Ledger, OutageLedger, RedisLedger, SqliteLedger
-from .logs import ACCESS, REQUEST_ID, access_fields, note_access, request_id
+from .logs import ACCESS, REQUEST_ID, access_fields, request_id
 from .metrics import Metrics
 from .products import llm, rest, streaming
 from .products.catalog import Catalog
@@ -61,7 +62,6 @@ from .proxy.body import BODY_LIMITS, BodyLimits
 from .proxy.forward import Upstream
 from .proxy.handler import GROUP, ClientGone, ProxyHandler
 from .reload import (
-    ADMIN_TOKEN_ENV,
     RELOAD_PATH,
     Reloaded,
     Reloader,
@@ -128,8 +128,7 @@ def errors_middleware(metrics: Metrics) -> Callable[..., Awaitable[web.StreamRes
             log.exception("unhandled error on %s %s", request.method, request.path)
             return error_response(500, "Internal gateway error")
         finally:
-            group = request.get(GROUP, "other")
-            note_access(request, group=group)
+            group = access_fields(request).setdefault(GROUP, "other")
             if request.path.startswith(("/v1", "/v2", "/v3")):
                 metrics.child(metrics.requests, group, outcome).inc()
 
@@ -320,11 +319,23 @@ def build_app(
     registry: CollectorRegistry | None = None,
     load: Callable[[], Config] | None = None,
     admin_token: str | None = None,
+    upstream_key: str | None = None,
 ) -> web.Application:
     """``load`` re-reads the config for a reload (serve: the file it started with, the same
     environment overrides; default: ``config`` again). ``admin_token`` (default: the
     environment's $AAI_GATEWAY_ADMIN_TOKEN) opens ``POST /admin/v1/reload``; without one that
-    path answers 404 like any path the gateway does not serve."""
+    path answers 404 like any path the gateway does not serve. ``upstream_key`` (default: the
+    environment's ``upstream.api_key_env``) is the account's key, required in managed mode
+    (``projects`` configured): ConfigError without it."""
+    if config.managed:
+        upstream_key = os.environ.get(config.upstream.api_key_env) if upstream_key is None else upstream_key
+        if not upstream_key:
+            raise ConfigError(
+                f"projects are configured (managed mode), so the gateway needs the account's AssemblyAI "
+                f"key in ${config.upstream.api_key_env}; it is not set"
+            )
+    else:
+        upstream_key = None
     clock = clock or SystemClock()
     registry = registry if registry is not None else CollectorRegistry()
     metrics = Metrics(registry)
@@ -340,10 +351,13 @@ def build_app(
     )
     engine = AdmissionEngine(store, clock, ticket_ttl_ms=config.queue.ticket_ttl_ms, observer=metrics)
     upstream = Upstream(config.upstream, metrics)
-    vault = load_vault(shared=config.redis.url is not None, data_dir=Path(config.transcripts.data_dir))
+    vault = load_vault(
+        shared=config.redis.url is not None,
+        data_dir=Path(config.transcripts.data_dir),
+        derive_from=upstream_key,
+    )
     handler = ProxyHandler(
         config, catalog=catalog, engine=engine, upstream=upstream, metrics=metrics, clock=clock,
-        identify=vault.fingerprint,
     )  # fmt: skip
     jobs = make_job_store(
         config, store, on_call=lambda op: metrics.child(metrics.store_calls, f"job_{op}").inc()
@@ -351,9 +365,11 @@ def build_app(
     journal = None
     if isinstance(store, FallbackStore):  # Redis, fail_open: new jobs wait here while it is away
         journal = Journal(Path(config.transcripts.data_dir) / "journal.db")
+    ledger, tokens = make_ledger(config, store)
+    auth = Auth(config, vault, tokens, upstream_key=upstream_key)
     transcripts = Transcripts(
         config, jobs=jobs, engine=engine, catalog=catalog, handler=handler, upstream=upstream,
-        vault=vault, metrics=metrics, clock=clock, journal=journal,
+        vault=vault, metrics=metrics, clock=clock, journal=journal, auth=auth,
     )  # fmt: skip
 
     json_protocol_errors()
@@ -363,6 +379,7 @@ def build_app(
             access_middleware(vault.fingerprint, inflight),
             target_middleware,
             errors_middleware(metrics),
+            identity_middleware(auth),
         ],
         # Bodies pass through as the client sent them: decompressing them here once let a
         # gzip body smuggle requests upstream (proxy/body.py inflates what must be read).
@@ -376,7 +393,6 @@ def build_app(
     app[STORE] = store
     app[TRANSCRIPTS] = transcripts
     app[HANDLER] = handler
-    ledger, tokens = make_ledger(config, store)
     app[LEDGER] = ledger
     metrics.store_info.labels(store.kind).set(1)
     for limit in catalog.fixed_limits():
@@ -468,6 +484,7 @@ def build_app(
                 raise ReloadError(str(exc)) from None
         catalog.reload(new.limits, max_open_sessions=new.streaming.max_open_sessions)
         handler.use_config(new)
+        auth.use_config(new)
         sessions.use_config(new)
         transcripts.use_config(new)
         moved = engine.retune(catalog.current)
@@ -491,7 +508,7 @@ def build_app(
         metrics.running_config(done.hash)
 
     reloader.on_change.append(reloaded)
-    token = os.environ.get(ADMIN_TOKEN_ENV, "") if admin_token is None else admin_token
+    token = os.environ.get(config.admin.token_env, "") if admin_token is None else admin_token
 
     async def metrics_view(request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})

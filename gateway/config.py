@@ -85,6 +85,9 @@ class Upstream(_Model):
     connect_timeout_s: float = Field(10.0, gt=0)
     # Longest silence while reading a response (LLM generations, large downloads).
     read_timeout_s: float = Field(300.0, gt=0)
+    # Managed mode (``projects`` set): the environment variable holding the account's key,
+    # which the gateway puts on every upstream call (clients never see it).
+    api_key_env: str = "AAI_GATEWAY_UPSTREAM_KEY"
 
     @field_validator("api_url", "llm_url")
     @classmethod
@@ -99,6 +102,55 @@ class Upstream(_Model):
         if not v.startswith(("ws://", "wss://")):
             raise ValueError("must start with ws:// or wss://")
         return v.rstrip("/")
+
+
+_NAME = re.compile(r"[a-z0-9-]+")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+class ProjectKey(_Model):
+    name: str = Field(min_length=1, max_length=100)
+    sha256: str  # hex SHA-256 of the key's UTF-8 bytes: the key itself is never written down
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not v.isprintable() or "|" in v or "/" in v:
+            raise ValueError("must be printable, without '|' or '/'")
+        return v
+
+    @field_validator("sha256")
+    @classmethod
+    def _hash(cls, v: str) -> str:
+        v = v.lower()
+        if not _SHA256.fullmatch(v):
+            raise ValueError("must be the 64 hex digits of the key's SHA-256 (`aai-gateway keys new`)")
+        return v
+
+
+class Project(_Model):
+    name: str
+    keys: tuple[ProjectKey, ...] = ()
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME.fullmatch(v) or len(v) > 63:
+            raise ValueError("must be lowercase letters, digits and '-' ([a-z0-9-]+, at most 63)")
+        return v
+
+    @model_validator(mode="after")
+    def _unique_keys(self) -> Project:
+        names = [k.name for k in self.keys]
+        if len(set(names)) != len(names):
+            raise ValueError(f"key names must be unique within the project: {names}")
+        return self
+
+
+class Admin(_Model):
+    # The admin API's bearer token (reload, keys, projects) comes from this variable; unset:
+    # the admin API does not exist (404).
+    token_env: str = "AAI_GATEWAY_ADMIN_TOKEN"
 
 
 class Sentinel(_Model):
@@ -356,6 +408,29 @@ class Config(_Model):
     account: str = "default"
     # SIGTERM: requests already admitted may finish within this; then the rest is ended.
     shutdown_grace_s: float = Field(20.0, gt=0)
+    # Managed mode when any project is listed: clients send gateway keys, the account's key
+    # stays here (upstream.api_key_env). None/empty: pass-through (clients send real keys).
+    projects: tuple[Project, ...] = ()
+    admin: Admin = Admin()
+
+    @field_validator("projects", mode="before")
+    @classmethod
+    def _none_is_empty(cls, v: Any) -> Any:
+        return () if v is None else v
+
+    @property
+    def managed(self) -> bool:
+        return bool(self.projects)
+
+    @model_validator(mode="after")
+    def _unique_projects(self) -> Config:
+        names = [p.name for p in self.projects]
+        if len(set(names)) != len(names):
+            raise ValueError(f"project names must be unique: {names}")
+        digests = [k.sha256 for p in self.projects for k in p.keys]
+        if len(set(digests)) != len(digests):
+            raise ValueError("the same key (sha256) is listed twice")
+        return self
 
     @field_validator("public_url")
     @classmethod

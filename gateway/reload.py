@@ -56,6 +56,7 @@ RESTART_ONLY = (
     "proxy.client_body_min_rate",
     "streaming.max_buffered_bytes",
     "shutdown_grace_s",
+    "admin",
 )
 
 
@@ -127,6 +128,8 @@ def needs_restart(old: Config, new: Config, changed: list[str]) -> list[str]:
     out = [k for k in changed if any(k == r or k.startswith(r + ".") for r in RESTART_ONLY)]
     if (old.listen.tls is None) != (new.listen.tls is None):
         out.append("listen.tls (turning TLS on or off)")
+    if old.managed != new.managed:
+        out.append("projects (turning managed mode on or off)")
     return out
 
 

@@ -14,6 +14,7 @@ variable set, a key is generated once and kept in ``<data_dir>/secret.key`` (mod
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import os
@@ -75,12 +76,23 @@ class Vault:
         return "Vault(<secret>)"
 
 
-def load_vault(*, shared: bool, data_dir: Path | None, environ: dict[str, str] | None = None) -> Vault:
-    """The deployment's vault: from the environment, or (embedded store only) a key file."""
+def load_vault(
+    *,
+    shared: bool,
+    data_dir: Path | None,
+    environ: dict[str, str] | None = None,
+    derive_from: str | None = None,
+) -> Vault:
+    """The deployment's vault: from the environment; else, in managed mode (``derive_from``:
+    the account's key, which every instance has), derived from the account key; else
+    (embedded store only) a key file."""
     env = os.environ if environ is None else environ
     key = env.get(ENV)
     if key:
         return Vault(key)
+    if derive_from:
+        digest = hashlib.sha256(b"aai-gateway vault key:" + derive_from.encode()).digest()
+        return Vault(base64.urlsafe_b64encode(digest).decode())
     if shared or data_dir is None:
         raise SecretError(
             f"{ENV} must be set when instances share Redis (the same value on every instance); "

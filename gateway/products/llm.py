@@ -23,6 +23,7 @@ from aiohttp import hdrs, web
 
 from ..config import Config
 from ..errors import BadRequest, Forbidden
+from ..identity import owner_of
 from .catalog import Catalog, valid_model_name
 from .plan import Plan, hold, parse_object, read_held
 from .transcripts.ids import swap, transcript_ids
@@ -33,7 +34,7 @@ PUBLIC = frozenset({("GET", "/v1/models")})  # served upstream without a key
 
 
 class TranscriptIds(Protocol):
-    async def to_upstream(self, ids: list[str], key: str) -> dict[str, str]: ...
+    async def to_upstream(self, ids: list[str], owner: str) -> dict[str, str]: ...
 
 
 async def plan(
@@ -64,7 +65,7 @@ async def plan(
         wanted = list(dict.fromkeys(transcript_ids(doc)))
         if ids is not None and wanted:
             # The client names transcripts by the gateway's ids; upstream knows its own.
-            mapping = await ids.to_upstream(wanted, request.headers.get(hdrs.AUTHORIZATION, ""))
+            mapping = await ids.to_upstream(wanted, owner_of(request))
             if mapping:
                 body, own = json.dumps(swap(doc, mapping)).encode(), True
                 back = {up: mine for mine, up in mapping.items()}

@@ -46,10 +46,12 @@ from ..admission.engine import AdmissionEngine, Grant, format_seconds
 from ..clock import Clock
 from ..config import Config
 from ..errors import GatewayError, RateLimited, ShuttingDown, StoreUnavailable, Unauthorized
+from ..identity import identity_of, owner_of
 from ..ledger import Ledger
+from ..logs import note_access
 from ..metrics import Metrics
 from ..proxy.forward import guard_s, request_headers
-from ..proxy.handler import GROUP, ProxyHandler
+from ..proxy.handler import ProxyHandler
 from ..vault import Vault
 from . import streaming, ws_wire
 from .catalog import SESSION_LEASE_S, Catalog
@@ -133,7 +135,7 @@ class StreamingRelay:
         if hdrs.AUTHORIZATION not in request.headers:
             raise Unauthorized()
         plan = await streaming.plan(request, self._cfg, self._catalog)
-        request[GROUP] = plan.group
+        note_access(request, group=plan.group)
         headers = request_headers(request.headers, keep_length=False)
         status, answer, body = await self._handler.fetch(plan, request.method, request.raw_path, headers)
         if status == 200:
@@ -149,20 +151,20 @@ class StreamingRelay:
         except (ValueError, KeyError, TypeError):
             log.warning("streaming: a /v3/token answer without a token or its lifetime; not noted")
             return
-        owner = self._vault.fingerprint(request.headers[hdrs.AUTHORIZATION])
+        owner = owner_of(request)  # the key's fingerprint, or its project (identity.py)
         try:
             await self._tokens.issued(self._vault.fingerprint(token), expires_in, owner)
         except StoreUnavailable as exc:  # the token works regardless; only its bounds are lost
             log.warning("streaming: could not note a temporary token: %s", exc.detail)
 
     async def _who(self, request: web.Request) -> tuple[str, float]:
-        """(owner, longest wait): the key's fingerprint, or the token's issuer; a token waits
-        no longer than it stays valid (less a second to open the session)."""
+        """(owner, longest wait): the caller's owner (identity.py), or the token's issuer; a
+        token waits no longer than it stays valid (less a second to open the session)."""
         max_wait = self._s.max_wait_s
-        key = request.headers.get(hdrs.AUTHORIZATION)
-        if key:
-            return self._vault.fingerprint(key), max_wait
-        token = request.query["token"]
+        identity = identity_of(request)
+        if identity is not None and identity.token is None:
+            return identity.owner, max_wait
+        token = identity.token if identity is not None and identity.token else request.query["token"]
         try:
             note = await self._tokens.lookup(self._vault.fingerprint(token))
         except StoreUnavailable:
@@ -170,12 +172,14 @@ class StreamingRelay:
         until = note.valid_until if note is not None else jwt_expiry(token)
         if until is not None:
             max_wait = max(0.0, min(max_wait, until - self._wall() - 1.0))
+        if identity is not None:
+            return identity.owner, max_wait
         return (note.owner if note is not None and note.owner else "token"), max_wait
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         if hdrs.AUTHORIZATION not in request.headers and "token" not in request.query:
             return web.json_response({"error": "Authentication error, API token missing/invalid"}, status=401)
-        request[GROUP] = "streaming"
+        note_access(request, group="streaming")
         if self._handler.draining:  # before the upgrade: a 429 with Retry-After, like HTTP
             raise ShuttingDown()
         key = request.headers.get("Sec-WebSocket-Key", "")

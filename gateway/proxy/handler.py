@@ -1,8 +1,9 @@
 """The request path, top to bottom:
 
-    route -> identify (a key is present) -> classify (the product's plan: upstream, limits,
-    body) -> admit (the engine; may wait) -> forward (stream to upstream and back)
-    -> observe (status, retries) -> release (refund a lease for work that never left)
+    identify (identity.py's middleware) -> route (a key is present) -> classify (the
+    product's plan: upstream, limits, body) -> admit (the engine; may wait) -> forward
+    (stream to upstream and back) -> observe (status, retries) -> release (refund a lease
+    for work that never left)
 
 An upstream 429 that still gets through (another user of the account, a limit set above the
 real one) is retried after upstream's Retry-After (X-RateLimit-Reset on the LLM Gateway),
@@ -26,6 +27,7 @@ from ..admission.engine import AdmissionEngine, Grant
 from ..clock import Clock
 from ..config import Config
 from ..errors import RateLimited, ShuttingDown, StoreUnavailable, Unauthorized
+from ..identity import owner_of
 from ..logs import note_access
 from ..metrics import Metrics
 from ..products.catalog import Catalog
@@ -38,7 +40,7 @@ from .urls import gateway_base, rewrite_page_details
 
 log = logging.getLogger(__name__)
 
-GROUP: web.RequestKey[str] = web.RequestKey("group", str)
+GROUP = "group"  # the access dict's route group (logs.note_access): shared by clones of the request
 
 Planner = Callable[[web.Request, Config, Catalog], Awaitable[Plan]]
 
@@ -104,11 +106,7 @@ class ProxyHandler:
         upstream: Upstream,
         metrics: Metrics,
         clock: Clock,
-        identify: Callable[[str], str],
     ) -> None:
-        """``identify``: a client key's fingerprint (the vault's keyed hash), as every product
-        names the key's owner (jobs, sessions, the ledger, queue shares, pools)."""
-        self._identify = identify
         self._cfg = cfg
         # SIGTERM: admissions no longer wait (a request admitted at once still goes), and a
         # waiter the engine hands back is answered 429 with Retry-After (errors.ShuttingDown).
@@ -134,7 +132,7 @@ class ProxyHandler:
             ):
                 raise Unauthorized()
             plan = await planner(request, self._cfg, self._catalog)
-            request[GROUP] = plan.group
+            note_access(request, group=plan.group)
             return await self.forward(request, plan)
 
         return handle
@@ -153,7 +151,7 @@ class ProxyHandler:
         async def handle(request: web.Request) -> web.StreamResponse:
             if hdrs.AUTHORIZATION not in request.headers:
                 raise Unauthorized()
-            request[GROUP] = group
+            note_access(request, group=group)
             served = await serve(request)
             return served if served is not None else await forward(request)
 
@@ -185,14 +183,22 @@ class ProxyHandler:
         return fetched.status, fetched.headers, fetched.body
 
     async def fetch_admitted(
-        self, plan: Plan, method: str, path: str, headers: Mapping[str, str], *, for_client: bool = True
+        self,
+        plan: Plan,
+        method: str,
+        path: str,
+        headers: Mapping[str, str],
+        *,
+        for_client: bool = True,
+        owner: str = "",
     ) -> Fetched:
         """``fetch``, with the RateLimit headers of the admission: for an answer the gateway
         reads and then gives a client (the transcript list, whose ids it rewrites), whose
         wait counts against its key's share of the queue (``for_client``). The gateway's own
-        calls (refreshes, the reconciler) are bounded by its jobs and take no share."""
+        calls (refreshes, the reconciler) are bounded by its jobs and take no share.
+        ``owner``: whose share (identity.py), and whose upstream connections."""
         resp, grant = await self._exchange(
-            plan, method, path, CIMultiDict(headers), plan.body or None, None, shared=for_client
+            plan, method, path, CIMultiDict(headers), plan.body or None, None, shared=for_client, owner=owner
         )
         try:
             body = await resp.read()
@@ -213,16 +219,16 @@ class ProxyHandler:
         request: web.Request | None,
         *,
         shared: bool = True,
+        owner: str | None = None,
     ) -> tuple[Response, Grant | None]:
         """One admitted upstream exchange, retrying an upstream 429 within the max wait when
         the body can be sent again. Returns the response unread (the caller releases it)."""
         deadline = self._clock.now() + plan.max_wait_s
         retries = 0
         url = URL(plan.base_url + path, encoded=True)
-        key = headers.get(hdrs.AUTHORIZATION, "")
         # Who the request is for: the upstream pool never shares idle connections between
-        # keys, and a client waits within its key's share of the queue.
-        identity = self._identify(key) if key else ""
+        # owners, and a client waits within its owner's share of the queue.
+        identity = owner if owner is not None else (owner_of(request) if request is not None else "")
         held: Connection | None = None  # made ready while a token was given back (below)
         waited_s = upstream_s = 0.0  # for the access line, over every attempt
         while True:

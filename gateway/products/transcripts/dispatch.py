@@ -94,9 +94,11 @@ class Dispatcher:
         wall: Callable[[], float] = time.time,
         on_end: OnEnd,
         on_submitted: Callable[[Job], None] | None = None,
+        credential: Callable[[Job], str | None] | None = None,
     ) -> None:
         """``on_submitted(job)``: the job's record once upstream took it (this instance's
-        copy for while Redis is away: recent.py)."""
+        copy for while Redis is away: recent.py). ``credential(job)``: the key its POST
+        carries (the account's in managed mode; by default the client's, decrypted)."""
         self._cfg = cfg
         self._t = cfg.transcripts
         self._jobs = jobs
@@ -108,6 +110,7 @@ class Dispatcher:
         self._wall = wall
         self._on_end = on_end
         self._on_submitted = on_submitted
+        self._credential = credential or (lambda job: vault.decrypt(job.cred) if job.cred else None)
         self._metrics = metrics
         self._waiting: dict[str, asyncio.Task[None]] = {}
         self._sending: set[str] = set()  # jobs of _waiting past their admission (claiming, POSTing)
@@ -258,7 +261,8 @@ class Dispatcher:
             await self._engine.release(grant)
             await self.requeue(job)
             return None
-        if job.cred is None:
+        key = self._credential(job)
+        if key is None:
             await self._on_end(job, None, "The job's credential is gone; it cannot be submitted")
             return None
         try:
@@ -301,8 +305,9 @@ class Dispatcher:
             await self._engine.release(grant)
             await self.requeue(job)
             return None
-        assert job.cred is not None
-        headers = {hdrs.AUTHORIZATION: self._vault.decrypt(job.cred), hdrs.CONTENT_TYPE: "application/json"}
+        key = self._credential(job)
+        assert key is not None  # checked before the claim
+        headers = {hdrs.AUTHORIZATION: key, hdrs.CONTENT_TYPE: "application/json"}
         body = dict(job.body)
         receiver = receiver_url(self._cfg, job.id, self._vault)
         if receiver is not None:  # upstream tells the gateway; the gateway tells the client

@@ -77,13 +77,16 @@ class Reconciler:
         renew: Callable[[Job], Awaitable[None]],
         forgotten: Callable[[Job], Awaitable[None]],
         wall: Callable[[], float] = time.time,
+        credential: Callable[[Job], str | None] | None = None,
     ) -> None:
+        """``credential(job)``: the key its lookups carry (the account's in managed mode; by
+        default the client's, decrypted)."""
         self._cfg = cfg
+        self._credential = credential or (lambda job: vault.decrypt(job.cred) if job.cred else None)
         self._t = cfg.transcripts
         self._jobs = jobs
         self._catalog = catalog
         self._handler = handler
-        self._vault = vault
         self._dispatcher = dispatcher
         self._metrics = metrics
         self._lookup = lookup
@@ -165,7 +168,7 @@ class Reconciler:
             if not await self._jobs.heard(job_id, before_ms=before, now_ms=now):
                 continue  # another instance has it
             job = await self._jobs.get(job_id)
-            if job is None or job.cred is None:
+            if job is None or (job.cred is None and not self._cfg.managed):
                 continue
             taken += 1
             try:
@@ -181,7 +184,7 @@ class Reconciler:
         self._metrics.child(self._metrics.reconciler_polls, outcome).inc()
 
     async def _check_running(self, job: Job) -> None:
-        key = self._vault.decrypt(job.cred or "")
+        key = self._credential(job) or ""
         try:
             snapshot = await self._lookup(job, key)
         except Forgotten:
@@ -201,7 +204,7 @@ class Reconciler:
 
     async def _resolve_claim(self, job: Job) -> None:
         """Its dispatcher vanished mid-POST: did the POST reach upstream?"""
-        key = self._vault.decrypt(job.cred or "")
+        key = self._credential(job) or ""
         found, complete = await self._search(job, key)
         if len(found) == 1:
             self._outcome("adopted")

@@ -30,6 +30,7 @@ from ...admission.health import supervise
 from ...clock import Clock
 from ...config import Config
 from ...errors import BadRequest, Conflict, GatewayError, NotFound, StoreUnavailable
+from ...identity import Auth, owner_of
 from ...metrics import Metrics
 from ...proxy.forward import Upstream
 from ...proxy.handler import ProxyHandler
@@ -70,9 +71,12 @@ class Transcripts:
         clock: Clock,
         wall: Callable[[], float] = time.time,
         journal: Journal | None = None,
+        auth: Auth | None = None,
     ) -> None:
-        """``journal``: where new submissions wait while Redis is away (fail_open), or None."""
+        """``journal``: where new submissions wait while Redis is away (fail_open), or None.
+        ``auth``: who owns what (identity.py), and the account's key in managed mode."""
         self._cfg = cfg
+        self._auth = auth
         self.journal = journal
         self._journal_task: asyncio.Task[None] | None = None
         self._t = cfg.transcripts
@@ -90,11 +94,12 @@ class Transcripts:
         self.dispatcher = Dispatcher(
             cfg, jobs=jobs, engine=engine, catalog=catalog, upstream=upstream, vault=vault, clock=clock,
             metrics=metrics, wall=wall, on_end=self.finish, on_submitted=self.recent.saw,
+            credential=self.credential,
         )  # fmt: skip
         self.reconciler = Reconciler(
             cfg, jobs=jobs, catalog=catalog, handler=handler, vault=vault, dispatcher=self.dispatcher,
             metrics=metrics, lookup=self.lookup, finish=self.finish, renew=self.renew,
-            forgotten=self.forgotten, wall=wall,
+            forgotten=self.forgotten, wall=wall, credential=self.credential,
         )  # fmt: skip
 
     def use_config(self, cfg: Config) -> None:
@@ -146,10 +151,18 @@ class Transcripts:
         ttl_ms = int(self._t.lease_ttl_s * 1000)
         await self._engine.store.renew(job.ticket, self._catalog.async_jobs, ttl_ms, create=True)
 
+    def credential(self, job: Job) -> str | None:
+        """The key a job's upstream calls carry: the account's (managed mode), else the
+        client's own, decrypted (None once the job ended and it was deleted)."""
+        if self._auth is not None and self._auth.managed:
+            return self._auth.upstream_key
+        return self._vault.decrypt(job.cred) if job.cred else None
+
     # -- ids and ownership ---------------------------------------------------------------
     def _owned(self, job: Job, request: web.Request) -> bool:
-        key = request.headers.get(hdrs.AUTHORIZATION, "")
-        return bool(key) and self._vault.same(job.key_fp, self._vault.fingerprint(key))
+        """Whether the caller owns the job: the same key (pass-through) or project (managed)."""
+        owner = owner_of(request)
+        return bool(owner) and self._vault.same(job.key_fp, owner)
 
     async def _job(self, request: web.Request, job_id: str) -> Job | None:
         """The gateway's job for ``job_id`` if the caller's key created it; None when the id
@@ -193,20 +206,21 @@ class Transcripts:
         if not isinstance(body.get("audio_url"), str) or not body["audio_url"].strip():
             raise BadRequest("`audio_url` is required: the URL of the audio or video file to transcribe")
         key = request.headers[hdrs.AUTHORIZATION]
-        fingerprint = self._vault.fingerprint(key)
+        owner = owner_of(request)
+        managed = self._auth is not None and self._auth.managed
         # The client's webhook stays here (checked now: one that can never be delivered is a 400).
         upstream_body, hook = split_webhook(body, self._vault, self.relay.policy)
         job = Job(
             id=new_job_id(),
-            key_fp=fingerprint,
+            key_fp=owner,
             body=upstream_body,
             created_ms=int(self._wall() * 1000),
             priority=self._priority(request),
-            cred=self._vault.encrypt(key),
+            cred=None if managed else self._vault.encrypt(key),  # managed: the account's key is used
             extra={"webhook": hook} if hook else {},
         )
         idem = request.headers.get("Idempotency-Key")
-        idempotency = f"{fingerprint}:{idem}" if idem else None
+        idempotency = f"{owner}:{idem}" if idem else None
         try:
             created = await self.jobs.create(job, idempotency=idempotency)
         except StoreUnavailable:
@@ -445,7 +459,11 @@ class Transcripts:
         plan = Plan("rest", self._cfg.upstream.api_url, self._catalog.account_window("rest", "GET"),
                     self._cfg.queue.max_wait_s, b"")  # fmt: skip
         status, headers, data, rate = await self._handler.fetch_admitted(
-            plan, "GET", path, {hdrs.AUTHORIZATION: request.headers[hdrs.AUTHORIZATION]}
+            plan,
+            "GET",
+            path,
+            {hdrs.AUTHORIZATION: request.headers[hdrs.AUTHORIZATION]},
+            owner=owner_of(request),
         )
         try:
             doc = json.loads(data)
@@ -489,12 +507,13 @@ class Transcripts:
         return resp
 
     # -- ids in other products' bodies (LLM Gateway) -------------------------------------
-    async def to_upstream(self, ids: list[str], key: str) -> dict[str, str]:
-        """Job ids in a request body -> upstream ids. A job not submitted yet is a 400."""
+    async def to_upstream(self, ids: list[str], owner: str) -> dict[str, str]:
+        """Job ids in a request body -> upstream ids (only the caller's: ``owner``, as
+        identity.py names it). A job not submitted yet is a 400."""
         out: dict[str, str] = {}
         for job_id in ids:
             job = await self._find(job_id) if is_job_id(job_id) else None
-            if job is None or not self._vault.same(job.key_fp, self._vault.fingerprint(key)):
+            if job is None or not owner or not self._vault.same(job.key_fp, owner):
                 continue
             if not job.upstream_id:
                 raise BadRequest(f"Transcript {job_id} is still queued in the gateway (status: {job.status})")
