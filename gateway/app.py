@@ -58,6 +58,7 @@ from .products.transcripts.redis_jobs import RedisJobStore
 from .products.transcripts.service import Transcripts
 from .products.transcripts.sqlite_jobs import SqliteJobStore
 from .products.transcripts.webhooks import RECEIVER_PATH
+from .products.uploads import MemoryUploadBook, RedisUploadBook, UploadBook, Uploads, upload_route
 from .proxy.body import BODY_LIMITS, BodyLimits
 from .proxy.forward import Upstream
 from .proxy.handler import GROUP, ClientGone, ProxyHandler
@@ -367,9 +368,10 @@ def build_app(
         journal = Journal(Path(config.transcripts.data_dir) / "journal.db")
     ledger, tokens = make_ledger(config, store)
     auth = Auth(config, vault, tokens, upstream_key=upstream_key)
+    uploads = Uploads(make_upload_book(config, store))
     transcripts = Transcripts(
         config, jobs=jobs, engine=engine, catalog=catalog, handler=handler, upstream=upstream,
-        vault=vault, metrics=metrics, clock=clock, journal=journal, auth=auth,
+        vault=vault, metrics=metrics, clock=clock, journal=journal, auth=auth, uploads=uploads,
     )  # fmt: skip
 
     json_protocol_errors()
@@ -568,6 +570,7 @@ def build_app(
     add_get("/v2/transcript/{id}", job_route(transcripts.get))
     add_delete("/v2/transcript/{id}", job_route(transcripts.delete))
     add_get("/v2/transcript/{id}/{sub}", job_route(transcripts.sub_resource))
+    add_post("/v2/upload", upload_route(handler, uploads, managed=config.managed))
     add_route("*", "/v2/{tail:.*}", handler.route(rest.plan))
     add_route("*", "/v1/{tail:.*}", handler.route(partial(llm.plan, ids=transcripts), public=llm.PUBLIC))
     add_get("/v3/ws", sessions.handle)
@@ -623,6 +626,17 @@ async def _write_back(ledger: OutageLedger, tokens: OutageTokenBook) -> None:
         if len(ledger):
             await ledger.flush()
         await tokens.flush()
+
+
+def make_upload_book(config: Config, store: Store) -> UploadBook:
+    """Who made each upload (managed mode): beside the jobs, Redis when shared, else here."""
+    retention_s = config.transcripts.retention_days * 86400
+    client = redis_client(store)
+    if config.redis.url is not None and client is not None:
+        return RedisUploadBook(
+            client, Keys(prefix=config.redis.key_prefix, account=config.account), retention_s
+        )
+    return MemoryUploadBook(retention_s)
 
 
 def _outage_gauges(store: FallbackStore, metrics: Metrics) -> Callable[[], None]:

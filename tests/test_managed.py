@@ -213,3 +213,63 @@ def test_keys_new_prints_a_key_once_and_the_line_that_admits_it() -> None:
     assert f'{{name: "ci", sha256: "{key_digest(key)}"}}' in done.stdout
     snippet = textwrap.dedent(done.stdout.split("\n", 3)[3])
     assert "name: alpha" in snippet
+
+
+async def test_an_upload_is_usable_only_by_its_project() -> None:
+    async with managed(transcripts={"poll_refresh_s": 0.05}) as s, aiohttp.ClientSession() as http:
+        async with http.post(
+            s.url + "/v2/upload", data=b"RIFF" + b"\0" * 1024, headers={"Authorization": A1}
+        ) as r:
+            assert r.status == 200, await r.text()
+            url = (await r.json())["upload_url"]
+        posts_before = s.sim.report()["transcript_posts"]
+        async with http.post(
+            s.url + "/v2/transcript", json={"audio_url": url}, headers={"Authorization": B1}
+        ) as r:
+            assert r.status == 403 and await r.json() == {"error": "Cannot access uploaded file"}
+        assert s.sim.report()["transcript_posts"] == posts_before  # refused here, nothing sent
+        for key in (A1, A2):  # the project's keys may
+            async with http.post(
+                s.url + "/v2/transcript", json={"audio_url": url}, headers={"Authorization": key}
+            ) as r:
+                assert r.status == 200, await r.text()
+        async with http.post(
+            s.url + "/v2/transcript",
+            json={"audio_url": "https://example.com/public.mp3"},
+            headers={"Authorization": B1},
+        ) as r:
+            assert r.status == 200  # not an upload through the gateway: left to upstream
+
+
+async def test_another_projects_transcript_id_in_an_llm_body_is_not_found() -> None:
+    async with managed(transcripts={"poll_refresh_s": 0.05}) as s, aiohttp.ClientSession() as http:
+        async with http.post(
+            s.url + "/v2/transcript",
+            json={"audio_url": "https://example.com/a.mp3"},
+            headers={"Authorization": A1},
+        ) as r:
+            job_id = (await r.json())["id"]
+        body = {"model": "gpt-5", "messages": [{"role": "user", "content": "hi"}], "transcript_id": job_id}
+        llm_before = len([x for x in s.sim.seen if x["path"].startswith("/v1")])
+        async with http.post(s.url + "/v1/chat/completions", json=body, headers={"Authorization": B1}) as r:
+            assert r.status == 404 and await r.json() == {"error": "Transcript not found"}
+        assert len([x for x in s.sim.seen if x["path"].startswith("/v1")]) == llm_before
+        async with http.post(s.url + "/v1/chat/completions", json=body, headers={"Authorization": A2}) as r:
+            assert r.status == 200, await r.text()
+
+
+async def test_the_transcript_list_shows_a_project_only_its_own() -> None:
+    async with managed() as s, aiohttp.ClientSession() as http:
+        made: dict[str, list[str]] = {A1: [], B1: []}
+        for key in (A1, B1, A1):
+            async with http.post(
+                s.url + "/v2/transcript",
+                json={"audio_url": "https://example.com/a.mp3"},
+                headers={"Authorization": key},
+            ) as r:
+                made[key].append((await r.json())["id"])
+        for key, own in ((A2, made[A1]), (B1, made[B1])):
+            async with http.get(s.url + "/v2/transcript?limit=50", headers={"Authorization": key}) as r:
+                doc = await r.json()
+            assert sorted(t["id"] for t in doc["transcripts"]) == sorted(own), doc
+            assert doc["page_details"]["result_count"] == len(own)

@@ -27,6 +27,7 @@ runs, so the ticket's owner is looked up (share:owner) inside the script.
     <prefix>:{<account>}:idem:<key>       string: idempotency key (creator + header) -> job id
     <prefix>:{<account>}:usage:<day>      hash: owner|product|metric -> amount (ledger.py)
     <prefix>:{<account>}:usage-moved:<m>  string: a usage entry kept during an outage was added (ledger.py)
+    <prefix>:{<account>}:upload:<sha256>  string: the project that made an upload (products/uploads.py)
     <prefix>:{<account>}:stoken:<fp>      string: a temporary streaming token's expiry and owner
     <prefix>:{<account>}:instances        sorted set: gateway instance -> last heartbeat (ms; fallback.py)
 """
@@ -134,6 +135,9 @@ class Keys:
 
     def usage_moved(self, marker: str) -> str:
         return f"{self.base}:usage-moved:{marker}"
+
+    def upload(self, digest: str) -> str:
+        return f"{self.base}:upload:{digest}"
 
     def streaming_token(self, fingerprint: str) -> str:
         return f"{self.base}:stoken:{fingerprint}"

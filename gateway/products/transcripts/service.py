@@ -39,6 +39,7 @@ from ...proxy.urls import gateway_base, rewrite_page_details
 from ...vault import Vault
 from ..catalog import Catalog
 from ..plan import Plan, parse_object, read_object
+from ..uploads import Uploads
 from .dispatch import Dispatcher
 from .ids import is_job_id, listed_ids, new_job_id, swap
 from .jobs import Job, JobStore, State, ended_snapshot
@@ -72,11 +73,13 @@ class Transcripts:
         wall: Callable[[], float] = time.time,
         journal: Journal | None = None,
         auth: Auth | None = None,
+        uploads: Uploads | None = None,
     ) -> None:
         """``journal``: where new submissions wait while Redis is away (fail_open), or None.
         ``auth``: who owns what (identity.py), and the account's key in managed mode."""
         self._cfg = cfg
         self._auth = auth
+        self._uploads = uploads
         self.journal = journal
         self._journal_task: asyncio.Task[None] | None = None
         self._t = cfg.transcripts
@@ -208,6 +211,8 @@ class Transcripts:
         key = request.headers[hdrs.AUTHORIZATION]
         owner = owner_of(request)
         managed = self._auth is not None and self._auth.managed
+        if managed and self._uploads is not None:  # another project's upload: 403, as upstream
+            await self._uploads.check(body["audio_url"], owner)
         # The client's webhook stays here (checked now: one that can never be delivered is a 400).
         upstream_body, hook = split_webhook(body, self._vault, self.relay.policy)
         job = Job(
@@ -475,6 +480,8 @@ class Transcripts:
             ours = await self.jobs.by_upstream(listed_ids(doc))
         except StoreUnavailable:  # Redis is away: the jobs this instance saw last
             ours = self.recent.by_upstream(listed_ids(doc))
+        if self._auth is not None and self._auth.managed and status == 200:
+            doc = await self._only_the_callers(doc, ours, owner_of(request))
         doc = swap(doc, ours)
         body = rewrite_page_details(
             json.dumps(doc).encode(),
@@ -486,6 +493,31 @@ class Transcripts:
             ),
         )
         return web.Response(status=status, body=body, content_type="application/json", headers=rate)
+
+    async def _only_the_callers(self, doc: Any, ours: dict[str, str], owner: str) -> Any:
+        """Managed mode: of a list page, only the caller's project's transcripts (one made
+        outside the gateway belongs to no project). Per page, for now: a page may hold fewer
+        than ``limit`` (following ``next_url`` gives the rest)."""
+        items = doc.get("transcripts") if isinstance(doc, dict) else None
+        if not isinstance(items, list):
+            return doc
+        kept = []
+        for item in items:
+            upstream_id = item.get("id") if isinstance(item, dict) else None
+            job_id = ours.get(upstream_id) if isinstance(upstream_id, str) else None
+            if job_id is None:
+                continue
+            try:
+                job = await self._find(job_id)
+            except StoreUnavailable:
+                job = None
+            if job is not None and owner and self._vault.same(job.key_fp, owner):
+                kept.append(item)
+        doc["transcripts"] = kept
+        details = doc.get("page_details")
+        if isinstance(details, dict) and "result_count" in details:
+            details["result_count"] = len(kept)
+        return doc
 
     async def _forward(self, request: web.Request, job: Job, path: str) -> web.StreamResponse:
         plan = Plan(
@@ -513,7 +545,11 @@ class Transcripts:
         out: dict[str, str] = {}
         for job_id in ids:
             job = await self._find(job_id) if is_job_id(job_id) else None
-            if job is None or not owner or not self._vault.same(job.key_fp, owner):
+            if job is None:
+                continue
+            if not owner or not self._vault.same(job.key_fp, owner):
+                if self._auth is not None and self._auth.managed:  # another project's: as upstream
+                    raise NotFound("Transcript not found")
                 continue
             if not job.upstream_id:
                 raise BadRequest(f"Transcript {job_id} is still queued in the gateway (status: {job.status})")
