@@ -148,25 +148,6 @@ async def test_uneven_use_before_the_outage_never_puts_the_account_over() -> Non
         await until(lambda: not any(s.degraded for s in stores))
 
 
-async def test_a_limit_in_use_stays_fresh_without_requests_and_idle_instances_notice() -> None:
-    """The views of the limits in use are read with the heartbeats: a limit that saw its
-    last request long before the outage is not taken as full, and an instance with no
-    request at all notices the outage by itself (its view is as of then, not of its first
-    request during it)."""
-    async with instances(2, fresh_ms=150) as (redis, stores, (a, b)):
-        assert await admitted(a, [WINDOW], 1) == 1
-        assert await admitted(b, [WINDOW], 1) == 1
-        await asyncio.sleep(0.4)  # no request on the limit for longer than a view stays fresh
-        redis.down = True
-        await until(lambda: all(s.degraded for s in stores))  # noticed without a request
-        await asyncio.sleep(0.3)  # its first request comes long after: the view is as of the outage
-        assert await admitted(a, [WINDOW], 4) == 2  # (6 - 2 out) // 2
-        assert await admitted(b, [WINDOW], 4) == 2
-        redis.down = False
-        await until(lambda: not any(s.degraded for s in stores))
-        assert (await redis.inner.usage(WINDOW))[0] == 6
-
-
 async def test_concurrency_leases_held_across_the_outage_stay_counted() -> None:
     async with instances(1) as (redis, (store,), (a,)):
         job = await a.admit([JOBS], max_wait_s=0)  # a job running upstream

@@ -66,7 +66,6 @@ ALIVE_S = 5.0  # an instance not heard of for this long is not counted
 # other instances may have taken anything meanwhile, so the limit counts as full.
 FRESH_MS = 1000
 PROBE_S = 0.25  # while degraded: how often Redis is asked whether it is back
-VIEW_S = 0.5  # while Redis answers: how often the views of the limits this instance uses are read
 SETTLE_S = 1.0  # after Redis returns: admit nothing new this long, so every instance writes back
 
 # One heartbeat: this instance's entry, the stale ones dropped, how many are alive (Redis TIME).
@@ -100,7 +99,6 @@ class FallbackStore:
         *,
         beat: Callable[[], Any] | None = None,
         settle_s: float = SETTLE_S,
-        fresh_ms: int = FRESH_MS,
         heartbeat_s: float = HEARTBEAT_S,
     ) -> None:
         """``primary``: the shared store. ``beat()``: one heartbeat in Redis, returning the
@@ -109,7 +107,6 @@ class FallbackStore:
         self._clock = clock
         self._beat = beat
         self._settle_s = settle_s
-        self._fresh_ms = fresh_ms
         self._heartbeat_s = heartbeat_s
         self.instances = 1  # the last count read from the heartbeats
         self.outage = Outage()
@@ -128,7 +125,6 @@ class FallbackStore:
         self._during: set[str] = set()  # tickets granted or renewed locally (concurrency write-back)
         self._task: asyncio.Task[None] | None = None
         self._next_prune = 0
-        self._degraded_at = 0  # this instance's clock, ms: when the current outage was noticed
 
     # -- the verbs ---------------------------------------------------------------------------
     async def acquire(self, request: AcquireRequest) -> AcquireResult:
@@ -255,9 +251,7 @@ class FallbackStore:
         self._seeded.add(limit.name)
         now = self._clock.now_ms()
         limit, out, at = self._seen.get(limit.name, (limit, limit.capacity, now))
-        # Whatever the others admitted through Redis, they admitted before it went away, so
-        # before this instance noticed: a view that was fresh then missed at most that gap.
-        if self._degraded_at - at > self._fresh_ms:  # others may have taken anything since: full, from now
+        if now - at > FRESH_MS:  # others may have taken anything since: full, from now
             out, at = limit.capacity, now
         ttl = at + limit.lease_ms - now
         instances = max(1, self.instances)
@@ -293,7 +287,6 @@ class FallbackStore:
             return
         local = MemoryStore(self._clock)
         self._local = local
-        self._degraded_at = self._clock.now_ms()
         self.outage.degraded, self.outage.since = True, time.monotonic()
         self.outage.count += 1
         log.error(
@@ -308,20 +301,12 @@ class FallbackStore:
             await local.subscribe(callback)
 
     async def _heartbeats(self) -> None:
-        """While Redis answers: a heartbeat every ``heartbeat_s`` and the views of the limits
-        in use every ``VIEW_S`` (so a view is fresh when an outage begins, even on a limit
-        that has seen no request for a while; and an idle instance notices the outage too).
-        While degraded: a probe every ``PROBE_S``."""
-        next_beat = 0.0
         while True:
             if self._local is None:
-                if time.monotonic() >= next_beat:
-                    await self._beat_once()
-                    next_beat = time.monotonic() + self._heartbeat_s
-                await self._read_views()
+                await self._beat_once()
             else:
                 await self._probe()
-            await asyncio.sleep(min(self._heartbeat_s, VIEW_S if self._local is None else PROBE_S))
+            await asyncio.sleep(self._heartbeat_s if self._local is None else min(self._heartbeat_s, PROBE_S))
 
     async def _beat_once(self) -> None:
         if self._beat is None:
@@ -330,28 +315,6 @@ class FallbackStore:
             self.instances = max(1, int(await self._beat()))
         except Exception as exc:  # the next acquire finds out for itself; keep the last count
             log.debug("store heartbeat failed: %s", exc)
-
-    async def _read_views(self) -> None:
-        limits = [limit for limit, _, _ in self._seen.values()]
-        if not limits:
-            return
-        sent = self._clock.now_ms()
-        try:
-            outs = await asyncio.gather(*(self.primary.usage(limit) for limit in limits))
-        except StoreUnavailable as exc:
-            await self._degrade(exc)
-            return
-        except Exception as exc:  # the next acquire finds out for itself
-            log.debug("store: reading the limits' views failed: %s", exc)
-            return
-        at = self._clock.now_ms()
-        for limit, (out, _) in zip(limits, outs, strict=True):
-            seen = self._seen.get(limit.name)
-            if seen is None:
-                continue
-            if seen[2] >= sent:  # an acquire's reply came meanwhile: which is later is unknown
-                out = max(out, seen[1])
-            self._seen[limit.name] = (limit, out, at)
 
     async def _probe(self) -> None:
         """While degraded: is Redis back? Then write back, settle, and switch."""
