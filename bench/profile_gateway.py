@@ -36,18 +36,8 @@ import uvloop
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from proxy_overhead import (  # noqa: E402
-    Processes,
-    chat_body,
-    closed_loop,
-    cpu_seconds,
-    free_port,
-    new_session,
-    open_loop,
-    send,
-    start_redis,
-    wait_ready,
-)
+from loadgen import chat_body, closed_loop, new_session, open_loop, send, wait_ready  # noqa: E402
+from processes import Processes, cpu_seconds, free_port, start_redis  # noqa: E402
 
 # Known costs, matched anywhere in a sample's stack (inclusive).
 KNOWN = [

@@ -58,7 +58,7 @@ from gateway.admission.redis_store import RedisStore, make_client  # noqa: E402
 from gateway.admission.store import AcquireRequest, Status  # noqa: E402
 
 sys.path.insert(0, str(HERE))
-from proxy_overhead import Processes, start_redis  # noqa: E402
+from processes import Processes, start_redis  # noqa: E402
 
 LIMIT = window_limit("requests", 10_000_000, 300, 100, rank=RANK_WINDOW)
 TIMEOUT_S = 0.25

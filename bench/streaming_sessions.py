@@ -53,9 +53,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))  # this checkout's gateway package
 
-from proxy_overhead import Processes, cpu_seconds, free_port, no_gc, wait_ready  # noqa: E402
+from loadgen import no_gc, wait_ready  # noqa: E402
+from processes import Processes, cpu_seconds, free_port  # noqa: E402
 
-from gateway.products import ws_wire  # noqa: E402
+from gateway.proxy import ws_wire  # noqa: E402
 
 FRAME_BYTES = 1600
 FRAME_S = 0.05

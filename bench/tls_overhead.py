@@ -44,7 +44,8 @@ ROOT = HERE.parent
 HIGH = 10_000_000
 
 sys.path.insert(0, str(HERE))
-from proxy_overhead import closed_loop, cpu_seconds, free_port  # noqa: E402
+from loadgen import closed_loop  # noqa: E402
+from processes import cpu_seconds, free_port  # noqa: E402
 
 
 def make_cert(folder: Path) -> tuple[Path, Path]:

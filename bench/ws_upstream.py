@@ -30,7 +30,7 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's gateway package
 
-from gateway.products import ws_wire  # noqa: E402
+from gateway.proxy import ws_wire  # noqa: E402
 
 FRAME_S = 0.05
 

@@ -1,13 +1,14 @@
 """The gateway's one exception tree, and how each maps to an HTTP answer.
 
 Every error a client can see is a ``GatewayError`` carrying its HTTP status and a message,
-rendered in AssemblyAI's shape ``{"error": "..."}`` by one middleware (app.py). Third-party
+rendered in AssemblyAI's shape ``{"error": "..."}`` by one middleware (middlewares.py). Third-party
 exceptions are translated where they arise, each in one place: Redis in
 admission/redis_store.py, the upstream HTTP client in proxy/forward.py.
 
     GatewayError (500)
     ├── BadRequest (400)            malformed JSON, missing model, bad field
     ├── Unauthorized (401)          no Authorization header (upstream's own text)
+    ├── PaymentRequired (402)       a monthly spend cap is reached (spend.py)
     ├── Forbidden (403)             e.g. the LLM Gateway on the free plan
     ├── NotFound (404)              a route the gateway does not serve
     ├── RequestTimeout (408)        a client's request body arrived too slowly
@@ -47,6 +48,11 @@ class BadRequest(GatewayError):
 class Unauthorized(GatewayError):
     status = 401
     message = "Authentication error, API token missing/invalid"
+
+
+class PaymentRequired(GatewayError):
+    status = 402
+    message = "Monthly spend cap reached"
 
 
 class Forbidden(GatewayError):
@@ -134,6 +140,11 @@ class StoreUnavailable(GatewayError):
     def __init__(self, detail: str = "") -> None:
         super().__init__(None, headers={"Retry-After": "1"})
         self.detail = detail
+
+
+class Fenced(StoreUnavailable):
+    """Redis answers, but another instance may be admitting locally through an outage
+    (fallback.py's fence): this one joins it rather than admit from Redis meanwhile."""
 
 
 class GatewayTimeout(GatewayError):

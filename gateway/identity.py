@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -32,11 +33,15 @@ from typing import NamedTuple
 from aiohttp import hdrs, web
 from multidict import CIMultiDict
 
+from .admission.health import keep_reading
 from .config import Config
-from .errors import Unauthorized
+from .directory import REFRESH_EVERY_S, TOUCH_EVERY_S, Directory, Snapshot
+from .errors import BadRequest, Unauthorized
 from .logs import note_access
 from .products.streaming_tokens import TokenBook
 from .vault import Vault
+
+log = logging.getLogger(__name__)
 
 PRODUCT_PREFIXES = ("/v1/", "/v2/", "/v3/")
 
@@ -57,6 +62,9 @@ class KeyEntry(NamedTuple):
     project: str
     name: str
     sha256: str
+    id: str = ""
+    source: str = "config"  # "config" (the file) or "api" (the directory)
+    created: float | None = None
 
 
 KEY_PREFIX = "aaigw_"
@@ -83,42 +91,123 @@ def project_owner(project: str) -> str:
     return f"project:{project}"
 
 
-class KeyRing:
-    """The gateway keys that may call (managed mode): those in the config's ``projects``."""
+def config_key_id(sha256: str) -> str:
+    """A key from the config file's id (for the admin API's lists): stable, and not the
+    key's hash itself."""
+    return "cfg_" + hashlib.sha256(b"aai-gateway key id\0" + sha256.encode()).hexdigest()[:16]
 
-    def __init__(self, cfg: Config) -> None:
-        self._by_digest: dict[str, KeyEntry] = {}
+
+class KeyRing:
+    """The gateway keys that may call (managed mode): the config file's, and the directory's
+    (made through the admin API; gateway/directory.py), re-read whenever its version moves.
+
+    Each instance notes when its keys were used and writes that down every
+    ``TOUCH_EVERY_S``; the admin API's lists read it."""
+
+    def __init__(
+        self, cfg: Config, directory: Directory | None = None, *, wall: Callable[[], float] = time.time
+    ) -> None:
+        self.directory = directory
+        self._wall = wall
+        self._file: dict[str, KeyEntry] = {}
+        self._runtime: dict[str, KeyEntry] = {}
+        self.file_projects: tuple[str, ...] = ()
+        self.runtime_projects: dict[str, float] = {}  # name -> created
+        self.runtime_caps: dict[str, float] = {}  # name -> monthly spend cap (USD), where set
+        self.version = -1  # the directory's version this ring reflects (-1: not read yet)
+        self._used: dict[str, float] = {}  # key id -> last use not yet written down
         self.use_config(cfg)
 
     def use_config(self, cfg: Config) -> None:
         """A reload: keys added to or removed from the file apply to the next request."""
-        self._by_digest = {
-            key.sha256: KeyEntry(project.name, key.name, key.sha256)
+        self.file_projects = tuple(project.name for project in cfg.projects)
+        self._file = {
+            key.sha256: KeyEntry(project.name, key.name, key.sha256, config_key_id(key.sha256))
             for project in cfg.projects
             for key in project.keys
         }
 
+    def use_snapshot(self, snap: Snapshot) -> None:
+        self.runtime_projects = {p.name: p.created for p in snap.projects}
+        self.runtime_caps = {p.name: p.spend_cap for p in snap.projects if p.spend_cap is not None}
+        self._runtime = {
+            k.sha256: KeyEntry(k.project, k.name, k.sha256, k.id, "api", k.created) for k in snap.keys
+        }
+        self.version = snap.version
+
+    def projects(self) -> list[str]:
+        return sorted({*self.file_projects, *self.runtime_projects})
+
+    def keys(self, project: str | None = None) -> list[KeyEntry]:
+        entries = [*self._file.values(), *self._runtime.values()]
+        return [e for e in entries if project is None or e.project == project]
+
     def find(self, secret: str) -> KeyEntry | None:
         digest = key_digest(secret)
-        entry = self._by_digest.get(digest)
+        entry = self._file.get(digest) or self._runtime.get(digest)
         if entry is None or not hmac.compare_digest(entry.sha256, digest):
             return None
+        if entry.source == "api" and entry.project not in self.runtime_projects:
+            if entry.project not in self.file_projects:  # its project left the config file
+                return None
+        self._used[entry.id] = self._wall()
         return entry
+
+    def pending_use(self) -> dict[str, float]:
+        return dict(self._used)
+
+    async def refresh(self) -> bool:
+        """Re-read the directory if it changed. True when the ring changed."""
+        if self.directory is None or await self.directory.version() == self.version:
+            return False
+        self.use_snapshot(await self.directory.snapshot())
+        return True
+
+    async def write_use(self) -> None:
+        used, self._used = self._used, {}
+        if self.directory is not None and used:
+            try:
+                await self.directory.touch(used)
+            except BaseException:
+                for key_id, at in used.items():  # kept for the next round
+                    self._used[key_id] = max(at, self._used.get(key_id, 0.0))
+                raise
+
+    async def run(self) -> None:
+        """Keep the ring up to date (every REFRESH_EVERY_S) and write down the keys' use
+        (every TOUCH_EVERY_S). While the store is away, the last view stays in force."""
+        last_touch = time.monotonic()
+
+        async def once() -> None:
+            nonlocal last_touch
+            await self.refresh()
+            if time.monotonic() - last_touch >= TOUCH_EVERY_S:
+                last_touch = time.monotonic()
+                await self.write_use()
+
+        await keep_reading("keys", once, REFRESH_EVERY_S)
 
 
 class Auth:
     """Decides who a request is (``identify``) and what goes upstream in its name."""
 
     def __init__(
-        self, cfg: Config, vault: Vault, tokens: TokenBook, *, upstream_key: str | None = None
+        self,
+        cfg: Config,
+        vault: Vault,
+        tokens: TokenBook,
+        *,
+        upstream_key: str | None = None,
+        directory: Directory | None = None,
     ) -> None:
-        """``upstream_key``: the account's key (managed mode; required there)."""
+        """``upstream_key``: the account's key (managed mode; required there). ``directory``:
+        projects and keys made through the admin API (managed mode)."""
         if cfg.managed and not upstream_key:
             raise ValueError(
                 f"managed mode (projects are configured) needs the account key in ${cfg.upstream.api_key_env}"
             )
         self.managed = cfg.managed
-        self.ring = KeyRing(cfg)
+        self.ring = KeyRing(cfg, directory if cfg.managed else None)
         self._vault = vault
         self._tokens = tokens
         self._upstream_key = upstream_key or ""
@@ -137,7 +226,16 @@ class Auth:
         or None to send it as it came). ``(None, None)``: no credential at all (a public
         route, or a streaming session with ``?token=`` in pass-through mode).
         Raises Unauthorized (managed mode) for a key that is not a gateway key."""
-        header = request.headers.get(hdrs.AUTHORIZATION)
+        values = request.headers.getall(hdrs.AUTHORIZATION, [])
+        if len(values) > 1:  # which one counts would be anyone's guess (a logger's, upstream's)
+            raise BadRequest("Send one Authorization header")
+        header = values[0] if values else None
+        if header is not None and not _fit(header):  # no key has them: never sent on, never stored
+            raise Unauthorized()
+        queried = request.query.getall("token", []) if _is_session(request) else []
+        if len(queried) > 1 or (queried and header is not None and presented_key(header) != queried[0]):
+            # Two credentials that disagree: the session would be billed to one and use the other.
+            raise BadRequest("Send the token in Authorization or in ?token=, not both")
         if not self.managed:
             if header:
                 fingerprint = self._vault.fingerprint(header)
@@ -168,6 +266,11 @@ class Auth:
             return None
         project = note.owner.removeprefix("project:")
         return Identity(owner=note.owner, key=f"{project}/token", project=project, token=token)
+
+
+def _fit(header: str) -> bool:
+    """Printable ASCII (and tabs): what every key and token is made of."""
+    return header.isascii() and header.replace("\t", " ").isprintable()
 
 
 def _is_session(request: web.Request) -> bool:

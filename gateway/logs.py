@@ -44,10 +44,12 @@ from urllib.parse import unquote
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from .products.transcripts.webhooks import RECEIVER_PATH
-
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 MASK = "***"
+# Where transcripts' webhooks come back (products/transcripts/webhooks.py serves it): its last
+# segment is a secret token, masked in every line. Defined here, below the products, so the
+# logs (which the proxy stands on) import nothing from above.
+RECEIVER_PATH = "/_aai/webhook"
 
 # Header-like names whose whole value (to the end of the line) is a credential; a malformed
 # header line (no colon) still leaks ``Authorization secret``, hence the bare-space form.
@@ -247,7 +249,7 @@ def loggable_path(request: web.BaseRequest) -> str:
 
 
 # What the request path notes for the access line (note_access): one dict per request, made
-# by the outermost middleware (app.py) and shared with a clone of the request.
+# by the outermost middleware (middlewares.py) and shared with a clone of the request.
 ACCESS: web.RequestKey[dict[str, Any]] = web.RequestKey("access", dict)
 REQUEST_ID = "X-Request-Id"
 # A client's request id is kept when it is 1-128 token characters (RFC 9110's tchar).

@@ -175,6 +175,13 @@ class Metrics:
             "Upstream 429s the gateway retried.",
             ["group"],
         )
+        self.upstream_resent = self._make(
+            "counter",
+            p + "upstream_resent_total",
+            "Safe requests (GET, HEAD, OPTIONS) sent again on a new connection: the reused one "
+            "failed before any byte of an answer (upstream closed it idle as it was written).",
+            ["group"],
+        )
         self.store_calls = self._make(
             "counter", p + "store_calls_total", "Round trips to the store (Redis), by operation.", ["op"]
         )
@@ -253,6 +260,41 @@ class Metrics:
             p + "session_wait_seconds",
             "Time a session waited for admission.",
             buckets=WAIT_BUCKETS,
+        )
+        self.usage = self._make(
+            "counter",
+            p + "usage_total",
+            "Usage recorded in the ledger, by project (empty: pass-through), product and metric "
+            "(audio_seconds, session_seconds, input_tokens, output_tokens, ...).",
+            ["project", "product", "metric"],
+        )
+        self.spend = self._make(
+            "counter",
+            p + "spend_usd_total",
+            "Spend recorded in the ledger (usage at the config's prices), by project (empty: "
+            "pass-through) and product.",
+            ["project", "product"],
+        )
+        self.spend_cap_refusals = self._make(
+            "counter",
+            p + "spend_cap_refusals_total",
+            "New billable work refused (402) because a monthly spend cap was reached, by the cap's "
+            "scope (project, account, key).",
+            ["scope"],
+        )
+        self.spend_cap_sessions_ended = self._make(
+            "counter",
+            p + "spend_cap_sessions_ended_total",
+            "Streaming sessions warned and terminated because their project's (or the account's) "
+            "spend cap was reached while they were open.",
+            [],
+        )
+        self.usage_customers_folded = self._make(
+            "counter",
+            p + "usage_customers_folded_total",
+            "Usage events whose customer was counted as 'other': the project's distinct customers "
+            "that day reached the ledger's cap.",
+            ["project"],
         )
         self.sessions_ended = self._make(
             "counter", p + "sessions_ended_total", "Streaming sessions ended, by reason.", ["reason"]

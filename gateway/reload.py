@@ -20,7 +20,6 @@ canonical JSON (passwords masked), so two instances with the same hash run the s
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
@@ -28,15 +27,15 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from aiohttp import hdrs, web
+from aiohttp import web
 
+from .admin import require_admin
 from .config import Config, ConfigError
-from .errors import BadRequest, Forbidden, NotFound, Unauthorized
+from .errors import BadRequest
 from .logs import FORMAT, JsonFormatter
 
 log = logging.getLogger("gateway")
 
-ADMIN_TOKEN_ENV = "AAI_GATEWAY_ADMIN_TOKEN"
 RELOAD_PATH = "/admin/v1/reload"
 
 # Keys (and whole sections) that only a restart applies: the listener's socket, the store and
@@ -214,19 +213,10 @@ def admin_reload(reloader: Reloader, token: str) -> Callable[[web.Request], Awai
     like any path the gateway does not serve: an admin surface nobody enabled does not exist.
     401 without a bearer token, 403 with a wrong one, 400 when the reload is refused (the old
     config stays), 200 with the new hash."""
-    digest = hashlib.sha256(token.encode()).digest() if token else None
+    check = require_admin(token)
 
     async def handle(request: web.Request) -> web.Response:
-        if digest is None:
-            raise NotFound()
-        scheme, _, given = request.headers.get(hdrs.AUTHORIZATION, "").partition(" ")
-        if scheme.lower() != "bearer" or not given.strip():
-            raise Unauthorized(
-                f"Admin token missing: send Authorization: Bearer <${ADMIN_TOKEN_ENV}>",
-                headers={"WWW-Authenticate": 'Bearer realm="aai-gateway admin"'},
-            )
-        if not hmac.compare_digest(hashlib.sha256(given.strip().encode()).digest(), digest):
-            raise Forbidden("Admin token invalid")
+        check(request)
         try:
             done = reloader.reload()
         except ReloadError as exc:

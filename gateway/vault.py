@@ -48,11 +48,11 @@ class Vault:
         self._known: dict[str, str] = {}
 
     def encrypt(self, secret: str) -> str:
-        return self._fernet.encrypt(secret.encode()).decode()
+        return self._fernet.encrypt(secret.encode("utf-8", "surrogateescape")).decode()
 
     def decrypt(self, token: str) -> str:
         try:
-            return self._fernet.decrypt(token.encode()).decode()
+            return self._fernet.decrypt(token.encode()).decode("utf-8", "surrogateescape")
         except InvalidToken as exc:
             raise SecretError(
                 f"a stored credential does not decrypt: is {ENV} the same on every instance?"
@@ -62,7 +62,10 @@ class Vault:
         """A keyed hash of a client's key: recognisable, not reversible."""
         known = self._known.get(secret)
         if known is None:
-            known = hmac.new(self._mac_key, secret.encode(), hashlib.sha256).hexdigest()
+            # Any header value (aiohttp keeps bytes that are not UTF-8 as surrogates): never an error.
+            known = hmac.new(
+                self._mac_key, secret.encode("utf-8", "surrogateescape"), hashlib.sha256
+            ).hexdigest()
             if len(self._known) >= KNOWN_KEYS:
                 self._known.clear()  # a client cycling made-up keys costs it the hashing only
             self._known[secret] = known
@@ -70,7 +73,7 @@ class Vault:
 
     @staticmethod
     def same(a: str, b: str) -> bool:
-        return hmac.compare_digest(a.encode(), b.encode())
+        return hmac.compare_digest(a.encode("utf-8", "surrogateescape"), b.encode("utf-8", "surrogateescape"))
 
     def __repr__(self) -> str:
         return "Vault(<secret>)"

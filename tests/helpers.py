@@ -44,7 +44,7 @@ def ws_frame(
     """A WebSocket frame built by hand, as a hostile peer may write it: any first byte (FIN,
     RSV bits, opcode), masked with ``key`` or not (None), and a length field of ``length``
     (default: the payload's)."""
-    from gateway.products import ws_wire
+    from gateway.proxy import ws_wire
 
     n = len(payload) if length is None else length
     bit = 0x80 if key is not None else 0

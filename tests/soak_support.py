@@ -86,25 +86,28 @@ def sim_app(config: SimConfig) -> web.Application:
     return app
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None, app: Callable[[SimConfig], web.Application] = sim_app) -> None:
+    """``python -m <module> --port N --sim-config JSON``: serve ``app`` (this simulator, or
+    one built on it: tests/faults/rig.py's)."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--sim-config", default="{}")
     args = parser.parse_args(argv)
     config = SimConfig.from_dict(json.loads(args.sim_config))
-    web.run_app(sim_app(config), host="127.0.0.1", port=args.port, print=None)
+    web.run_app(app(config), host="127.0.0.1", port=args.port, print=None)
 
 
 class SimProcess(Process):
-    """The simulator above in a process of its own (``Process``'s readiness, log and kill)."""
+    """The simulator above in a process of its own (``Process``'s readiness, log and kill).
+    ``module``: the one whose ``main`` serves it (``tests.faults.rig`` for the fault suite's)."""
 
-    def __init__(self, config: SimConfig) -> None:  # not Process's: another command
+    def __init__(self, config: SimConfig, module: str = "tests.soak_support") -> None:  # not Process's
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.NamedTemporaryFile(prefix="aai-soak-sim-", suffix=".log", delete=False)
+        self.log = tempfile.NamedTemporaryFile(prefix="aai-sim-", suffix=".log", delete=False)
         args = ["--port", str(self.port), "--sim-config", json.dumps(asdict(config))]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.soak_support", *args],
+            [sys.executable, "-m", module, *args],
             cwd=ROOT,
             env=dict(os.environ),
             stdout=self.log,

@@ -18,9 +18,8 @@ import aiohttp
 import pytest
 
 from gateway.app import CONFIG, ENGINE
-from gateway.products import ws_wire
 from gateway.products.catalog import Catalog
-from gateway.proxy import http1
+from gateway.proxy import http1, ws_wire
 from gateway.sim.app import SimConfig
 from tests.helpers import gateway_config, metric, running_gateway, running_sim, self_signed_tls
 
@@ -192,7 +191,11 @@ async def test_streaming_sessions_never_compress_the_window_upstream_sees(
             sim_url,
             upstream={"streaming_url": f"wss://localhost:{proxy.sockets[0].getsockname()[1]}",
                       "connect_timeout_s": 5},
-            limits={"guard_ms": 100, "streaming_sessions": {"limit": LIMIT, "window_s": WINDOW_S}},
+            # 200 ms, not the HTTP tests' 100: the simulator's arrival stamps, 30 TLS handshakes
+            # and the gateway share one event loop, which a loaded 2-core CI machine stalled
+            # past 100 ms once (the simulator's 3009). Still under CONNECT_DELAY_S: a cold
+            # connect outlasts the guard and is admitted again, which is what this tests.
+            limits={"guard_ms": 200, "streaming_sessions": {"limit": LIMIT, "window_s": WINDOW_S}},
             streaming={"max_wait_s": 20},
         )  # fmt: skip
         try:
@@ -201,7 +204,8 @@ async def test_streaming_sessions_never_compress_the_window_upstream_sees(
 
                 async def session() -> tuple[str, str]:
                     async with http.ws_connect(ws_url, headers={"Authorization": "k"}) as ws:
-                        first = (await ws.receive_json(timeout=20))["type"]
+                        doc = await ws.receive_json(timeout=20)
+                        first = doc["type"] if doc["type"] != "Error" else f"Error: {doc}"
                         await ws.send_str('{"type": "Terminate"}')
                         last = ""
                         async for msg in ws:

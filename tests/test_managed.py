@@ -58,6 +58,14 @@ async def managed(sim: SimConfig | None = None, **overrides: Any) -> AsyncIterat
         yield s
 
 
+async def create(http: aiohttp.ClientSession, url: str, key: str) -> str:
+    """A transcript made with ``key``: its id."""
+    body = {"audio_url": "https://example.com/a.mp3"}
+    async with http.post(url + "/v2/transcript", json=body, headers={"Authorization": key}) as r:
+        assert r.status == 200, await r.text()
+        return str((await r.json())["id"])
+
+
 def upstream_keys(s: Running) -> set[str]:
     return {seen["headers"].get("Authorization", "") for seen in s.sim.seen}
 
@@ -127,12 +135,7 @@ async def test_anything_but_a_gateway_key_is_a_401_and_nothing_reaches_upstream(
 
 async def test_a_project_sees_only_its_own_transcripts() -> None:
     async with managed(transcripts={"poll_refresh_s": 0.05}) as s, aiohttp.ClientSession() as http:
-        async with http.post(
-            s.url + "/v2/transcript",
-            json={"audio_url": "https://example.com/a.mp3"},
-            headers={"Authorization": A1},
-        ) as r:
-            job_id = (await r.json())["id"]
+        job_id = await create(http, s.url, A1)
         for key, status in ((A1, 200), (A2, 200), (B1, 404)):  # A2: the same project, another key
             async with http.get(f"{s.url}/v2/transcript/{job_id}", headers={"Authorization": key}) as r:
                 assert r.status == status, (key, await r.text())
@@ -161,9 +164,10 @@ async def test_a_temporary_token_belongs_to_the_project_that_asked_for_it() -> N
                     pass
         async with http.get(ws_url + "&token=made-up") as r:
             assert r.status == 401 and await r.json() == AUTH_ERROR
-        rows = await s.app[LEDGER].day(utc_day(time.time()))
-        usage = {(r.owner, r.metric): r.value for r in rows if r.product == "streaming"}
-        assert usage.get(("project:alpha", "sessions")) == 2, usage
+        today = utc_day(time.time())
+        rows = await s.app[LEDGER].rows(today, today)
+        usage = {(r.project, r.key, r.metric): r.value for r in rows if r.product == "streaming"}
+        assert usage.get(("alpha", "alpha/token", "sessions")) == 2, usage
         ws_seen = [x for x in s.sim.seen if x["path"] == "/v3/ws"]
         assert len(ws_seen) == 2 and UPSTREAM not in json.dumps(ws_seen)  # the token went, not the key
 
@@ -243,12 +247,7 @@ async def test_an_upload_is_usable_only_by_its_project() -> None:
 
 async def test_another_projects_transcript_id_in_an_llm_body_is_not_found() -> None:
     async with managed(transcripts={"poll_refresh_s": 0.05}) as s, aiohttp.ClientSession() as http:
-        async with http.post(
-            s.url + "/v2/transcript",
-            json={"audio_url": "https://example.com/a.mp3"},
-            headers={"Authorization": A1},
-        ) as r:
-            job_id = (await r.json())["id"]
+        job_id = await create(http, s.url, A1)
         body = {"model": "gpt-5", "messages": [{"role": "user", "content": "hi"}], "transcript_id": job_id}
         llm_before = len([x for x in s.sim.seen if x["path"].startswith("/v1")])
         async with http.post(s.url + "/v1/chat/completions", json=body, headers={"Authorization": B1}) as r:
@@ -262,12 +261,7 @@ async def test_the_transcript_list_shows_a_project_only_its_own() -> None:
     async with managed() as s, aiohttp.ClientSession() as http:
         made: dict[str, list[str]] = {A1: [], B1: []}
         for key in (A1, B1, A1):
-            async with http.post(
-                s.url + "/v2/transcript",
-                json={"audio_url": "https://example.com/a.mp3"},
-                headers={"Authorization": key},
-            ) as r:
-                made[key].append((await r.json())["id"])
+            made[key].append(await create(http, s.url, key))
         for key, own in ((A2, made[A1]), (B1, made[B1])):
             async with http.get(s.url + "/v2/transcript?limit=50", headers={"Authorization": key}) as r:
                 doc = await r.json()

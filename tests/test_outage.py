@@ -114,24 +114,42 @@ async def until(check: object, within: float = 3.0) -> None:
         await asyncio.sleep(0.02)
 
 
-async def test_each_instance_admits_its_part_of_what_the_account_had_left() -> None:
+async def test_each_instance_reuses_its_own_tokens_then_admits_its_share() -> None:
+    short = window_limit("short", 6, 0.4, 0, rank=RANK_WINDOW)
     async with instances(3) as (redis, stores, (a, b, c)):
         assert all(s.instances == 3 for s in stores)
-        for engine in (a, b, c):  # through Redis: each reply says how many tokens are out
-            assert await admitted(engine, [WINDOW], 1) == 1
+        assert await admitted(a, [short], 3) == 3  # through Redis: 4 of 6 out
+        assert await admitted(b, [short], 1) == 1
         redis.down = True
-        # 3 of 6 out: each instance may take (6 - what it last saw out) // 3 more.
-        assert await admitted(a, [WINDOW], 4) == 1  # saw 1 out: 5 // 3
-        assert await admitted(b, [WINDOW], 4) == 1  # saw 2 out: 4 // 3
-        assert await admitted(c, [WINDOW], 4) == 1  # saw 3 out: 3 // 3
+        # What was left (2) is not handed out: each instance's share (2) holds its own
+        # tokens and placeholders for one lease life.
+        assert [await admitted(e, [short], 3) for e in (a, b, c)] == [0, 0, 0]
         assert all(s.degraded for s in stores)
+        await asyncio.sleep(short.lease_ms / 1000 + 0.05)  # every token from before is back
+        got = [await admitted(e, [short], 3) for e in (a, b, c)]
+        assert got == [2, 2, 2], got  # a share each: the window, never over it
         assert sum(s.outage.count for s in stores) == 3
         redis.down = False
         await until(lambda: not any(s.degraded for s in stores))
-        # Written back: Redis counts every token taken, before and during the outage.
-        assert (await redis.inner.usage(WINDOW))[0] == 6
-        assert await admitted(b, [WINDOW], 2) == 0  # the window is full, as upstream sees it
+        # Written back: Redis counts every token taken during the outage.
+        assert (await redis.inner.usage(short))[0] == 6
+        assert await admitted(b, [short], 2) == 0  # the window is full, as upstream sees it
         assert all(s.outage.last_s > 0 for s in stores)
+
+
+async def test_a_view_older_than_the_others_grants_hands_out_nothing() -> None:
+    """A saw 1 of 6 out; then B and C took the rest; then Redis died. A's part of what it
+    saw left (5 // 3) was already taken: handing it out put the account over (the soak's
+    31 of 30). No instance admits until its own tokens end or a lease life passes."""
+    async with instances(3) as (redis, stores, (a, b, c)):
+        assert await admitted(a, [WINDOW], 1) == 1
+        assert await admitted(b, [WINDOW], 3) == 3
+        assert await admitted(c, [WINDOW], 2) == 2  # 6 of 6 out
+        redis.down = True
+        assert [await admitted(e, [WINDOW], 3) for e in (a, b, c)] == [0, 0, 0]
+        redis.down = False
+        await until(lambda: not any(s.degraded for s in stores))
+        assert (await redis.inner.usage(WINDOW))[0] == 6
 
 
 async def test_uneven_use_before_the_outage_never_puts_the_account_over() -> None:
@@ -142,10 +160,38 @@ async def test_uneven_use_before_the_outage_never_puts_the_account_over() -> Non
         assert await admitted(b, [WINDOW], 1) == 1  # B saw 5 out
         redis.down = True
         got = [await admitted(e, [WINDOW], 4) for e in (a, b, c)]
-        assert got == [0, 0, 0], got  # A: 2 // 3, B: 1 // 3, C never saw the limit: full
+        assert got == [0, 0, 0], got  # A holds more than its share, B its own and 1, C 2
         assert 5 + sum(got) <= WINDOW.capacity
         redis.down = False
         await until(lambda: not any(s.degraded for s in stores))
+
+
+async def test_alone_an_instance_takes_what_the_account_had_left() -> None:
+    async with instances(1) as (redis, (store,), (a,)):
+        assert await admitted(a, [WINDOW], 2) == 2
+        redis.down = True
+        assert await admitted(a, [WINDOW], 6) == 4  # its view is the account's: 6 - 2
+        redis.down = False
+        await until(lambda: not store.degraded)
+
+
+async def test_concurrency_with_others_alive_an_instance_reuses_its_own_slots() -> None:
+    """Another instance's jobs run on through the outage, unseen: what the account had left
+    is not handed out, however long the outage lasts; this instance reuses its own slots."""
+    four = concurrency_limit("four", 4, 60.0, rank=RANK_CONCURRENCY)
+    async with instances(2) as (redis, (sa, sb), (a, b)):
+        mine = await a.admit([four], max_wait_s=0)
+        await b.admit([four], max_wait_s=0)  # 2 of 4 run
+        redis.down = True
+        assert await admitted(a, [four], 3) == 0  # share 2: its job and a placeholder
+        assert await admitted(b, [four], 3) == 0
+        await a.release(mine)  # its job ended: its slot is its own again
+        assert await admitted(a, [four], 3) == 1
+        assert sa._local is not None
+        held = await sa._local.usage(sa._share(four))
+        assert held[0] == 2  # the new job and the placeholder, which outlives the lease TTL
+        redis.down = False
+        await until(lambda: not sa.degraded and not sb.degraded and a.owed_releases == 0)
 
 
 async def test_concurrency_leases_held_across_the_outage_stay_counted() -> None:
@@ -200,3 +246,34 @@ async def test_fail_closed_is_a_503_at_once(down_first: bool) -> None:
             await engine.admit([WINDOW], max_wait_s=1)
     finally:
         await engine.close()
+
+
+async def test_a_grant_redis_sends_after_a_stall_takes_from_the_local_share() -> None:
+    """A SIGSTOPped Redis runs what it was sent once it resumes. An acquire sent just before
+    the stall, answered after this instance began admitting locally, took a token on top of
+    what the local store was seeded with: it must fill a local slot too, or the late grant
+    and a full local share both go upstream (the soak's rare window violation)."""
+    clock = SystemClock()
+    gate = asyncio.Event()
+
+    class Stalled(Switched):
+        async def acquire(self, request: AcquireRequest) -> AcquireResult:
+            if request.ticket == "late":
+                await gate.wait()
+                return await self.inner.acquire(request)  # run by Redis after the stall
+            return await super().acquire(request)
+
+    redis = Stalled(MemoryStore(clock))
+    store = FallbackStore(redis, clock)  # one instance: its share is the whole window (6)
+    for n in range(2):
+        assert (await store.acquire(AcquireRequest(f"before{n}", (WINDOW,)))).admitted
+    late = asyncio.create_task(store.acquire(AcquireRequest("late", (WINDOW,))))
+    await asyncio.sleep(0)
+    redis.down = True
+    assert (await store.acquire(AcquireRequest("first-local", (WINDOW,)))).admitted  # 2 out: 4 left
+    assert store.degraded
+    gate.set()
+    assert (await late).admitted  # Redis granted it: a third token out there
+    got = [(await store.acquire(AcquireRequest(f"local{n}", (WINDOW,)))).admitted for n in range(4)]
+    assert got == [True, True, False, False]  # 2 + late + 3 local = 6, the window
+    await store.close()

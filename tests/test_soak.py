@@ -465,9 +465,12 @@ async def background_restarts(http: aiohttp.ClientSession, url: str) -> float:
 
 
 # Keys that stay after everything drained (admission/keys.py), and those that must be gone.
-KEPT = ("job", "upid", "idem", "usage", "seq")
-# Markers with a short TTL, and the instances' heartbeats (alive while the gateways run).
-EXPIRING = ("tomb", "ended", "stoken", "job-end", "instances", "usage-moved")
+KEPT = ("job", "upid", "idem", "ledger", "holds", "seq")
+# Markers with a TTL, and the instances' heartbeats (alive while the gateways run) with the
+# outage fence's tick (a minute) and the fence itself (under a second).
+EXPIRING = (
+    "tomb", "ended", "stoken", "job-end", "instances", "tick", "fence", "ledger-seen", "ledger-cust", "spend",
+)  # fmt: skip
 GONE = ("wait", "dead", "resv", "share", "jobs")
 
 
@@ -498,6 +501,10 @@ async def inspect_store(url: str, prefix: str) -> dict[str, Any]:
             elif kind in EXPIRING:
                 if await client.ttl(key) == -1:  # (-2: it expired since the scan)
                     problems.append(f"{key} has no TTL")
+            elif kind == "holds":  # every transcript ended: what each held is released
+                held = {who: float(v) for who, v in (await client.hgetall(key)).items()}  # type: ignore[misc]
+                if any(abs(v) > 1e-6 for v in held.values()):
+                    problems.append(f"{key} still holds {held}")
             elif kind == "job":
                 job: dict[str, str] = await client.hgetall(key)  # type: ignore[assignment]
                 jobs.append(job)

@@ -457,7 +457,7 @@ async def test_the_embedded_stores_files_are_private() -> None:
         await post(http, url, {"audio_url": "https://x/a.mp3"})
         folder = Path(app[CONFIG].transcripts.data_dir)
         files = sorted(folder.glob("*.db*"))  # noqa: ASYNC240
-        assert {"jobs.db", "usage.db"} <= {p.name for p in files}
+        assert {"jobs.db", "ledger.db"} <= {p.name for p in files}
         assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: "0o600" for p in files}
 
 

@@ -5,11 +5,13 @@ shows, and nobody but upstream can end a job through it."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from gateway.app import CONFIG, ENGINE
@@ -102,7 +104,8 @@ async def test_upstream_webhook_is_relayed_with_the_clients_id_query_and_header(
         assert RECEIVER_PATH not in str(done) and receiver_token(
             job["id"], Vault(TEST_SECRET_KEY)
         ) not in str(done)
-        assert metric(registry, "aai_gateway_job_refreshes_total") == 0
+        # One upstream GET: the duration the ledger bills (the webhook says only "completed").
+        assert metric(registry, "aai_gateway_job_refreshes_total") == 1
         assert metric(registry, "aai_gateway_webhook_relays_total", outcome="delivered") == 1
 
 
@@ -226,3 +229,74 @@ async def test_the_receiver_relays_only_what_upstream_sends_checked() -> None:
                 "redacted_audio_url": "https://cdn.example/redacted.mp3?sig=1",
             }
         ]
+
+
+async def test_the_duration_read_that_ends_a_job_goes_ahead_of_clients_in_the_window(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The job holds a concurrency slot until its duration is read: that GET waits in the
+    requests window ahead of clients' requests (priority 99), not behind them; so does the
+    job's POST (one step above clients: it took its slot first)."""
+    from gateway.admission.engine import AdmissionEngine
+    from gateway.products.transcripts.ending import ENDING_PRIORITY
+
+    asked: list[tuple[int, str]] = []
+    admit = AdmissionEngine.admit
+
+    async def spy(self: AdmissionEngine, limits: Any, **kw: Any) -> Any:
+        asked.append((kw.get("priority", 0), kw.get("group", "")))
+        return await admit(self, limits, **kw)
+
+    monkeypatch.setattr(AdmissionEngine, "admit", spy)
+    async with (
+        with_public_url(SimConfig(job_seconds=0.2), **FAST_HOOKS) as (sim, url, (app, registry)),
+        aiohttp.ClientSession() as http,
+    ):
+        job = await post(http, url, {"audio_url": "https://x/a.mp3"})
+        await wait_for(lambda: _ended(sim))
+        await wait_for(lambda: _refreshed(registry))
+        done = await get(http, url, job["id"])
+        assert done["status"] == "completed"
+    assert ENDING_PRIORITY == 99
+    assert (ENDING_PRIORITY, "rest") in asked, asked  # the duration read
+    # The job's POST: one step above clients' requests (0), as it holds a concurrency slot.
+    assert [p for p, group in asked if group == "transcripts"] == [1], asked
+    assert {p for p, _ in asked} <= {0, 1, ENDING_PRIORITY}, asked
+
+
+async def _ended(sim: Any) -> bool:
+    return any(h["status"] == 200 for h in sim.transcripts.webhook_log)
+
+
+async def _refreshed(registry: Any) -> bool:
+    return metric(registry, "aai_gateway_job_refreshes_total") >= 1
+
+
+async def test_a_webhook_ended_job_frees_its_slot_before_its_duration_is_read() -> None:
+    """Upstream is done with the job when its webhook says so: the concurrency slot is free
+    from then on, not once the duration read (slow here: 1.5 s) lands; and it is billed."""
+    from gateway.app import CATALOG, LEDGER, STORE
+    from gateway.ledger import utc_day
+
+    faults = {"kinds": {"slow": 1}, "paths": ["/v2/transcript/"], "slow_s": 1.5}
+    async with (
+        with_public_url(SimConfig(job_seconds=0.1, faults=faults), **FAST_HOOKS) as (sim, url, (app, _)),
+        aiohttp.ClientSession() as http,
+    ):
+        store, jobs = app[STORE], app[CATALOG].async_jobs
+        today = utc_day(time.time())
+
+        async def billed() -> list[float]:
+            return [r.value for r in await app[LEDGER].rows(today, today) if r.metric == "audio_seconds"]
+
+        await post(http, url, {"audio_url": "https://x.test/b.mp3?sim_audio=42"})
+        assert (await store.usage(jobs))[0] == 1  # running upstream
+        deadline = time.monotonic() + 5
+        while (await store.usage(jobs))[0]:
+            assert time.monotonic() < deadline, "the slot was never freed"
+            await asyncio.sleep(0.02)
+        assert await billed() == []  # freed while the duration read was still on its way
+        while await billed() != [42.0]:
+            assert time.monotonic() < deadline, "never billed"
+            await asyncio.sleep(0.05)
+        assert [f["kind"] for f in sim.report()["faults"]] == ["slow"]

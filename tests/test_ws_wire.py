@@ -1,4 +1,4 @@
-"""The relay's WebSocket framing (gateway/products/ws_wire.py): frames read whole from any
+"""The relay's WebSocket framing (gateway/proxy/ws_wire.py): frames read whole from any
 split of the byte stream, masks applied and removed, caps enforced, and the client handshake."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import pytest
 from aiohttp import web
 from yarl import URL
 
-from gateway.products import ws_wire
-from gateway.products.ws_wire import BINARY, CLOSE, PING, TEXT, FrameReader, FrameTooLarge
+from gateway.proxy import ws_wire
+from gateway.proxy.ws_wire import BINARY, CLOSE, PING, TEXT, FrameReader, FrameTooLarge
 from tests.helpers import self_signed_tls, serving, ws_frame
 
 

@@ -9,18 +9,36 @@ the same semantics) holding this instance's SHARE of every limit:
     share(limit) = capacity // live instances      (at least 0)
 
 where the number of live instances is the last one read from the instances' heartbeats in
-Redis. What the account had already taken when Redis stopped answering counts too: every
-reply from Redis says how many tokens of each limit were out (``capacity - remaining``, or
-all of them when it blocked), and the embedded store starts with the instance's part of what
-was left: for each limit, the last count ``G`` seen at ``t``, it may admit
-``(capacity - G) // instances`` until ``t + lease life`` (when every token out at ``t`` has
-come back), then its share per window. A limit this instance has not seen is taken as full
-for one lease life. Across the account, during the outage:
+Redis. Every token the account had out when Redis stopped answering was granted to some
+instance, which holds it (its window lease still counting, its running job's lease); the
+embedded store starts with those, as themselves, and placeholders hold the rest of the share:
 
-    arrivals upstream in any window  <=  what was out + the instances' parts  <=  capacity
+- with other instances alive, for a whole lease life from now (a window limit: every token
+  granted before the outage has come back by then) or until Redis returns (a concurrency
+  limit: the others' jobs run on, unseen). What the account had left is not handed out: an
+  instance's last view of it predates the others' last grants, and its part of a remainder
+  they had already taken would come on top. So each instance reuses its own tokens as they
+  end, then admits its share per window;
+- alone (one instance counted), its last view is the account's: the last count ``G`` seen at
+  ``t`` from Redis's replies (``capacity - remaining``, or all of them when it blocked) lets
+  it take ``capacity - G`` until ``t + lease life``; a limit not heard of within a second
+  counts as full for one lease life.
+
+Across the account, during the outage:
+
+    arrivals upstream in any window  <=  what was out + what the instances reuse  <=  capacity
 
 provided the instances alive are the ones counted (an instance started during the outage,
-never seen in a heartbeat, is not; its admissions come on top). Waiters move to the local
+never seen in a heartbeat, is not; its admissions come on top) and no instance admits from
+Redis meanwhile: Redis sees this instance's tokens end too, and would hand their room out
+again. The FENCE keeps that so (fence.py). An instance that loses Redis raises it (``<prefix>:{account}:
+fence``, ``FENCE_MS``; a stalled Redis runs the command as it resumes), and Redis raises it
+itself when an acquire or heartbeat finds nothing ran for longer than the gap (``gap_ms``:
+under the Redis timeout; heartbeats every ``BEAT_S`` keep the silence short otherwise), so
+the order in which Redis runs what it was sent during a stall does not matter. While it is
+up, acquire.lua admits nothing (``Fenced``, nothing taken) and the instance goes local too,
+seeded the same way; every one writes back before the first switches back. Alone (one
+instance counted) nothing is fenced. Waiters move to the local
 store (their tickets, unknown there, are evaluated afresh in their order), so nobody gets a
 503 because Redis died; with a share of 0 (more instances than tokens) they wait.
 
@@ -45,38 +63,27 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import os
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..clock import Clock
-from ..errors import StoreUnavailable
+from ..errors import Fenced, StoreUnavailable
+from .fence import BEAT_S, FENCE_MS
 from .health import supervise
-from .keys import Keys
 from .limits import Kind, Limit
 from .memory import MemoryStore
 from .store import RESYNC, AcquireRequest, AcquireResult, Status, Store, WakeCallback
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_S = 1.0  # how often an instance says it is alive (and, while degraded, probes Redis)
-ALIVE_S = 5.0  # an instance not heard of for this long is not counted
-# A view of a limit older than this (no reply about it from Redis since) is not trusted: the
-# other instances may have taken anything meanwhile, so the limit counts as full.
+# Alone: a view of a limit older than this (no reply about it from Redis since) is not trusted
+# (an instance started meanwhile may have taken anything), so the limit counts as full.
 FRESH_MS = 1000
 PROBE_S = 0.25  # while degraded: how often Redis is asked whether it is back
 SETTLE_S = 1.0  # after Redis returns: admit nothing new this long, so every instance writes back
-
-# One heartbeat: this instance's entry, the stale ones dropped, how many are alive (Redis TIME).
-HEARTBEAT_LUA = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZADD', KEYS[1], now, ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
-redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) * 2)
-return redis.call('ZCARD', KEYS[1])
-"""
+# A concurrency limit's placeholders last the outage (the local store is dropped when Redis returns).
+OUTAGE_HOLD_MS = 24 * 3600 * 1000
 
 
 @dataclasses.dataclass
@@ -99,15 +106,22 @@ class FallbackStore:
         *,
         beat: Callable[[], Any] | None = None,
         settle_s: float = SETTLE_S,
-        heartbeat_s: float = HEARTBEAT_S,
+        heartbeat_s: float = BEAT_S,
+        fence_ms: int = FENCE_MS,
     ) -> None:
         """``primary``: the shared store. ``beat()``: one heartbeat in Redis, returning the
-        number of live instances (this one included); None counts this instance alone."""
+        number of live instances (this one included); None counts this instance alone.
+        ``fence_ms``: how long the fence this instance raises when it loses Redis lives
+        (the primary raises it if it can: ``fence(ms, timeout_s)``)."""
         self.primary = primary
         self._clock = clock
         self._beat = beat
         self._settle_s = settle_s
         self._heartbeat_s = heartbeat_s
+        self._fence_ms = fence_ms
+        self._fenced = False  # this outage began with a Fenced reply: another instance's fence
+        self._entering: asyncio.Future[None] | None = None  # the degrade under way (its fence)
+        self._wake = asyncio.Event()  # wakes the heartbeat loop: probe now
         self.instances = 1  # the last count read from the heartbeats
         self.outage = Outage()
         self._local: MemoryStore | None = None
@@ -139,6 +153,8 @@ class FallbackStore:
                 self._observe(request.limits, result)
                 if result.status is Status.ADMITTED:
                     self._granted(request.ticket, request.limits)
+                    if self._local is not None:
+                        await self._late_grant(request)
                 return result
         local = self._local
         assert local is not None
@@ -244,29 +260,53 @@ class FallbackStore:
             self._seen[limit.name] = (limit, limit.capacity, at)
 
     async def _seed(self, local: MemoryStore, limit: Limit) -> None:
-        """Start the local store on ``limit`` with this instance's part of what the account
-        had left: placeholders hold the rest of its share until every token out when Redis
-        was last heard of has come back (a window's lease life; a concurrency limit's lease
-        TTL). Unseen: taken as full for that long."""
+        """Start the local store on ``limit``: this instance's own leases go in as themselves
+        (one that ends frees its place), placeholders hold the rest of its share.
+
+        With other instances alive, what the account had left is not split: each instance's
+        last view of it is older than the others' last grants, and a token another took after
+        that view, unseen, would come on top of the part this one took from it (the soak saw
+        31 of 30). So the placeholders hold the rest of the share for a whole lease life from
+        now (a window: until every token granted before the outage has come back; a
+        concurrency limit: until Redis returns, as the others' jobs run on unseen). Across the
+        account every token out is some instance's own lease, and each instance only reuses
+        its own as they end: never more than was out, never more than capacity.
+
+        Alone, its last view is the account's (every grant was its own): it may take what was
+        left, until every token out then has come back. Unseen: taken as full for that long."""
         self._seeded.add(limit.name)
         now = self._clock.now_ms()
-        limit, out, at = self._seen.get(limit.name, (limit, limit.capacity, now))
-        if now - at > FRESH_MS:  # others may have taken anything since: full, from now
-            out, at = limit.capacity, now
-        ttl = at + limit.lease_ms - now
-        instances = max(1, self.instances)
-        left = max(0, limit.capacity - out) // instances
         share = self._share(limit)
-        # This instance's own leases go in as themselves (one that ends frees its slot);
-        # placeholders stand for the rest of what was out.
         mine = [(t, held[limit.name][1]) for t, held in self._held.items() if limit.name in held]
         mine = [(t, end) for t, end in mine if end > now]
         for ticket, end in mine:
-            await local.renew(ticket, share, end - now, create=True)
-        for i in range(max(0, share.capacity - left - len(mine))):
-            await local.renew(f"~held:{limit.name}:{i}", share, ttl, create=True)
+            local.hold(ticket, share, end - now)
+        if max(1, self.instances) > 1:
+            ttl = limit.lease_ms if limit.kind is Kind.WINDOW else OUTAGE_HOLD_MS
+            placeholders = share.capacity - len(mine)
+        else:
+            limit, out, at = self._seen.get(limit.name, (limit, limit.capacity, now))
+            if now - at > FRESH_MS:  # an acquire of ours may have run since: full, from now
+                out, at = limit.capacity, now
+            ttl = at + limit.lease_ms - now
+            placeholders = out - len(mine)
+        for i in range(max(0, placeholders)):
+            local.hold(f"~held:{limit.name}:{i}", share, ttl)
 
     # -- shares ------------------------------------------------------------------------------
+    async def _late_grant(self, request: AcquireRequest) -> None:
+        """Redis granted an acquire sent before it stalled, and the reply came after this
+        instance had begun admitting locally (another call's failure): that token was taken
+        from what Redis had left, on top of what the local store was seeded with, so it
+        occupies this instance's share too. (A SIGSTOPped Redis runs what it was sent once it
+        resumes; without this, the late grant and a full local share both went upstream.)"""
+        local = self._local
+        assert local is not None
+        for limit in request.limits:
+            if limit.name in self._seeded:  # not yet seeded: the seeding counts it (its reply's view)
+                local.hold(request.ticket, self._share(limit), limit.lease_ms)
+        self._during.add(request.ticket)
+
     def _share(self, limit: Limit) -> Limit:
         return dataclasses.replace(limit, capacity=limit.capacity // max(1, self.instances))
 
@@ -281,24 +321,65 @@ class FallbackStore:
     def _settling(self) -> bool:
         return self._settling_until > 0
 
+    @property
+    def settling(self) -> bool:
+        """Redis is back and this instance has written back: it admits nowhere until it switches."""
+        return self._settling
+
     # -- outage and return -------------------------------------------------------------------
     async def _degrade(self, exc: StoreUnavailable) -> None:
+        """Go local. Concurrent callers wait for the one degrade under way, and with it for
+        the fence (see _raise_fence): nothing is admitted locally before it went out."""
         if self._local is not None:
             return
-        local = MemoryStore(self._clock)
-        self._local = local
-        self.outage.degraded, self.outage.since = True, time.monotonic()
-        self.outage.count += 1
-        log.error(
-            "store: Redis unavailable (%s); admitting locally within this instance's share "
-            "(1/%d of every limit) until it returns",
-            exc.detail,
-            self.instances,
-        )
-        self._seeded.clear()
-        self._during.clear()
-        for callback in self._callbacks:  # its wake-ups; RESYNC: every head is asked again
-            await local.subscribe(callback)
+        if self._entering is None:
+            self._entering = asyncio.ensure_future(self._enter(exc))
+        await asyncio.shield(self._entering)
+
+    async def _enter(self, exc: StoreUnavailable) -> None:
+        try:
+            fenced = isinstance(exc, Fenced)
+            if not fenced:
+                await self._raise_fence()
+            local = MemoryStore(self._clock)
+            self._local, self._fenced = local, fenced
+            self.outage.degraded, self.outage.since = True, time.monotonic()
+            self.outage.count += 1
+            if fenced:
+                log.warning(
+                    "store: another instance lost Redis (%s); admitting locally within this "
+                    "instance's share (1/%d of every limit) until every one has written back",
+                    exc.detail,
+                    self.instances,
+                )
+            else:
+                log.error(
+                    "store: Redis unavailable (%s); admitting locally within this instance's share "
+                    "(1/%d of every limit) until it returns",
+                    exc.detail,
+                    self.instances,
+                )
+            self._seeded.clear()
+            self._during.clear()
+            self._wake.set()  # probe soon: the heartbeat loop may be asleep for a beat
+            for callback in self._callbacks:  # its wake-ups; RESYNC: every head is asked again
+                await local.subscribe(callback)
+        finally:
+            self._entering = None
+
+    async def _raise_fence(self) -> None:
+        """Tell every other instance to go local too: one admitting from Redis while this one
+        admits locally would put the account over (the local store reuses this instance's
+        tokens as they end, which Redis sees end too). If Redis only stalls, the command waits
+        in its socket and runs as it resumes, with what was sent during the stall; an acquire
+        that runs first finds the stall by the tick (acquire.lua) and raises it itself."""
+        fence = getattr(self.primary, "fence", None)
+        if fence is None or self._fence_ms <= 0:
+            return
+        try:
+            await fence(self._fence_ms, PROBE_S * 2)
+        except Exception:  # never keep an instance from going local: Redis's own check remains
+            log.exception("store: raising the outage fence failed")
 
     async def _heartbeats(self) -> None:
         while True:
@@ -306,27 +387,50 @@ class FallbackStore:
                 await self._beat_once()
             else:
                 await self._probe()
-            await asyncio.sleep(self._heartbeat_s if self._local is None else min(self._heartbeat_s, PROBE_S))
+            # Settling, Redis answers: beat as usual (the tick stays fresh, or the first acquire
+            # after the switch would find a silence and fence everyone again).
+            healthy = self._local is None or self._settling
+            pause = self._heartbeat_s if healthy else max(self._heartbeat_s, PROBE_S)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), pause)
+            self._wake.clear()
 
     async def _beat_once(self) -> None:
         if self._beat is None:
             return
         try:
             self.instances = max(1, int(await self._beat()))
-        except Exception as exc:  # the next acquire finds out for itself; keep the last count
-            log.debug("store heartbeat failed: %s", exc)
+        except Exception as exc:  # keep the last count; Redis is away: go local now
+            # Every instance beats every BEAT_S, so every one notices an outage, not only
+            # those with an acquire in flight: one that noticed nothing would admit from a
+            # Redis that came back empty before the others wrote back.
+            await self._degrade(StoreUnavailable(f"redis unavailable during heartbeat: {type(exc).__name__}"))
+
+    async def _ping(self) -> None:
+        """Is Redis there? A heartbeat (its count is not taken: the shares stay as they
+        were through the outage), which finds a silence and raises the fence if it runs
+        first after a stall."""
+        if self._beat is None:
+            await self.primary.ping()
+            return
+        try:
+            await self._beat()
+        except Exception as exc:
+            raise StoreUnavailable(f"redis unavailable during heartbeat: {type(exc).__name__}") from exc
 
     async def _probe(self) -> None:
         """While degraded: is Redis back? Then write back, settle, and switch."""
         local = self._local
         assert local is not None
         try:
-            await self.primary.ping()
+            await self._ping()
             if not self._settling:
                 # From now on nothing is admitted here until the switch: an instance that
                 # admitted locally while another admits from Redis would put the account over.
                 self._settling_until = time.monotonic() + self._settle_s
                 self._settled.clear()
+                if not self._fenced:  # Redis may have restarted empty: fence the quiet ones
+                    await self._raise_fence()
                 await self._write_back()
                 log.warning("store: Redis answers again; leases written back, switching in %.1fs",
                             self._settle_s)  # fmt: skip
@@ -341,6 +445,7 @@ class FallbackStore:
         self._local, self._settling_until = None, 0.0
         self._settled.set()
         self._local_only.clear()  # their leases were written back: released in Redis from now
+        self._fenced = False
         lasted = time.monotonic() - self.outage.since
         self.outage.degraded, self.outage.last_s = False, lasted
         log.warning("store: back on Redis after an outage of %.1fs", lasted)
@@ -360,15 +465,3 @@ class FallbackStore:
         for limit, end in list(self._held.get(ticket, {}).values()):
             if end > now and (limit.kind is Kind.WINDOW or ticket in self._during):
                 await self.primary.renew(ticket, limit, end - now, create=True)
-
-
-def heartbeat(client: Any, keys: Keys, instance: str | None = None) -> Callable[[], Awaitable[int]]:
-    """One heartbeat in Redis for this instance: returns how many instances are alive."""
-    script = client.register_script(HEARTBEAT_LUA)
-    me = instance or os.urandom(6).hex()
-    alive_ms = str(int(ALIVE_S * 1000))
-
-    async def beat() -> int:
-        return int(await asyncio.wait_for(script(keys=[keys.instances], args=[me, alive_ms]), 1.0))
-
-    return beat

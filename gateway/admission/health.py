@@ -47,6 +47,26 @@ def supervise(
     return asyncio.create_task(_run(name, factory, backoff_s, sleep), name=name)
 
 
+async def keep_reading(what: str, read: Callable[[], Coroutine[Any, Any, None]], every_s: float) -> None:
+    """Call ``read()`` every ``every_s``, for good. While the store is away (StoreUnavailable)
+    the last view it made stays in force: said once when it starts failing, once when it
+    answers again."""
+    from ..errors import StoreUnavailable
+
+    failing = False
+    while True:
+        try:
+            await read()
+            if failing:
+                log.info("%s: the store answers again", what)
+            failing = False
+        except StoreUnavailable as exc:
+            if not failing:
+                log.warning("%s: the store is unreadable; the last view stays in force: %s", what, exc.detail)
+            failing = True
+        await asyncio.sleep(every_s)
+
+
 def renewed(ticket: str, limit: Limit, outcome: int) -> bool:
     """renew.lua's answer (both stores): whether the lease is live. A restoration is logged;
     one that puts the limit over its capacity is logged louder and counted."""

@@ -25,11 +25,18 @@ runs, so the ticket's owner is looked up (share:owner) inside the script.
     <prefix>:{<account>}:jobs:running     sorted set: claimed/submitted job ids -> last heard (ms)
     <prefix>:{<account>}:upid:<id>        string: upstream transcript id -> job id
     <prefix>:{<account>}:idem:<key>       string: idempotency key (creator + header) -> job id
-    <prefix>:{<account>}:usage:<day>      hash: owner|product|metric -> amount (ledger.py)
-    <prefix>:{<account>}:usage-moved:<m>  string: a usage entry kept during an outage was added (ledger.py)
+    <prefix>:{<account>}:ledger:<day>     hash: project|key|product|model|customer|metric -> amount
+    <prefix>:{<account>}:ledger-seen:<h>  string: a usage event counted (its id's hash; TTL: ledger.py)
+    <prefix>:{<account>}:ledger-cust:<day>:<h>  set: a project's (or key's) customers that day
+    <prefix>:{<account>}:spend:<month>    hash: project (or key), and "*" -> USD spent that month
+    <prefix>:{<account>}:holds            hash: project (or key), and "*" -> USD held for work in flight
+    <prefix>:{<account>}:dir:*            runtime projects and keys (directory.py)
     <prefix>:{<account>}:upload:<sha256>  string: the project that made an upload (products/uploads.py)
     <prefix>:{<account>}:stoken:<fp>      string: a temporary streaming token's expiry and owner
     <prefix>:{<account>}:instances        sorted set: gateway instance -> last heartbeat (ms; fallback.py)
+    <prefix>:{<account>}:tick             string: Redis time of the last heartbeat (ms; fence.py)
+    <prefix>:{<account>}:fence            string, short TTL: while it lives, acquire admits nothing
+                                          (the outage fence, fallback.py)
 """
 
 from __future__ import annotations
@@ -88,6 +95,14 @@ class Keys:
         return f"{self.base}:resv:{limit}"
 
     @property
+    def tick(self) -> str:
+        return f"{self.base}:tick"
+
+    @property
+    def fence(self) -> str:
+        return f"{self.base}:fence"
+
+    @property
     def seq(self) -> str:
         return f"{self.base}:seq"
 
@@ -130,14 +145,29 @@ class Keys:
     def idempotency(self, key: str) -> str:
         return f"{self.base}:idem:{key}"
 
-    def usage(self, day: str) -> str:
-        return f"{self.base}:usage:{day}"
+    def ledger(self, day: str) -> str:
+        return f"{self.base}:ledger:{day}"
 
-    def usage_moved(self, marker: str) -> str:
-        return f"{self.base}:usage-moved:{marker}"
+    def ledger_seen(self, digest: str) -> str:
+        return f"{self.base}:ledger-seen:{digest}"
+
+    def ledger_customers(self, day: str, who: str) -> str:
+        digest = hashlib.sha256(who.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+        return f"{self.base}:ledger-cust:{day}:{digest}"
+
+    def spend(self, month: str) -> str:
+        return f"{self.base}:spend:{month}"
+
+    @property
+    def holds(self) -> str:
+        return f"{self.base}:holds"
 
     def upload(self, digest: str) -> str:
         return f"{self.base}:upload:{digest}"
+
+    def directory(self, part: str) -> str:
+        """Projects and keys made at runtime (gateway/directory.py)."""
+        return f"{self.base}:dir:{part}"
 
     def streaming_token(self, fingerprint: str) -> str:
         return f"{self.base}:stoken:{fingerprint}"

@@ -425,6 +425,11 @@ class MemoryStore:
             outcome = 0
         return renewed(ticket, limit, outcome)
 
+    def hold(self, ticket: str, limit: Limit, ttl_ms: int) -> None:
+        """Put a lease held elsewhere in place as it is, whatever the count (fallback.py
+        starts the local store with what this instance held): not a restoration, no log."""
+        self._z(self._leases, limit.name).add(ticket, self._clock.now_ms() + ttl_ms)
+
     async def usage(self, limit: Limit) -> tuple[int, int]:
         now = self._clock.now_ms()
         leases = self._leases.get(limit.name)

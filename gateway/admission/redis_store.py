@@ -31,7 +31,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 
-from ..errors import StoreUnavailable
+from ..errors import Fenced, StoreUnavailable
+from .fence import FENCE_LUA
 from .health import renewed, supervise
 from .keys import Keys
 from .limits import Limit
@@ -45,6 +46,7 @@ BREAKER_FAILURES = 3
 BREAKER_OPEN_S = 1.0
 HEARTBEAT_S = 0.5  # a silent subscription is PINGed after this, and remade if still silent after 2x
 HEARTBEAT = "aai-gateway-heartbeat"
+FENCED = 6  # acquire.lua's status when the outage fence is up (not a Status: it raises Fenced)
 
 
 def make_client(
@@ -87,6 +89,8 @@ class RedisStore:
         pipelined: PipelinedRedis | None = None,
         heartbeat_s: float = HEARTBEAT_S,
         subscriber: Callable[[], Awaitable[aioredis.Redis]] | None = None,
+        fence_ms: int = 0,
+        gap_ms: int = 0,
     ) -> None:
         """``client`` is shared and owned by the caller's lifecycle unless ``close`` is called.
 
@@ -97,8 +101,12 @@ class RedisStore:
         only pub/sub, pings and reads. ``heartbeat_s`` bounds how long a silent
         subscription goes unchecked (see _listen). ``subscriber``, when given, makes the
         client each (re)subscription uses, closed with it (Cluster: the channel's shard owner,
-        topology.py); else ``client`` subscribes.
+        topology.py); else ``client`` subscribes. ``fence_ms`` > 0 turns on the outage fence
+        (fallback.py): an acquire that finds it raised, or finds Redis was silent for more than
+        ``gap_ms``, admits nothing and raises ``Fenced``.
         """
+        self._fence_ms = fence_ms
+        self._gap_ms = gap_ms
         self._subscriber = subscriber
         self._heartbeat_s = heartbeat_s
         self.heartbeat_failures = 0  # subscriptions torn down because a PING went unanswered
@@ -112,6 +120,7 @@ class RedisStore:
         self._release = client.register_script(head + load_script("release"))
         self._refresh = client.register_script(head + load_script("refresh"))
         self._renew = client.register_script(head + load_script("renew"))
+        self._fence_lua = head + FENCE_LUA
         self._usage = client.register_script(
             ("#!lua flags=no-writes\n" if shebang else "") + load_script("usage")
         )
@@ -208,6 +217,8 @@ class RedisStore:
             except (TimeoutError, OSError, redis_errors.RedisError) as exc:
                 raise self._failed("acquire", exc) from exc
             self._failures = 0
+            if raw[0] == FENCED:
+                raise Fenced(f"fenced for {raw[5]}ms: another instance lost Redis")
             return parse_acquire(raw)
         k = self._keys
         keys = [
@@ -216,13 +227,36 @@ class RedisStore:
             k.channel,
             *self._limit_keys(request.limits),
             *self._share_keys(),
+            *self._fence_keys(),
         ]
         args: list[Any] = [request.ticket, request.priority, request.seq, request.ttl_ms, request.max_depth]
         args += [self._pubcmd, request.floor, request.owner, request.owner_depth, len(request.limits)]
         args.append(FIRST_MAX)
         for limit in request.limits:
             args += [limit.name, limit.capacity, limit.lease_ms]
-        return parse_acquire(await self._call("acquire", self._acquire(keys=keys, args=args)))
+        args += [self._gap_ms, self._fence_ms]
+        raw = await self._call("acquire", self._acquire(keys=keys, args=args))
+        if raw[0] == FENCED:
+            raise Fenced(f"fenced for {raw[5]}ms: another instance lost Redis")
+        return parse_acquire(raw)
+
+    def _fence_keys(self) -> list[str]:
+        k = self._keys
+        return [k.tick, k.fence, k.instances]
+
+    async def fence(self, ms: int, timeout_s: float) -> bool:
+        """Raise the outage fence for ``ms`` (never shortening it): every other instance's
+        next acquire fails with Fenced and it joins this one admitting locally. Sent even
+        while the breaker is open (a stalled Redis runs it as it resumes, before what comes
+        after); True when Redis confirmed it within ``timeout_s``."""
+        self._count("fence")
+        try:
+            # EVAL, not EVALSHA: a Redis that stalls before the script was ever loaded would
+            # answer NOSCRIPT as it resumes, and the fence would never land.
+            await asyncio.wait_for(self._client.eval(self._fence_lua, 1, self._keys.fence, ms), timeout_s)
+        except (TimeoutError, OSError, redis_errors.RedisError):
+            return False
+        return True
 
     def _acquire_frame(self, limits: tuple[Limit, ...]) -> tuple[bytes, bytes, bytes, bytes]:
         """acquire's EVALSHA in RESP form, cut around the fields that change per call."""
@@ -231,8 +265,8 @@ class RedisStore:
         frame = self._frames.get(limits)
         if frame is None:
             k, n = self._keys, len(limits)
-            limit_keys = self._limit_keys(limits) + self._share_keys()
-            nkeys, nargs = 3 + len(limit_keys), 11 + 3 * n
+            limit_keys = self._limit_keys(limits) + self._share_keys() + self._fence_keys()
+            nkeys, nargs = 3 + len(limit_keys), 13 + 3 * n
             head = array_header(3 + nkeys + nargs) + bulk("EVALSHA") + bulk(self._acquire.sha)
             head += bulk(nkeys) + bulk(k.seq)
             middle = bulk(k.channel) + b"".join(bulk(key) for key in limit_keys)
@@ -240,6 +274,8 @@ class RedisStore:
                 bulk(n)
                 + bulk(FIRST_MAX)
                 + b"".join(bulk(limit.name) + bulk(limit.capacity) + bulk(limit.lease_ms) for limit in limits)
+                + bulk(self._gap_ms)
+                + bulk(self._fence_ms)
             )
             frame = self._frames[limits] = (head, middle, bulk(self._pubcmd), tail)
             if len(self._frames) > 4096:  # unknown models make new limit sets: stay bounded

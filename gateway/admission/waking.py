@@ -159,6 +159,16 @@ class Waking:
     async def _attempt(self, w: Waiter) -> AcquireResult:
         raise NotImplementedError
 
+    def waiting(self) -> dict[str, dict[str, int]]:
+        """This instance's waiting requests, per limit name (the one each waits on) and owner
+        (``project:<name>``, a key fingerprint, or ``~<hash>``): what a status page shows."""
+        out: dict[str, dict[str, int]] = {}
+        for name, waiters in self._queues.items():
+            for w in waiters:
+                per = out.setdefault(name, {})
+                per[w.owner] = per.get(w.owner, 0) + 1
+        return out
+
     # -- local queues ----------------------------------------------------------------------
     def _place(self, w: Waiter, result: AcquireResult) -> None:
         """Put a blocked waiter in its limit's local queue; arm the timer if it is the head."""

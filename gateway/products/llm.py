@@ -11,6 +11,8 @@
 - On the free plan the LLM Gateway does not exist: 403 without calling upstream.
 - A ``transcript_id`` in a chat or understanding body names a transcript by the gateway's
   id: it is swapped for upstream's on the way out, and back in the response.
+- Every 2xx answer with a ``usage`` (chat, understanding, any other keyed /v1 route; JSON or
+  SSE) is recorded in the usage ledger once, read as it passes (llm_usage.py).
 """
 
 from __future__ import annotations
@@ -24,8 +26,11 @@ from aiohttp import hdrs, web
 from ..config import Config
 from ..errors import BadRequest, Forbidden
 from ..identity import owner_of
+from ..proxy.plan import Plan
+from ..usage import Usage
+from .bodies import hold, parse_object, read_held
 from .catalog import Catalog, valid_model_name
-from .plan import Plan, hold, parse_object, read_held
+from .llm_usage import UNDERSTANDING_MODEL, tap_for
 from .transcripts.ids import swap, transcript_ids
 
 CHAT = "/v1/chat/completions"
@@ -38,7 +43,12 @@ class TranscriptIds(Protocol):
 
 
 async def plan(
-    request: web.Request, cfg: Config, catalog: Catalog, *, ids: TranscriptIds | None = None
+    request: web.Request,
+    cfg: Config,
+    catalog: Catalog,
+    *,
+    ids: TranscriptIds | None = None,
+    usage: Usage | None = None,
 ) -> Plan:
     if not cfg.limits.llm_available:
         raise Forbidden(
@@ -52,12 +62,14 @@ async def plan(
         held = await read_held(request, cap)  # whatever its Content-Type: curl sends form data
         doc = parse_object(held.decoded(cap))
         body, own = held.raw, False  # forwarded as received (compressed, if it was)
+        model = UNDERSTANDING_MODEL
         if path == CHAT:
-            model = doc.get("model")
-            if not isinstance(model, str) or not model.strip():
+            named = doc.get("model")
+            if not isinstance(named, str) or not named.strip():
                 raise BadRequest("`model` is required: a non-empty string naming the model")
-            if not valid_model_name(model):
-                raise BadRequest(f"`model` is not a valid model name: {model[:80]!r}")
+            if not valid_model_name(named):
+                raise BadRequest(f"`model` is not a valid model name: {named[:80]!r}")
+            model = named
             limits, max_wait = [catalog.model(model), *window], cfg.queue.llm_max_wait_s
         else:
             limits, max_wait = [catalog.understanding, *window], cfg.queue.max_wait_s
@@ -70,5 +82,10 @@ async def plan(
                 body, own = json.dumps(swap(doc, mapping)).encode(), True
                 back = {up: mine for mine, up in mapping.items()}
                 rewrite = partial(swap, mapping=back)
-        return Plan("llm", cfg.upstream.llm_url, limits, max_wait, body, rewrite=rewrite, own_body=own)
-    return Plan("llm", cfg.upstream.llm_url, window, cfg.queue.max_wait_s, await hold(request, cap))
+        tap = tap_for(usage, request, model, expected=path == CHAT) if usage is not None else None
+        return Plan(
+            "llm", cfg.upstream.llm_url, limits, max_wait, body, rewrite=rewrite, own_body=own, tap=tap
+        )
+    keyed = (method, path) not in PUBLIC  # an anonymous answer is nobody's usage
+    tap = tap_for(usage, request, "", expected=False) if usage is not None and keyed else None
+    return Plan("llm", cfg.upstream.llm_url, window, cfg.queue.max_wait_s, await hold(request, cap), tap=tap)

@@ -12,8 +12,9 @@ from __future__ import annotations
 from aiohttp import hdrs, web
 
 from ..config import Config
+from ..proxy.plan import Plan
+from .bodies import hold
 from .catalog import Catalog
-from .plan import Plan, hold
 
 UPLOAD = "/v2/upload"
 TRANSCRIPTS = "/v2/transcript"

@@ -10,8 +10,8 @@ from aiohttp import web
 
 from ..config import Config
 from ..errors import NotFound
+from ..proxy.plan import Plan
 from .catalog import Catalog
-from .plan import Plan
 
 TOKEN = "/v3/token"
 WS = "/v3/ws"

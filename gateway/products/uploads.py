@@ -20,6 +20,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any, Protocol
 
 import redis.asyncio as aioredis
@@ -31,9 +32,9 @@ from ..config import Config
 from ..errors import Forbidden, StoreUnavailable
 from ..identity import owner_of
 from ..proxy.handler import ProxyHandler
+from ..proxy.plan import Plan
 from . import rest
 from .catalog import Catalog
-from .plan import Plan
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -98,7 +99,8 @@ class Uploads:
         self._book = book
 
     def capture(self, owner: str, found: list[str]) -> Callable[[Any], Any]:
-        """A response rewrite (plan.py) that keeps the ``upload_url`` it sees in ``found``."""
+        """A response rewrite (``Plan.rewrite``, proxy/plan.py) that keeps the ``upload_url`` it
+        sees in ``found``."""
 
         def rewrite(doc: Any) -> Any:
             if isinstance(doc, dict) and isinstance(doc.get("upload_url"), str) and owner:
@@ -125,10 +127,11 @@ class Uploads:
             raise Forbidden(UPLOAD_FORBIDDEN)
 
 
-def upload_route(handler: ProxyHandler, uploads: Uploads, *, managed: bool) -> Handler:
+def upload_route(handler: ProxyHandler, uploads: Uploads, catalog: Catalog, *, managed: bool) -> Handler:
     """``POST /v2/upload``: forwarded like any REST request (streamed); in managed mode the
     ``upload_url`` in upstream's answer is noted as the caller's project's."""
-    forward = handler.route(rest.plan)
+    plan = partial(rest.plan, catalog=catalog)
+    forward = handler.route(plan)
 
     async def handle(request: web.Request) -> web.StreamResponse:
         owner = owner_of(request)
@@ -136,11 +139,14 @@ def upload_route(handler: ProxyHandler, uploads: Uploads, *, managed: bool) -> H
             return await forward(request)
         found: list[str] = []
 
-        async def planner(request: web.Request, cfg: Config, catalog: Catalog) -> Plan:
-            return (await rest.plan(request, cfg, catalog))._replace(rewrite=uploads.capture(owner, found))
+        async def planner(request: web.Request, cfg: Config) -> Plan:
+            # Read, whatever the answer's framing: an upload_url passed on unread would be
+            # noted for nobody, so open to every project (upstream hears one account key).
+            return (await plan(request, cfg))._replace(rewrite=uploads.capture(owner, found), must_read=True)
 
         resp = await handler.route(planner)(request)
-        await uploads.note(found, owner)
+        if 200 <= resp.status < 300:  # an error answer's upload_url is no upload
+            await uploads.note(found, owner)
         return resp
 
     return handle

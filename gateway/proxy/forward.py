@@ -8,6 +8,9 @@
 - Hop-by-hop headers are dropped both ways; everything else, ``Authorization`` included, is
   forwarded unchanged. Bodies stream (uploads reach 2.2 GB, LLM answers may be SSE) except
   the small JSON bodies the gateway had to read, which it forwards from memory.
+- A product may read an answer as it passes (``Tap``: an LLM answer's usage): the relay
+  feeds it each chunk after writing it to the client and tells it, in a task of its own,
+  when the answer ended; the bytes the client gets are upstream's, never re-encoded.
 - Client errors are translated here, in one place: a failed connect (or connect timeout) is
   ``NeverLeft``, a ``BadGateway`` with ``never_left=True`` (the caller refunds the window
   lease), a read timeout ``GatewayTimeout``, a body cut short or a lost connection
@@ -16,9 +19,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -28,7 +33,9 @@ from ..admission.engine import Grant
 from ..config import Upstream as UpstreamConfig
 from ..errors import BadGateway, BadRequest, GatewayTimeout
 from ..metrics import Metrics
-from .http1 import Connection, InvalidHead, NeverLeft, PayloadError, Pool, Response
+from .http1 import Connection, InvalidHead, NeverLeft, PayloadError, Pool, Response, StaleConnection
+
+log = logging.getLogger(__name__)
 
 # Bodies up to this size (with a Content-Length) are sent whole: one write with the headers.
 WHOLE_BODY_BYTES = 64 * 1024
@@ -52,8 +59,10 @@ HOP_BY_HOP = frozenset(
 REQUEST_DROP = HOP_BY_HOP | {hdrs.HOST.lower(), hdrs.EXPECT.lower(), "x-aai-gateway-priority"}
 __all__ = [
     "Connection",
+    "Tap",
     "guard_s",
     "NeverLeft",
+    "readable_accept_encoding",
     "Unsendable",
     "Upstream",
     "relay",
@@ -71,6 +80,41 @@ def guard_s(grant: Grant | None) -> float:
         return float("inf")
     guards = [(limit.lease_ms - limit.window_ms) / 1000 for limit in grant.limits if limit.window_ms]
     return min(guards) if guards else float("inf")
+
+
+class Tap(Protocol):
+    """Reads an answer as the relay passes it to the client (a product's business: what it
+    used). ``feed`` is called with each chunk once it was written: it must be quick, keep
+    what it needs (bounded) and never raise. ``done`` is called once, in a task of its own,
+    when upstream's answer has all passed (``complete``) or could not (upstream cut it
+    short, the client left): it may record; an error there is logged, never the client's."""
+
+    def feed(self, chunk: bytes) -> None: ...
+
+    async def done(self, complete: bool) -> None: ...
+
+
+# The codings a Tap can read (gzip, deflate); asked of upstream when an answer is tapped.
+READABLE_CODINGS = frozenset({"gzip", "x-gzip", "deflate", "identity"})
+
+
+def readable_accept_encoding(headers: CIMultiDict[str]) -> None:
+    """Keep only the codings a Tap can read in ``Accept-Encoding`` (q-values kept); none
+    left: the header goes (an uncompressed answer)."""
+    values = headers.popall(hdrs.ACCEPT_ENCODING, [])
+    kept = [
+        part.strip()
+        for value in values
+        for part in value.split(",")
+        if part.split(";")[0].strip().lower() in READABLE_CODINGS
+    ]
+    if kept:
+        headers[hdrs.ACCEPT_ENCODING] = ", ".join(kept)
+
+
+class StaleUpstream(BadGateway):
+    """A reused upstream connection failed before any answer (``http1.StaleConnection``):
+    the proxy sends a safe request again, once, on a new connection (handler.py)."""
 
 
 class Unsendable(BadRequest):
@@ -169,6 +213,8 @@ class Upstream:
             raise
         except InvalidHead as exc:
             raise Unsendable(str(exc)) from exc
+        except StaleConnection as exc:
+            raise StaleUpstream(f"Upstream request failed ({ConnectionError.__name__})") from exc
         except (OSError, TimeoutError) as exc:
             raise translate(exc) from exc
         m.child(m.upstream_latency, group).observe(time.perf_counter() - started)
@@ -195,24 +241,78 @@ async def relay(
     extra_headers: Mapping[str, str],
     rewrite: Callable[[bytes], bytes] | None = None,
     rewrite_cap: int = 4 * 1024 * 1024,
+    required: bool = False,
+    tap: Tap | None = None,
 ) -> web.StreamResponse:
     """Send upstream's response to the client: status, headers and a streamed body.
 
     A small body of known length (most API answers) is read and sent with the headers in one
-    write; anything else streams. With ``rewrite``, a JSON body (within ``rewrite_cap``) is
-    read, rewritten and sent whole.
+    write; anything else streams. With ``rewrite``, a JSON body (within ``rewrite_cap``, read
+    no further than that even when its length is not given) is read, rewritten and sent
+    whole. ``required``: a 2xx JSON answer the rewrite could not read is a BadGateway.
+    ``tap``: fed upstream's bytes as they pass (before any rewrite), told when they ended.
     """
+    if tap is None:
+        return await _relay(request, resp, extra_headers, rewrite, rewrite_cap, required, None)
+    try:
+        out = await _relay(request, resp, extra_headers, rewrite, rewrite_cap, required, tap)
+    except BaseException:
+        _tap_done(tap, complete=False)
+        raise
+    _tap_done(tap, complete=True)
+    return out
+
+
+_ending: set[asyncio.Task[None]] = set()  # taps' ``done`` still running (held: never collected)
+
+
+def _tap_done(tap: Tap, *, complete: bool) -> None:
+    """The tap's ``done``, in a task of its own: the client's answer never waits for it (a
+    whole answer is sent once the handler returns) and it runs to its end even when the
+    client left (aiohttp then cancels the handler); an error is logged."""
+    task = asyncio.ensure_future(tap.done(complete))
+    _ending.add(task)
+    task.add_done_callback(_tap_ended)
+
+
+def _tap_ended(task: asyncio.Task[None]) -> None:
+    _ending.discard(task)
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("reading an answer as it passed failed at its end", exc_info=exc)
+
+
+async def _relay(
+    request: web.Request,
+    resp: Response,
+    extra_headers: Mapping[str, str],
+    rewrite: Callable[[bytes], bytes] | None,
+    rewrite_cap: int,
+    required: bool,
+    tap: Tap | None,
+) -> web.StreamResponse:
     length = resp.content_length
+    head = b""  # what was read of a body found over the cap: sent first
+    json_answer = resp.content_type == "application/json"
     if rewrite is not None and (length or 0) <= rewrite_cap and not resp.headers.get(hdrs.CONTENT_ENCODING):
-        if resp.content_type == "application/json":
-            headers = response_headers(resp.headers, drop=(hdrs.CONTENT_LENGTH,))
-            headers.update(extra_headers)
-            body = rewrite(await resp.read())
-            return web.Response(status=resp.status, reason=resp.reason, body=body, headers=headers)
-    if length is not None and length <= WHOLE_BODY_BYTES and request.method != hdrs.METH_HEAD:
+        if json_answer:
+            head, whole = await _read_upto(resp, rewrite_cap)
+            if whole:
+                headers = response_headers(resp.headers, drop=(hdrs.CONTENT_LENGTH,))
+                headers.update(extra_headers)
+                if tap is not None:
+                    tap.feed(head)
+                return web.Response(
+                    status=resp.status, reason=resp.reason, body=rewrite(head), headers=headers
+                )
+    if required and rewrite is not None and json_answer and 200 <= resp.status < 300:
+        raise BadGateway("The upstream API's answer could not be read (compressed or too large)")
+    if not head and length is not None and length <= WHOLE_BODY_BYTES and request.method != hdrs.METH_HEAD:
         headers = response_headers(resp.headers, drop=(hdrs.CONTENT_LENGTH,))
         headers.update(extra_headers)
-        return web.Response(status=resp.status, reason=resp.reason, body=await resp.read(), headers=headers)
+        body = await resp.read()
+        if tap is not None:
+            tap.feed(body)
+        return web.Response(status=resp.status, reason=resp.reason, body=body, headers=headers)
 
     headers = response_headers(resp.headers, drop=(hdrs.CONTENT_LENGTH,))
     headers.update(extra_headers)
@@ -220,7 +320,28 @@ async def relay(
     if length is not None:
         out.content_length = length
     await out.prepare(request)
-    async for chunk in resp.content.iter_any():
-        await out.write(chunk)
+    if head:
+        await out.write(head)
+        if tap is not None:
+            tap.feed(head)
+    if tap is None:
+        async for chunk in resp.content.iter_any():
+            await out.write(chunk)
+    else:
+        async for chunk in resp.content.iter_any():
+            await out.write(chunk)
+            tap.feed(chunk)  # after the write: the client never waits for the reading
     await out.write_eof()
     return out
+
+
+async def _read_upto(resp: Response, cap: int) -> tuple[bytes, bool]:
+    """The body, and True; or, once it passes ``cap`` bytes, what was read so far and False
+    (a body of unknown length is never held whole past the cap)."""
+    chunks, size = [], 0
+    async for chunk in resp.content.iter_any():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > cap:
+            return b"".join(chunks), False
+    return b"".join(chunks), True

@@ -27,22 +27,33 @@ from ..admission.engine import AdmissionEngine, Grant
 from ..clock import Clock
 from ..config import Config
 from ..errors import RateLimited, ShuttingDown, StoreUnavailable, Unauthorized
-from ..identity import owner_of
 from ..logs import note_access
 from ..metrics import Metrics
-from ..products.catalog import Catalog
-from ..products.plan import Plan
 from .body import ClientBody
-from .forward import Connection, NeverLeft, Unsendable, Upstream, relay, request_headers, translate
+from .forward import (
+    Connection,
+    NeverLeft,
+    StaleUpstream,
+    Unsendable,
+    Upstream,
+    readable_accept_encoding,
+    relay,
+    request_headers,
+    translate,
+)
 from .headers import admitted_headers, refused_headers
 from .http1 import Response
+from .plan import Plan
 from .urls import gateway_base, rewrite_page_details
 
 log = logging.getLogger(__name__)
 
 GROUP = "group"  # the access dict's route group (logs.note_access): shared by clones of the request
 
-Planner = Callable[[web.Request, Config, Catalog], Awaitable[Plan]]
+# A product's classifier (gateway/products/): the request and the running config in, the
+# Plan out. What else it needs (the account's limits) it brings bound: the proxy knows none
+# of it.
+Planner = Callable[[web.Request, Config], Awaitable[Plan]]
 
 
 # The queue share of requests that carry no key (GET /v1/models).
@@ -96,26 +107,32 @@ def upstream_retry_delay(headers: Mapping[str, str], default: float = 1.0) -> fl
     return default
 
 
+# Requests that change nothing upstream: sent again after a stale connection (RFC 9110 9.2.2).
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
 class ProxyHandler:
     def __init__(
         self,
         cfg: Config,
         *,
-        catalog: Catalog,
         engine: AdmissionEngine,
         upstream: Upstream,
         metrics: Metrics,
         clock: Clock,
+        owner_of: Callable[[web.Request], str],
     ) -> None:
+        """``owner_of``: whose request it is (identity.py's, as its middleware set it): the
+        share of the queue it waits in, and the upstream connections it may reuse."""
         self._cfg = cfg
         # SIGTERM: admissions no longer wait (a request admitted at once still goes), and a
         # waiter the engine hands back is answered 429 with Retry-After (errors.ShuttingDown).
         self.draining = False
-        self._catalog = catalog
         self._engine = engine
         self._upstream = upstream
         self._metrics = metrics
         self._clock = clock
+        self._owner_of = owner_of
 
     def use_config(self, cfg: Config) -> None:
         """A reloaded config (gateway/reload.py): queue and proxy settings apply from the next
@@ -131,7 +148,7 @@ class ProxyHandler:
                 and (request.method, request.path.rstrip("/")) not in public
             ):
                 raise Unauthorized()
-            plan = await planner(request, self._cfg, self._catalog)
+            plan = await planner(request, self._cfg)
             note_access(request, group=plan.group)
             return await self.forward(request, plan)
 
@@ -163,12 +180,23 @@ class ProxyHandler:
         headers = request_headers(request.headers, keep_length=plan.body is None)
         if plan.own_body:  # the gateway's own JSON, not the client's (maybe compressed) bytes
             headers.popall(hdrs.CONTENT_ENCODING, None)
+        if plan.rewrite is not None or plan.rewrite_urls:  # an answer the gateway must read: plain
+            headers.popall(hdrs.ACCEPT_ENCODING, None)
+        elif plan.tap is not None:  # an answer read as it passes: in a coding it can read
+            readable_accept_encoding(headers)
         resp, grant = await self._exchange(
             plan, request.method, path, headers, self._data(request, plan), request
         )
         try:
             extra = admitted_headers(grant.limits, grant.states) if grant else {}
-            return await relay(request, resp, extra_headers=extra, rewrite=self._rewriter(request, plan))
+            return await relay(
+                request,
+                resp,
+                extra_headers=extra,
+                rewrite=self._rewriter(request, plan),
+                required=plan.must_read,
+                tap=plan.tap(resp.status, resp.headers) if plan.tap is not None else None,
+            )
         except (OSError, TimeoutError) as exc:  # a lost connection either way
             raise translate(exc) from exc
         finally:
@@ -225,10 +253,11 @@ class ProxyHandler:
         the body can be sent again. Returns the response unread (the caller releases it)."""
         deadline = self._clock.now() + plan.max_wait_s
         retries = 0
+        resent = False  # a safe request sent again after a stale connection (once)
         url = URL(plan.base_url + path, encoded=True)
         # Who the request is for: the upstream pool never shares idle connections between
         # owners, and a client waits within its owner's share of the queue.
-        identity = owner if owner is not None else (owner_of(request) if request is not None else "")
+        identity = owner if owner is not None else (self._owner_of(request) if request is not None else "")
         held: Connection | None = None  # made ready while a token was given back (below)
         waited_s = upstream_s = 0.0  # for the access line, over every attempt
         while True:
@@ -280,6 +309,17 @@ class ProxyHandler:
                 self._give_back(conn)
                 await self._refund(grant)
                 raise
+            except StaleUpstream:
+                # The keep-alive race: upstream closed the reused connection as the request
+                # was written. A safe request goes again on a new connection, once, admitted
+                # again: its first token is kept (it most likely never arrived, not provably).
+                if resent or method not in SAFE_METHODS or not isinstance(data, bytes | None):
+                    raise
+                resent = True
+                self._metrics.child(self._metrics.upstream_resent, plan.group).inc()
+                log.info("upstream closed a reused connection before answering %s %s: sent again",
+                         method, url.path)  # fmt: skip
+                continue
             finally:
                 upstream_s += time.perf_counter() - sent_at
                 note_access(request, upstream_ms=round(upstream_s * 1000, 1))
@@ -303,6 +343,7 @@ class ProxyHandler:
                 # Draining: no new wait (an upstream 429's retry included); the engine wakes no one.
                 max_wait_s=0.0 if self.draining else max(0.0, deadline - self._clock.now()),
                 max_depth=self._cfg.queue.max_depth,
+                priority=plan.priority,
                 group=plan.group,
                 owner=owner,
                 max_owner_depth=self._cfg.queue.depth_per_key if owner else None,

@@ -4,128 +4,44 @@ It serves REST v2, the LLM Gateway and streaming v3 on ONE listener (point the g
 ``api_url``, ``llm_url`` and ``streaming_url`` all at it), enforces the account limits the
 way upstream does (UPSTREAM.md) and records every violation, so tests can assert that the
 gateway never caused one, and read each limit's busiest window (capacity actually used).
+Here: the app, its middlewares (the account window, faults), streaming v3 and the admin
+routes; state.py holds the config and state, rest.py REST v2, llm.py the LLM Gateway.
+
+LLM answers carry token counts drawn from a generator seeded per request (deterministic for
+a run, varied between requests); each answer's counts are kept in ``Sim.llm_billed`` (when
+an SSE answer's usage chunk was written), so tests compare the gateway's ledger with what
+upstream billed, exactly.
 
 Admin endpoints (no auth): ``GET /_sim/report``, ``POST /_sim/reset``, ``POST /_sim/config``
 (change limits or flags at run time, e.g. ``{"negative_balance": true}``).
+
+Faults (tests/faults/): ``{"faults": {"kinds": {"5xx": 2, "reset": 1, "hang": 1, "slow": 1,
+"cut": 1}, "every": 3, "paths": ["/v1/chat/completions"]}}`` in the config makes every
+``every``-th request on those path prefixes (never ``/_sim``, never the WebSocket) misbehave,
+the kinds taken in turn until each count is spent: ``5xx`` a 503 and ``reset`` a TCP RST
+before the request is handled (nothing ran upstream), ``hang`` no answer for ``hang_s`` then
+a close (nothing ran); ``slow`` the real answer trickled over ``slow_s``, ``cut`` the real
+answer's first half then a close (the work ran, its answer is lost). ``report()["faults"]``
+lists what was applied, with the indexes of the LLM bills whose answers were cut.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import socket
+import struct
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from typing import Any
-from urllib.parse import parse_qs, urlparse
 
 from aiohttp import hdrs, web
 
-from .recorder import Recorder, RollingWindow
-from .streaming import StreamingService
-from .transcripts import Job, TranscriptService
+from . import llm, rest
+from .state import AUTH_ERROR, KEY, NEGATIVE_BALANCE, READS, SIM, Sim, SimConfig, error
 
-NEGATIVE_BALANCE = "Your current account balance is negative. Please top up to continue using the API."
-AUTH_ERROR = "Authentication error, API token missing/invalid"
-READS = frozenset({"GET", "HEAD", "OPTIONS"})
-
-
-@dataclass
-class SimConfig:
-    requests_limit: int = 20_000
-    requests_window_s: float = 300.0
-    count_reads: bool = True
-    llm_limit: int = 30
-    llm_window_s: float = 60.0
-    llm_models: dict[str, int] = field(default_factory=dict)
-    understanding_limit: int = 30
-    async_concurrency: int = 200
-    streaming_limit: int = 100
-    streaming_window_s: float = 60.0
-    job_seconds: float = 2.0
-    post_latency_s: float = 0.0  # how long POST /v2/transcript takes to answer
-    llm_latency_s: float = 0.0
-    keys: list[str] | None = None  # None: any non-empty key is valid
-    public_api_url: str | None = None  # absolute URLs in page_details; default: this server
-    negative_balance: bool = False
-    webhook_retry_s: float = 10.0
-    free_plan: bool = False
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SimConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-
-class Sim:
-    def __init__(self, config: SimConfig | None = None) -> None:
-        self.config = config or SimConfig()
-        self.reset()
-
-    def reset(self) -> None:
-        c = self.config
-        self.recorder = Recorder()
-        self.requests = RollingWindow("requests", c.requests_limit, c.requests_window_s)
-        self.llm: dict[str, RollingWindow] = {}
-        self.understanding = RollingWindow("understanding", c.understanding_limit, c.llm_window_s)
-        old = getattr(self, "transcripts", None)
-        if old is not None:
-            asyncio.ensure_future(old.close())
-        self.transcripts = TranscriptService(
-            self.recorder,
-            concurrency=c.async_concurrency,
-            default_seconds=c.job_seconds,
-            webhook_retry_s=c.webhook_retry_s,
-        )
-        self.streaming = StreamingService(
-            self.recorder, RollingWindow("streaming_sessions", c.streaming_limit, c.streaming_window_s)
-        )
-        self.uploads: dict[str, int] = {}
-        self.seen: list[dict[str, Any]] = []  # method, path, status of every request (tests)
-
-    def llm_window(self, model: str) -> RollingWindow:
-        window = self.llm.get(model)
-        if window is None:
-            limit = self.config.llm_models.get(model, self.config.llm_limit)
-            window = self.llm[model] = RollingWindow(f"llm:{model}", limit, self.config.llm_window_s)
-        return window
-
-    def report(self) -> dict[str, Any]:
-        return {
-            "violations": [v.as_dict() for v in self.recorder.violations],
-            "requests": {
-                "arrivals": len(self.requests.arrivals),
-                "busiest": self.requests.busiest(),
-                "limit": self.requests.limit,
-                "window_s": self.requests.window_s,
-            },
-            "llm": {
-                m: {"arrivals": len(w.arrivals), "busiest": w.busiest(), "limit": w.limit}
-                for m, w in self.llm.items()
-            },
-            "transcripts": {
-                "submitted": self.transcripts.submitted,
-                "max_running": self.transcripts.max_running,
-                "running": self.transcripts.running,
-            },
-            "streaming": self.streaming.report(),
-            "uploads": len(self.uploads),
-            "transcript_gets": sum(
-                1 for x in self.seen if x["method"] == "GET" and x["path"].startswith("/v2/transcript/")
-            ),
-            "transcript_posts": sum(
-                1 for x in self.seen if x["method"] == "POST" and x["path"] == "/v2/transcript"
-            ),
-        }
-
-
-SIM: web.AppKey[Sim] = web.AppKey("sim", Sim)
-KEY: web.RequestKey[str] = web.RequestKey("key", str)
-
-
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
-    return web.json_response({"error": message}, status=status, headers=headers)
+# Names imported from here by the CLI and the tests.
+__all__ = ["KEY", "NEGATIVE_BALANCE", "SIM", "Sim", "SimConfig", "build_sim_app"]
 
 
 def build_sim_app(sim: Sim | None = None) -> web.Application:
@@ -143,17 +59,24 @@ def build_sim_app(sim: Sim | None = None) -> web.Application:
         ws_token = path == "/v3/ws" and "token" in request.query
         key = request.headers.get(hdrs.AUTHORIZATION, "")
         if not public and not ws_token and not _valid_key(sim, key):
-            return _record(sim, request, _error(401, AUTH_ERROR))
+            return _record(sim, request, error(401, AUTH_ERROR))
         now = time.monotonic()
         counts = path != "/v3/ws" and (sim.config.count_reads or request.method not in READS)
         if counts and not sim.requests.arrive(now):
             sim.recorder.violate("requests", "requests", now, f"{request.method} {path}")
             retry = max(1, int(sim.requests.reset_in(now) + 0.999))
-            return _record(sim, request, _error(429, "Too Many Requests", {hdrs.RETRY_AFTER: str(retry)}))
+            return _record(sim, request, error(429, "Too Many Requests", {hdrs.RETRY_AFTER: str(retry)}))
         request[KEY] = key
         return _record(sim, request, await handler(request))
 
-    app = web.Application(middlewares=[account], client_max_size=3 * 1024**3)
+    @web.middleware
+    async def faults(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        fault = sim.next_fault(request)
+        return await handler(request) if fault is None else await _fault(sim, fault, request, handler)
+
+    app = web.Application(middlewares=[faults, account], client_max_size=3 * 1024**3)
     app[SIM] = sim
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -162,15 +85,8 @@ def build_sim_app(sim: Sim | None = None) -> web.Application:
 
     app.cleanup_ctx.append(lifecycle)
     r = app.router
-    r.add_post("/v2/upload", _upload)
-    r.add_post("/v2/transcript", _create)
-    r.add_get("/v2/transcript", _list)
-    r.add_get("/v2/transcript/{id}", _get)
-    r.add_delete("/v2/transcript/{id}", _delete)
-    r.add_get("/v2/transcript/{id}/{sub}", _sub)
-    r.add_post("/v1/chat/completions", _chat)
-    r.add_post("/v1/understanding", _understanding)
-    r.add_get("/v1/models", _models)
+    rest.add_routes(r)
+    llm.add_routes(r)
     r.add_get("/v3/token", _token)
     r.add_get("/v3/ws", _ws)
     r.add_get("/_sim/report", _report)
@@ -199,281 +115,50 @@ def _record(sim: Sim, request: web.Request, resp: web.StreamResponse) -> web.Str
     return resp
 
 
-# -- REST v2 --------------------------------------------------------------------------------
-async def _upload(request: web.Request) -> web.Response:
-    sim = request.app[SIM]
-    if sim.config.negative_balance:
-        return _error(400, NEGATIVE_BALANCE)
-    size = 0
-    async for chunk in request.content.iter_chunked(1 << 16):
-        size += len(chunk)
-    upload_id = uuid.uuid4().hex
-    sim.uploads[upload_id] = size
-    return web.json_response({"upload_url": f"https://cdn.assemblyai.sim/upload/{upload_id}"})
-
-
-async def _json(request: web.Request) -> dict[str, Any] | web.Response:
-    try:
-        body = await request.json()
-    except (ValueError, UnicodeDecodeError):
-        return _error(400, "Invalid JSON body")
-    if not isinstance(body, dict):
-        return _error(400, "Invalid JSON body")
-    return body
-
-
-async def _create(request: web.Request) -> web.Response:
-    sim = request.app[SIM]
-    body = await _json(request)
-    if isinstance(body, web.Response):
-        return body
-    if sim.config.negative_balance:
-        return _error(400, NEGATIVE_BALANCE)
-    if not isinstance(body.get("audio_url"), str) or not body["audio_url"]:
-        return _error(400, "audio_url is required")
-    if body.get("speech_model") not in (None, "best", "nano", "slam-1", "universal"):
-        return _error(400, f"Invalid speech_model: {body['speech_model']!r}")
-    job = sim.transcripts.create(request[KEY], body)
-    hint = parse_qs(urlparse(body["audio_url"]).query).get("sim_post_seconds")
-    delay = float(hint[0]) if hint else sim.config.post_latency_s
-    if delay:
-        await asyncio.sleep(delay)  # the job exists upstream; its creator has not heard yet
-    return web.json_response(job.view())
-
-
-def _job(request: web.Request) -> Job | web.Response:
-    job = request.app[SIM].transcripts.jobs.get(request.match_info["id"])
-    if job is None or job.key != request[KEY] and request.app[SIM].config.keys is not None:
-        return _error(404, "Transcript not found")
-    return job
-
-
-async def _get(request: web.Request) -> web.Response:
-    job = _job(request)
-    return job if isinstance(job, web.Response) else web.json_response(job.view())
-
-
-async def _delete(request: web.Request) -> web.Response:
-    job = _job(request)
-    if isinstance(job, web.Response):
-        return job
-    if job.status in ("queued", "processing"):
-        return _error(400, "Transcript is still being processed and cannot be deleted")
-    request.app[SIM].transcripts.delete(job)
-    return web.json_response(job.view())
-
-
-async def _sub(request: web.Request) -> web.StreamResponse:
-    job = _job(request)
-    if isinstance(job, web.Response):
-        return job
-    sub = request.match_info["sub"]
-    if job.status != "completed":
-        return _error(400, f"Transcript is not completed (status: {job.status})")
-    view = job.view()
-    if sub == "sentences":
-        return web.json_response(
-            {
-                "id": job.id,
-                "sentences": job.sentences(),
-                "confidence": 0.98,
-                "audio_duration": job.audio_duration,
-            }
-        )
-    if sub == "paragraphs":
-        return web.json_response(
-            {
-                "id": job.id,
-                "paragraphs": job.sentences(),
-                "confidence": 0.98,
-                "audio_duration": job.audio_duration,
-            }
-        )
-    if sub == "srt":
-        return web.Response(text=f"1\n00:00:00,000 --> 00:00:01,000\n{job.text()}\n")
-    if sub == "vtt":
-        return web.Response(text=f"WEBVTT\n\n00:00.000 --> 00:01.000\n{job.text()}\n")
-    if sub == "word-search":
-        words = [w for w in request.query.get("words", "").split(",") if w]
-        matches = [
-            {"text": w, "count": 1, "timestamps": [[0, 400]], "indexes": [0]}
-            for w in words
-            if w.lower() in job.text().lower()
+async def _fault(
+    sim: Sim,
+    fault: dict[str, Any],
+    request: web.Request,
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+) -> web.StreamResponse:
+    """One misbehaving answer (the module's docstring says which)."""
+    kind = fault["kind"]
+    transport = request.transport
+    assert transport is not None
+    if kind == "5xx":
+        return error(503, "Service Unavailable (simulated fault)")
+    if kind in ("reset", "hang"):
+        if kind == "hang":
+            await asyncio.sleep(float(sim.config.faults.get("hang_s", 30.0)))
+        else:  # SO_LINGER 0: close() sends an RST, not a FIN
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.close()
+        return web.Response(status=500)  # never sent: the connection is gone
+    billed = len(sim.llm_billed)
+    resp = await handler(request)
+    body = resp.body if isinstance(resp, web.Response) and not resp.prepared else None
+    if not isinstance(body, bytes) or len(body) < 2:
+        return resp  # a streamed answer (already sent): left as it is
+    if kind == "cut":  # (bills made meanwhile by other requests are theirs: the handler bills last)
+        fault["cut_bills"] = [
+            i for i in range(billed, len(sim.llm_billed)) if sim.llm_billed[i]["path"] == request.path
         ]
-        return web.json_response({"id": job.id, "total_count": len(matches), "matches": matches})
-    if sub == "redacted-audio":
-        if not view.get("redact_pii_audio"):
-            return _error(400, "Redacted audio is only available when redact_pii_audio was enabled")
-        return web.json_response(
-            {
-                "status": "redacted_audio_ready",
-                "redacted_audio_url": f"https://cdn.assemblyai.sim/redacted/{job.id}",
-            }
-        )
-    return _error(404, "Not found")
-
-
-async def _list(request: web.Request) -> web.Response:
-    sim = request.app[SIM]
-    q = request.query
-    limit = max(1, min(200, int(q.get("limit", "10"))))
-    jobs = [sim.transcripts.jobs[i] for i in reversed(sim.transcripts.order)]
-    if sim.config.keys is not None:
-        jobs = [j for j in jobs if j.key == request[KEY]]
-    if "status" in q:
-        jobs = [j for j in jobs if j.status == q["status"]]
-    if "before_id" in q:
-        ids = [j.id for j in jobs]
-        jobs = jobs[ids.index(q["before_id"]) + 1 :] if q["before_id"] in ids else []
-    page = jobs[:limit]
-    base = sim.config.public_api_url or f"{request.scheme}://{request.host}"
-    current = f"{base}/v2/transcript?limit={limit}"
-    details = {
-        "limit": limit,
-        "result_count": len(page),
-        "current_url": current,
-        "prev_url": f"{base}/v2/transcript?limit={limit}&before_id={page[-1].id}" if page else None,
-        "next_url": f"{base}/v2/transcript?limit={limit}&after_id={page[0].id}" if page else None,
-    }
-    items = [
-        {
-            "id": j.id,
-            "resource_url": f"{base}/v2/transcript/{j.id}",
-            "status": j.status,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(j.created_wall)),
-            "completed": None,
-            "audio_url": j.body.get("audio_url"),
-            "error": j.error,
-        }
-        for j in page
-    ]
-    return web.json_response({"page_details": details, "transcripts": items})
-
-
-# -- LLM Gateway -----------------------------------------------------------------------------
-def _llm_error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
-    return web.json_response(
-        {"message": message, "code": code, "request_id": uuid.uuid4().hex}, status=status, headers=headers
-    )
-
-
-async def _chat(request: web.Request) -> web.StreamResponse:
-    sim = request.app[SIM]
-    if sim.config.free_plan:
-        return _llm_error(403, "forbidden", "LLM Gateway is not available on the free tier")
-    body = await _json(request)
-    if isinstance(body, web.Response):
-        return body
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        return _llm_error(400, "invalid_request", "model is required")
-    window = sim.llm_window(model)
-    now = time.monotonic()
-    if not window.arrive(now):
-        sim.recorder.violate("llm", f"llm:{model}", now)
-        reset = max(1, int(window.reset_in(now) + 0.999))
-        return _llm_error(
-            429,
-            "rate_limit_exceeded",
-            "Rate limit exceeded",
-            {
-                "X-RateLimit-Limit": str(window.limit),
-                "X-RateLimit-Remaining": "0",
-                "X-RateLimit-Reset": str(reset),
-                "X-RateLimit-Model": model,
-                "X-RateLimit-Service": "llm-gateway",
-            },
-        )
-    if sim.config.llm_latency_s:
-        await asyncio.sleep(sim.config.llm_latency_s)
-    answer = f"Simulated answer from {model}."
-    usage = {
-        "input_tokens": 12,
-        "output_tokens": 6,
-        "prompt_tokens": 12,
-        "completion_tokens": 6,
-        "total_tokens": 18,
-    }
-    if body.get("stream"):
-        resp = web.StreamResponse(headers={hdrs.CONTENT_TYPE: "text/event-stream"})
-        await resp.prepare(request)
-        for i, word in enumerate(answer.split()):
-            chunk = {
-                "id": "chatcmpl-sim",
-                "object": "chat.completion.chunk",
-                "created": int(time.time()),
-                "model": model,
-                "choices": [{"index": 0, "delta": {"content": word + " "}, "finish_reason": None}],
-            }
-            if i == len(answer.split()) - 1:
-                chunk["usage"] = usage
-            await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
-            await asyncio.sleep(0)
-        await resp.write(b"data: [DONE]\n\n")
-        await resp.write_eof()
-        return resp
-    return web.json_response(
-        {
-            "request_id": uuid.uuid4().hex,
-            "choices": [
-                {"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}
-            ],
-            "usage": usage,
-            "response_time": 1_000_000,
-        }
-    )
-
-
-async def _understanding(request: web.Request) -> web.Response:
-    sim = request.app[SIM]
-    body = await _json(request)
-    if isinstance(body, web.Response):
-        return body
-    transcript_id = body.get("transcript_id")
-    if transcript_id is not None and transcript_id not in sim.transcripts.jobs:
-        return _llm_error(400, "invalid_request", f"Transcript {transcript_id} not found")
-    now = time.monotonic()
-    if not sim.understanding.arrive(now):
-        sim.recorder.violate("understanding", "understanding", now)
-        return _llm_error(
-            429,
-            "rate_limit_exceeded",
-            "Rate limit exceeded",
-            {"X-RateLimit-Reset": str(max(1, int(sim.understanding.reset_in(now) + 0.999)))},
-        )
-    return web.json_response(
-        {
-            "request_id": uuid.uuid4().hex,
-            "speech_understanding": {"response": {"transcript_id": body.get("transcript_id")}},
-        }
-    )
-
-
-def _model_entry(model_id: str) -> dict[str, Any]:
-    price = {"completions": 1.0, "prompt": 0.5}
-    provider = {"id": "sim", "name": "Simulator"}
-    return {
-        "id": model_id,
-        "name": model_id,
-        "description": "simulated",
-        "created": 0,
-        "default_parameters": {"temperature": 1.0},
-        "supported_parameters": ["max_tokens"],
-        "top_provider": {"is_moderated": False, "context_length": 200000, "max_completion_tokens": 8192},
-        "context_length": 200000,
-        "pricing": {"global": price},
-        "creator": "sim",
-        "retirement_date": 0,
-        "available_regions": ["us"],
-        "providers": [provider],
-        "default_provider": provider,
-    }
-
-
-async def _models(request: web.Request) -> web.Response:
-    return web.json_response(
-        {"data": [_model_entry(m) for m in ("claude-sonnet-4-6", "gpt-5", "gemini-2.5-flash")]}
-    )
+    out = web.StreamResponse(status=resp.status, headers=resp.headers)
+    out.content_length = len(body)
+    await out.prepare(request)
+    if kind == "cut":
+        await out.write(body[: len(body) // 2])
+        transport.close()  # a FIN mid-body: the answer ends short of its Content-Length
+        return out
+    pieces = 5
+    step = -(-len(body) // pieces)
+    for i in range(0, len(body), step):
+        await out.write(body[i : i + step])
+        await asyncio.sleep(float(sim.config.faults.get("slow_s", 1.0)) / pieces)
+    await out.write_eof()
+    return out
 
 
 # -- Streaming v3 -----------------------------------------------------------------------------
@@ -484,7 +169,7 @@ async def _token(request: web.Request) -> web.Response:
     except ValueError:
         expires = 0
     if not 1 <= expires <= 600:
-        return _error(400, "expires_in_seconds must be between 1 and 600")
+        return error(400, "expires_in_seconds must be between 1 and 600")
     return web.json_response({"token": sim.streaming.issue_token(expires), "expires_in_seconds": expires})
 
 
@@ -492,7 +177,7 @@ async def _ws(request: web.Request) -> web.StreamResponse:
     sim = request.app[SIM]
     token = request.query.get("token")
     if token is not None and not sim.streaming.take_token(token):
-        return _error(401, AUTH_ERROR)
+        return error(401, AUTH_ERROR)
     return await sim.streaming.handle(request, request.get(KEY, "") or f"token:{token}")
 
 
@@ -510,6 +195,8 @@ async def _configure(request: web.Request) -> web.Response:
     sim = request.app[SIM]
     changes = await request.json()
     sim.config = SimConfig.from_dict({**asdict(sim.config), **changes})
-    if any(k != "negative_balance" and k != "llm_latency_s" and k != "job_seconds" for k in changes):
+    if any(k not in ("negative_balance", "llm_latency_s", "job_seconds", "faults") for k in changes):
         sim.reset()
+    elif "faults" in changes:
+        sim.arm_faults()
     return web.json_response(asdict(sim.config))

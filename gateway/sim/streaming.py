@@ -37,6 +37,7 @@ class Session:
     close_code: int | None = None
     turns: int = 0
     messages: list[str] = field(default_factory=list)
+    query: dict[str, str] = field(default_factory=dict)  # as the session was opened with
 
 
 class StreamingService:
@@ -50,6 +51,7 @@ class StreamingService:
     ) -> None:
         self.recorder = recorder
         self.window = window
+        self.billed: list[dict[str, Any]] = []  # each Termination's figures and the session's query
         self.max_session_s = max_session_s
         self.rate_tolerance_s = rate_tolerance_s
         self.sessions: dict[str, Session] = {}
@@ -86,7 +88,9 @@ class StreamingService:
             return ws
         q = request.query
         encoding = q.get("encoding", "pcm_s16le")
-        session = Session(uuid.uuid4().hex, key, now, int(q.get("sample_rate", "16000")), encoding)
+        session = Session(
+            uuid.uuid4().hex, key, now, int(q.get("sample_rate", "16000")), encoding, query=dict(q)
+        )
         self.sessions[session.id] = session
         inactivity = float(q["inactivity_timeout"]) if "inactivity_timeout" in q else None
         await ws.send_str(
@@ -177,15 +181,12 @@ class StreamingService:
 
     async def _terminate(self, ws: web.WebSocketResponse, s: Session) -> None:
         s.terminated = True
-        await ws.send_str(
-            json.dumps(
-                {
-                    "type": "Termination",
-                    "audio_duration_seconds": round(s.audio_s),
-                    "session_duration_seconds": round(time.monotonic() - s.opened),
-                }
-            )
-        )
+        billed = {
+            "audio_duration_seconds": round(s.audio_s),
+            "session_duration_seconds": round(time.monotonic() - s.opened),
+        }
+        self.billed.append({**billed, "query": s.query})  # what upstream bills (tests compare)
+        await ws.send_str(json.dumps({"type": "Termination", **billed}))
         await ws.close(code=1000)
 
     async def _error_close(self, ws: web.WebSocketResponse, code: int, reason: str) -> None:

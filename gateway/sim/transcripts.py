@@ -33,6 +33,7 @@ class Job:
     seconds: float
     fail: bool
     audio_duration: int
+    channels: int = 1  # multichannel: how many (audio_url's sim_channels; default 2)
     status: str = "queued"
     throttled: bool = False
     started: float | None = None
@@ -63,6 +64,7 @@ class Job:
             "confidence": None,
             "error": self.error,
             "multichannel": b.get("multichannel"),
+            "audio_channels": self.channels if b.get("multichannel") else None,
             "redact_pii_audio": b.get("redact_pii_audio"),
         }
         if self.status == "completed":
@@ -70,13 +72,21 @@ class Job:
                 {"text": w, "start": i * 500, "end": i * 500 + 400, "confidence": 0.98, "speaker": None}
                 for i, w in enumerate(self.text().split())
             ]
-            out.update(text=self.text(), words=words, confidence=0.98, audio_duration=self.audio_duration)
+            out.update(text=self.text(), words=words, confidence=0.98, audio_duration=self.audio_duration,
+                       speech_model_used=self.model())  # fmt: skip
         if self.deleted:
             out.update(text="Deleted by user.", words=None, audio_url="http://deleted_by_user")
         return out
 
     def text(self) -> str:
         return f"Simulated transcript {self.id}."
+
+    def model(self) -> str:
+        """The model it ran on: the first asked for (upstream's fallback order), else a default."""
+        models = self.body.get("speech_models")
+        if isinstance(models, list) and models:
+            return str(models[0])
+        return str(self.body.get("speech_model") or "universal-3-pro")
 
     def sentences(self) -> list[dict[str, Any]]:
         view = self.view()
@@ -114,6 +124,8 @@ class TranscriptService:
         self.max_running = 0
         self.submitted = 0
         self.webhook_log: list[dict[str, Any]] = []
+        # What upstream bills, per completed transcript: id, model, seconds (× channels), the body.
+        self.billed: list[dict[str, Any]] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
 
@@ -133,7 +145,8 @@ class TranscriptService:
         seconds = float(hints.get("sim_seconds", [self.default_seconds])[0])
         fail = hints.get("sim_fail", ["0"])[0] == "1"
         audio = int(float(hints.get("sim_audio", [max(1, round(seconds))])[0]))
-        job = Job(uuid.uuid4().hex, key, body, time.monotonic(), seconds, fail, audio)
+        channels = int(hints.get("sim_channels", ["2"])[0]) if body.get("multichannel") else 1
+        job = Job(uuid.uuid4().hex, key, body, time.monotonic(), seconds, fail, audio, channels)
         self.jobs[job.id] = job
         self.order.append(job.id)
         self.submitted += 1
@@ -164,6 +177,8 @@ class TranscriptService:
             job.status, job.error = "error", "Simulated failure: the audio could not be decoded"
         else:
             job.status = "completed"
+            seconds = job.audio_duration * job.channels
+            self.billed.append({"id": job.id, "model": job.model(), "seconds": seconds, "body": job.body})
         self.running -= 1
         self._pump()
         url = job.body.get("webhook_url")

@@ -28,7 +28,7 @@ def test_exact_key_strings() -> None:
     assert k.seq == "aai:{acme}:seq"
     assert k.tomb("abc.1f") == "aai:{acme}:tomb:abc.1f"
     assert k.channel == "aai:{acme}:wake"
-    assert k.usage("2026-11-26") == "aai:{acme}:usage:2026-11-26"
+    assert k.ledger("2026-11-26") == "aai:{acme}:ledger:2026-11-26"
     assert k.streaming_token("ab12") == "aai:{acme}:stoken:ab12"
     assert k.share_dead == "aai:{acme}:share:dead"
     assert k.share_owner == "aai:{acme}:share:owner"
@@ -45,7 +45,7 @@ def test_every_key_of_an_account_is_on_one_cluster_slot() -> None:
         k.seq,
         k.tomb("t"),
         k.channel,
-        k.usage("2026-11-26"),
+        k.ledger("2026-11-26"),
         k.streaming_token("fp"),
         k.share_dead,
         k.share_owner,

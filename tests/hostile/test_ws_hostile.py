@@ -34,8 +34,9 @@ import pytest
 import yarl
 from aiohttp import web
 
-from gateway.products import streaming_relay, ws_wire
+from gateway.products import streaming_relay
 from gateway.products.streaming_relay import StreamingRelay
+from gateway.proxy import ws_wire
 from gateway.sim.app import Sim, SimConfig
 from tests.helpers import gateway_config, metric, running_gateway, running_sim, ws_frame
 

@@ -27,7 +27,6 @@ from gateway.products.transcripts.jobs import JobStore
 from gateway.products.transcripts.redis_jobs import RedisJobStore
 from tests.conftest import StoreEnv
 from tests.contract.test_job_store import Wall as JobWall
-from tests.contract.test_ledger import Wall as LedgerWall
 from tests.topologies import SERVICE, Cluster, SentinelSet, cluster, sentinel_set
 
 
@@ -113,8 +112,7 @@ async def jobs(request: pytest.FixtureRequest) -> AsyncIterator[tuple[JobStore, 
 
 
 @pytest.fixture(params=["cluster", "sentinel"])
-async def ledger(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Ledger, Any]]:
+async def ledger(request: pytest.FixtureRequest) -> AsyncIterator[Ledger]:
     keys = Keys(prefix="usage" + uuid.uuid4().hex[:8])
     async with topology_client(request, keys) as client:
-        wall = LedgerWall()
-        yield RedisLedger(client, keys, wall=wall), wall
+        yield RedisLedger(client, keys, max_customers=3)  # the contract's cap on customers

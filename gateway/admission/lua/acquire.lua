@@ -5,6 +5,7 @@
 -- KEYS[3]            wake channel (declared so Cluster routes the publish with the account)
 -- KEYS[4i..4i+3]     for limit i = 1..n, in the engine's total order: leases, wait, dead, resv
 -- KEYS[4n+4..4n+6]   the account's share keys: share:dead, share:owner, share:lex (keys.py)
+-- KEYS[4n+7..4n+9]   the outage fence's keys: tick, fence, instances (keys.py; fallback.py)
 -- ARGV[1]            ticket id
 -- ARGV[2]            priority, 0..99 (higher goes first)
 -- ARGV[3]            arrival sequence, or 0 on the first acquire
@@ -18,6 +19,8 @@
 -- ARGV[10]           n, the number of limits
 -- ARGV[11]           the most (ticket, score) pairs a BLOCKED reply carries (store.FIRST_MAX)
 -- ARGV[3i+9..3i+11]  for limit i: name, capacity, lease ms (window + guard, or concurrency ttl)
+-- ARGV[3n+12]        gap ms: a stall this long since the last acquire or heartbeat raises the fence
+-- ARGV[3n+13]        fence ms: how long a raised fence lives; 0 turns the fence off (fail_closed)
 --
 -- Returns an array of integers (never false: it would arrive as None):
 --   ADMITTED {1, seq, score, 0, owed, now ms, remaining_1, reset_ms_1, ..., remaining_n, reset_ms_n}:
@@ -33,6 +36,8 @@
 --   FULL     {3, seq, score, blocked index, tickets ahead, 0}
 --   ABORTED  {4, seq, 0, 0, 0, 0}
 --   SHARE_FULL {5, seq, score, blocked index, the owner's waiting tickets, 0}
+--   FENCED   {6, seq, 0, 0, 0, fence ms left}: another instance may be admitting locally (it
+--             lost Redis): nothing was taken or changed, not even an arrival sequence
 -- Times are Redis's clock (TIME), in ms; "now ms" (ADMITTED, BLOCKED) is when this ran, so
 -- the caller can tell Redis's clock from its own and wake at a Redis-time instant. Members of leases:L are the ticket itself (a lease)
 -- and ticket..':r' (a reservation), so a reservation refresh can never touch a lease.
@@ -61,6 +66,28 @@ local SPAN = 1000000000000
 
 if redis.call('EXISTS', KEYS[2]) == 1 then
   return {4, seq, 0, 0, 0, 0}
+end
+
+-- The outage fence (fallback.py): with more than one instance, a stall of Redis longer than
+-- the gap (no acquire or heartbeat ran meanwhile: heartbeats keep it short) may have sent an
+-- instance to admit locally, as may an instance that raised the fence itself; until every
+-- one of them has written back, nothing is admitted here: the caller joins them.
+local fence_ms = tonumber(ARGV[3 * n + 13])
+if fence_ms > 0 then
+  local tick, fence = KEYS[4 * n + 7], KEYS[4 * n + 8]
+  local last = tonumber(redis.call('GET', tick))
+  -- The heartbeats keep the tick (every 50 ms per instance): an acquire writes it only when
+  -- it finds it missing or stale, so the common path only reads.
+  if not last or now - last > tonumber(ARGV[3 * n + 12]) then
+    if last and redis.call('ZCARD', KEYS[4 * n + 9]) > 1 and redis.call('PTTL', fence) < fence_ms then
+      redis.call('SET', fence, '1', 'PX', fence_ms)
+    end
+    redis.call('SET', tick, now, 'PX', 60000)
+  end
+  local left = redis.call('PTTL', fence)
+  if left > 0 then
+    return {6, seq, 0, 0, 0, left}
+  end
 end
 
 -- The arrival sequence: taken once, kept for life. A lost or rolled-back counter (a Redis

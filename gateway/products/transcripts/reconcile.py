@@ -38,9 +38,9 @@ from ...config import Config
 from ...errors import GatewayError, StoreUnavailable
 from ...metrics import Metrics
 from ...proxy.handler import ProxyHandler
+from ...proxy.plan import Plan
 from ...vault import SecretError, Vault
 from ..catalog import Catalog
-from ..plan import Plan
 from .dispatch import Dispatcher, claim_margin_s
 from .jobs import Job, JobStore, State
 from .webhooks import RECEIVER_PATH

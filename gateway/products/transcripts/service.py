@@ -10,18 +10,19 @@ its turn comes. Either way the client only ever sees the gateway's job id.
 While a job runs, a client's GET is answered from what the gateway knows, refreshed from
 upstream at most once per ``transcripts.poll_refresh_s`` per job; when upstream reports the
 job ended, its concurrency lease is released and the client gets upstream's real response.
+
+How a job ends, whoever learns it first, is ending.py's; the transcript list is
+list_route.py's. This module holds the jobs' own routes and the parts wired together.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlencode
 
 from aiohttp import hdrs, web
 
@@ -30,31 +31,32 @@ from ...admission.health import supervise
 from ...clock import Clock
 from ...config import Config
 from ...errors import BadRequest, Conflict, GatewayError, NotFound, StoreUnavailable
-from ...identity import Auth, owner_of
+from ...identity import Auth, identity_of, owner_of
 from ...metrics import Metrics
 from ...proxy.forward import Upstream
 from ...proxy.handler import ProxyHandler
 from ...proxy.headers import admitted_headers, policy
-from ...proxy.urls import gateway_base, rewrite_page_details
+from ...proxy.plan import Plan
+from ...usage import Usage, billing_of, customer_of, line_of
 from ...vault import Vault
+from ..bodies import read_object
 from ..catalog import Catalog
-from ..plan import Plan, parse_object, read_object
 from ..uploads import Uploads
 from .dispatch import Dispatcher
-from .ids import is_job_id, listed_ids, new_job_id, swap
-from .jobs import Job, JobStore, State, ended_snapshot
+from .ending import ENDED, Ending
+from .ids import is_job_id, new_job_id, swap
+from .jobs import Job, JobStore, State
 from .journal import Journal
+from .list_route import ListRoute
 from .recent import RecentJobs
 from .reconcile import Forgotten, Reconciler
-from .webhooks import Relay, client_fields, receiver_token, redacted_audio_event, split_webhook
+from .webhooks import Relay, client_fields, split_webhook
 
 log = logging.getLogger(__name__)
 
 JOURNAL_EVERY_S = 0.5  # how often jobs kept while Redis was away are offered to it again
 
-ENDED = frozenset({"completed", "error"})
 PRIORITY_HEADER = "X-AAI-Gateway-Priority"
-FORGOTTEN = "AssemblyAI no longer knows this transcript (it was lost upstream); submit it again"
 
 
 class Transcripts:
@@ -74,10 +76,13 @@ class Transcripts:
         journal: Journal | None = None,
         auth: Auth | None = None,
         uploads: Uploads | None = None,
+        usage: Usage | None = None,
     ) -> None:
         """``journal``: where new submissions wait while Redis is away (fail_open), or None.
-        ``auth``: who owns what (identity.py), and the account's key in managed mode."""
+        ``auth``: who owns what (identity.py), and the account's key in managed mode.
+        ``usage``: where a completed transcript's billed seconds are recorded (usage.py)."""
         self._cfg = cfg
+        self._usage = usage
         self._auth = auth
         self._uploads = uploads
         self.journal = journal
@@ -94,21 +99,31 @@ class Transcripts:
         self._refreshing: dict[str, asyncio.Future[dict[str, Any] | None]] = {}
         self.recent = RecentJobs()  # answers polls while Redis is away (recent.py)
         self.relay = Relay(cfg, vault, metrics)
+        self.ending = Ending(
+            cfg, jobs=jobs, engine=engine, catalog=catalog, handler=handler, vault=vault,
+            metrics=metrics, relay=self.relay, credential=self.credential, wall=wall, usage=usage,
+        )  # fmt: skip
+        self.lists = ListRoute(
+            cfg, jobs=jobs, recent=self.recent, catalog=catalog, handler=handler, vault=vault,
+            find=self._find, owned=self._owned, auth=auth,
+        )  # fmt: skip
         self.dispatcher = Dispatcher(
             cfg, jobs=jobs, engine=engine, catalog=catalog, upstream=upstream, vault=vault, clock=clock,
-            metrics=metrics, wall=wall, on_end=self.finish, on_submitted=self.recent.saw,
+            metrics=metrics, wall=wall, on_end=self.ending.finish, on_submitted=self.recent.saw,
             credential=self.credential,
         )  # fmt: skip
         self.reconciler = Reconciler(
             cfg, jobs=jobs, catalog=catalog, handler=handler, vault=vault, dispatcher=self.dispatcher,
-            metrics=metrics, lookup=self.lookup, finish=self.finish, renew=self.renew,
-            forgotten=self.forgotten, wall=wall, credential=self.credential,
+            metrics=metrics, lookup=self.ending.lookup, finish=self.ending.finish, renew=self.renew,
+            forgotten=self.ending.forgotten, wall=wall, credential=self.credential,
         )  # fmt: skip
 
     def use_config(self, cfg: Config) -> None:
         """A reloaded config (gateway/reload.py): queue and proxy settings apply to requests
         from now on; ``transcripts.*``, ``upstream.*`` and ``public_url`` need a restart."""
         self._cfg = cfg
+        self.ending.use_config(cfg)
+        self.lists.use_config(cfg)
 
     def drain(self) -> None:
         """SIGTERM: dispatch nothing new (gateway/products/transcripts/dispatch.py)."""
@@ -172,10 +187,15 @@ class Transcripts:
         is not the gateway's (an upstream id: forwarded as is); 404 for someone else's.
         While Redis is away: the journal's or this instance's last copy (StoreUnavailable
         when neither has it)."""
+        managed = self._auth is not None and self._auth.managed
         if not is_job_id(job_id):
+            if managed:  # upstream's own id: every project's, under the account key: nobody's here
+                raise NotFound("Transcript not found")
             return None
         job = await self._find(job_id)
         if job is None:
+            if managed:
+                raise NotFound("Transcript not found")
             return None
         if not self._owned(job, request):
             raise NotFound("Transcript not found")
@@ -224,6 +244,12 @@ class Transcripts:
             cred=None if managed else self._vault.encrypt(key),  # managed: the account's key is used
             extra={"webhook": hook} if hook else {},
         )
+        # What is billed when it completes (the body is not kept once submitted), and whose.
+        line = line_of(identity_of(request), "transcription")
+        billing = billing_of(body, customer_of(request))
+        if self._usage is not None:  # held against the spend caps until it completes
+            billing["hold"] = self._usage.transcript_hold(billing)
+        job.extra["billing"] = {**billing, "project": line.project, "key": line.key}
         idem = request.headers.get("Idempotency-Key")
         idempotency = f"{owner}:{idem}" if idem else None
         try:
@@ -239,6 +265,8 @@ class Transcripts:
             )
         if created.id != job.id:  # the same Idempotency-Key again: the same job
             return await self.get(request, created.id) or web.json_response(self.view(created))
+        if self._usage is not None:
+            await self._usage.hold(created.id, line, job.extra["billing"])
         self._metrics.child(self._metrics.jobs_created).inc()
         self.recent.saw(created)
         answer = await self.dispatcher.try_now(created)
@@ -319,15 +347,15 @@ class Transcripts:
         snapshot = None
         try:
             try:
-                snapshot = await self.lookup(job, request.headers[hdrs.AUTHORIZATION])
+                snapshot = await self.ending.lookup(job, request.headers[hdrs.AUTHORIZATION])
             except Forgotten:
-                await self.forgotten(job)
+                await self.ending.forgotten(job)
             if snapshot is not None:
                 # This instance's copy too: while Redis is away it is all there is, and the
                 # next poll within poll_refresh_s is answered from it.
                 job.refreshed_ms = int(self._wall() * 1000)
                 if snapshot.get("status") in ENDED:
-                    await self.finish(job, snapshot)
+                    await self.ending.finish(job, snapshot)
                 else:
                     await self.jobs.refreshed(job.id, snapshot)
                     await self.renew(job)
@@ -341,89 +369,14 @@ class Transcripts:
             fut.set_result(snapshot)
         return snapshot
 
-    async def lookup(self, job: Job, key: str) -> dict[str, Any] | None:
-        """GET the job upstream (a window token like any request); None if that failed;
-        Forgotten if upstream says it does not know the job (404)."""
-        self._metrics.child(self._metrics.job_refreshes).inc()
-        plan = Plan(
-            "rest", self._cfg.upstream.api_url, self._catalog.account_window("rest", "GET"), 10.0, b""
-        )
-        status, _, data = await self._handler.fetch(
-            plan, "GET", f"/v2/transcript/{job.upstream_id}", {hdrs.AUTHORIZATION: key}
-        )
-        if status == 404:
-            raise Forgotten(job.upstream_id)
-        if status != 200:
-            return None
-        try:
-            doc = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            return None
-        return doc if isinstance(doc, dict) else None
-
-    async def forgotten(self, job: Job) -> None:
-        """Upstream no longer knows a running job (a restarted simulator, a purged account):
-        it ends in error, its lease freed, its webhook told; its view comes from the gateway
-        from now on (upstream would answer 404)."""
-        log.warning("job %s: upstream no longer knows %s; it ends in error", job.id, job.upstream_id)
-        await self.jobs.update_extra(job.id, {"forgotten": True})
-        job.extra["forgotten"] = True
-        await self.finish(job, {"id": job.upstream_id, "status": "error", "error": FORGOTTEN}, FORGOTTEN)
-
-    async def finish(
-        self,
-        job: Job,
-        snapshot: dict[str, Any] | None,
-        error: str = "",
-        *,
-        notify: bool = True,
-        upstream_id: str = "",
-    ) -> None:
-        """The job ended (upstream says so, or it never will run): release its lease and
-        tell the client's webhook, once, whoever learnt it first. Of upstream's document only
-        the ids, status, error and audio duration are kept (``ended_snapshot``)."""
-        before = await self.jobs.end(
-            job.id,
-            snapshot=ended_snapshot(snapshot) if snapshot is not None else None,
-            error=error,
-            retention_s=int(self._t.retention_days * 86400),
-            upstream_id=upstream_id,
-        )
-        if before is None:
-            return
-        await self._engine.give_back(before.ticket, [self._catalog.async_jobs], tombstone=True)
-        status = str((snapshot or {}).get("status") or "error")
-        self._metrics.child(self._metrics.jobs_ended, status).inc()
-        if before.created_ms:
-            self._metrics.job_duration.observe(max(0.0, self._wall() - before.created_ms / 1000))
-        if notify:
-            self.relay.send(before, {"transcript_id": before.id, "status": status})
-
+    # -- the routes of ending.py and list_route.py ------------------------------------
     async def webhook(self, request: web.Request, job_id: str, token: str) -> web.Response:
-        """Upstream's webhook for a job: end it now, relay to the client. Only upstream knows
-        the receiver's token; anything else is refused without a trace of the job."""
-        if not self._vault.same(token, receiver_token(job_id, self._vault)):
-            raise NotFound()
-        job = await self.jobs.get(job_id)
-        if job is None:
-            raise NotFound()
-        try:
-            event = parse_object(await request.read())
-        except BadRequest:
-            event = {}
-        status, upstream_id = event.get("status"), event.get("transcript_id")
-        upstream_id = upstream_id if isinstance(upstream_id, str) else ""
-        if job.upstream_id and upstream_id and upstream_id != job.upstream_id:
-            return web.json_response({"status": "ok"})  # not about this job: nothing to do
-        if status in ENDED:
-            # Possibly before the dispatcher recorded the upstream id (a job that failed at
-            # once): the id comes with the event, and the job ends all the same.
-            snapshot = {"id": upstream_id or job.upstream_id, "status": status}
-            await self.finish(job, snapshot, upstream_id=upstream_id)
-        elif (relayed := redacted_audio_event(job, event)) is not None:
-            # Only the fields upstream sends, checked: never the POST's body as it came.
-            self.relay.send(job, relayed)
-        return web.json_response({"status": "ok"})
+        """Upstream's webhook for a job (ending.py)."""
+        return await self.ending.webhook(request, job_id, token)
+
+    async def list_transcripts(self, request: web.Request) -> web.StreamResponse:
+        """``GET /v2/transcript`` (list_route.py)."""
+        return await self.lists.list_transcripts(request)
 
     # -- the other transcript routes ----------------------------------------------------
     async def delete(self, request: web.Request, job_id: str) -> web.StreamResponse | None:
@@ -432,7 +385,7 @@ class Transcripts:
             return None
         if job.state is State.QUEUED:
             message = "Deleted while queued in the gateway: it was never submitted"
-            await self.finish(job, None, error=message, notify=False)
+            await self.ending.finish(job, None, error=message, notify=False)
             ended = await self.jobs.get(job.id)
             return web.json_response(self.view(ended or job))
         if job.state is State.CLAIMED:
@@ -449,76 +402,6 @@ class Transcripts:
         query = f"?{raw}" if raw else ""
         return await self._forward(request, job, f"/v2/transcript/{job.upstream_id}/{sub}{query}")
 
-    async def list_transcripts(self, request: web.Request) -> web.StreamResponse:
-        """The list, with every upstream id the gateway knows shown as the client's id. A
-        cursor naming one of the caller's jobs is its upstream id; any other is passed on as
-        is (another key's job id is not mapped: upstream answers for it as for any id)."""
-        query = dict(request.query)
-        for cursor in ("before_id", "after_id"):
-            if cursor in query and is_job_id(query[cursor]):
-                with contextlib.suppress(StoreUnavailable):  # unknown while Redis is away: as is
-                    job = await self._find(query[cursor])
-                    if job is not None and job.upstream_id and self._owned(job, request):
-                        query[cursor] = job.upstream_id
-        path = "/v2/transcript" + (f"?{urlencode(query)}" if query else "")
-        plan = Plan("rest", self._cfg.upstream.api_url, self._catalog.account_window("rest", "GET"),
-                    self._cfg.queue.max_wait_s, b"")  # fmt: skip
-        status, headers, data, rate = await self._handler.fetch_admitted(
-            plan,
-            "GET",
-            path,
-            {hdrs.AUTHORIZATION: request.headers[hdrs.AUTHORIZATION]},
-            owner=owner_of(request),
-        )
-        try:
-            doc = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            return web.Response(
-                status=status, body=data, content_type=headers.get(hdrs.CONTENT_TYPE), headers=rate
-            )
-        try:
-            ours = await self.jobs.by_upstream(listed_ids(doc))
-        except StoreUnavailable:  # Redis is away: the jobs this instance saw last
-            ours = self.recent.by_upstream(listed_ids(doc))
-        if self._auth is not None and self._auth.managed and status == 200:
-            doc = await self._only_the_callers(doc, ours, owner_of(request))
-        doc = swap(doc, ours)
-        body = rewrite_page_details(
-            json.dumps(doc).encode(),
-            api_url=self._cfg.upstream.api_url,
-            base=gateway_base(
-                request,
-                public_url=self._cfg.public_url,
-                trust_forwarded=self._cfg.proxy.trust_forwarded_headers,
-            ),
-        )
-        return web.Response(status=status, body=body, content_type="application/json", headers=rate)
-
-    async def _only_the_callers(self, doc: Any, ours: dict[str, str], owner: str) -> Any:
-        """Managed mode: of a list page, only the caller's project's transcripts (one made
-        outside the gateway belongs to no project). Per page, for now: a page may hold fewer
-        than ``limit`` (following ``next_url`` gives the rest)."""
-        items = doc.get("transcripts") if isinstance(doc, dict) else None
-        if not isinstance(items, list):
-            return doc
-        kept = []
-        for item in items:
-            upstream_id = item.get("id") if isinstance(item, dict) else None
-            job_id = ours.get(upstream_id) if isinstance(upstream_id, str) else None
-            if job_id is None:
-                continue
-            try:
-                job = await self._find(job_id)
-            except StoreUnavailable:
-                job = None
-            if job is not None and owner and self._vault.same(job.key_fp, owner):
-                kept.append(item)
-        doc["transcripts"] = kept
-        details = doc.get("page_details")
-        if isinstance(details, dict) and "result_count" in details:
-            details["result_count"] = len(kept)
-        return doc
-
     async def _forward(self, request: web.Request, job: Job, path: str) -> web.StreamResponse:
         plan = Plan(
             "rest", self._cfg.upstream.api_url,
@@ -530,7 +413,7 @@ class Transcripts:
             self.recent.forget(job.id)
             try:
                 if job.state is not State.ENDED:
-                    await self.finish(job, None)
+                    await self.ending.finish(job, None)
                 await self.jobs.purge(job.id)  # deleted upstream: nothing of it stays here either
             except StoreUnavailable as exc:
                 # Deleted upstream all the same: once Redis answers, the reconciler finds it
@@ -543,9 +426,12 @@ class Transcripts:
         """Job ids in a request body -> upstream ids (only the caller's: ``owner``, as
         identity.py names it). A job not submitted yet is a 400."""
         out: dict[str, str] = {}
+        managed = self._auth is not None and self._auth.managed
         for job_id in ids:
             job = await self._find(job_id) if is_job_id(job_id) else None
             if job is None:
+                if managed:  # not a job of the gateway's: no project's (upstream's id included)
+                    raise NotFound("Transcript not found")
                 continue
             if not owner or not self._vault.same(job.key_fp, owner):
                 if self._auth is not None and self._auth.managed:  # another project's: as upstream

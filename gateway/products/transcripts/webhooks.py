@@ -34,6 +34,7 @@ from yarl import URL
 
 from ...config import Config
 from ...errors import BadRequest
+from ...logs import RECEIVER_PATH as RECEIVER_PATH  # the receiver's path (served here)
 from ...metrics import Metrics
 from ...vault import SecretError, Vault
 from .egress import MAX_URL_CHARS, Blocked, GuardedResolver, Policy, Refused, check_auth_header
@@ -42,7 +43,6 @@ from .jobs import Job
 log = logging.getLogger(__name__)
 
 CLIENT_FIELDS = ("webhook_url", "webhook_auth_header_name", "webhook_auth_header_value")
-RECEIVER_PATH = "/_aai/webhook"
 
 
 def split_webhook(

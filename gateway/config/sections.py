@@ -1,64 +1,25 @@
-"""Configuration: a typed, frozen model, plan presets, environment overrides, exact errors.
-
-``load_config(path)`` reads YAML (or uses the built-in defaults, identical to the shipped
-config.yaml), applies environment overrides, fills limits left unset from the plan's preset
-(the account page: free 5 / paid 200 transcripts at once, 5 / 100 new streaming sessions a
-minute, LLM Gateway 30 a minute per model on paid only, 20,000 requests per 5 minutes), and
-validates everything. A bad file stops the gateway with the key's path and the reason::
-
-    config.yaml: limits.llm_requests.limit: must be > 0
+"""The config's sections, each a frozen model that rejects unknown keys: where the gateway
+listens and what it forwards to, the projects and their keys, Redis, the queue, the proxy,
+transcripts, streaming and logging. The account's limits are limits.py's, prices prices.py's,
+and the whole file (these together) model.py's ``Config``.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import os
 import re
-from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
-ROUTE_GROUPS = ("rest", "llm", "token", "streaming")
 _HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})(?:\.[A-Za-z0-9_-]{1,63})*\.?")
-
-# Environment variables that override deployment values, and the key each one sets.
-ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
-    "AAI_GATEWAY_HOST": ("listen", "host"),
-    "AAI_GATEWAY_PORT": ("listen", "port"),
-    "AAI_GATEWAY_REDIS_URL": ("redis", "url"),
-    "AAI_GATEWAY_PUBLIC_URL": ("public_url",),
-    "AAI_GATEWAY_PLAN": ("limits", "plan"),
-    "AAI_GATEWAY_ACCOUNT": ("account",),
-    "AAI_GATEWAY_API_URL": ("upstream", "api_url"),
-    "AAI_GATEWAY_LLM_URL": ("upstream", "llm_url"),
-    "AAI_GATEWAY_STREAMING_URL": ("upstream", "streaming_url"),
-    "AAI_GATEWAY_LOG_LEVEL": ("log", "level"),
-    "AAI_GATEWAY_LOG_FORMAT": ("log", "format"),
-}
-
-# What each plan allows (../shared/account-management.txt). A value written in the file wins.
-PRESETS: dict[str, dict[str, Any]] = {
-    "free": {
-        "async_concurrency": 5,
-        "streaming_sessions": {"limit": 5, "window_s": 60},
-        "llm_requests": {"limit": 30, "window_s": 60},  # unused: no LLM Gateway on free
-        "requests": {"limit": 20_000, "window_s": 300},
-    },
-    "paid": {
-        "async_concurrency": 200,
-        "streaming_sessions": {"limit": 100, "window_s": 60},
-        "llm_requests": {"limit": 30, "window_s": 60},
-        "requests": {"limit": 20_000, "window_s": 300},
-    },
-}
-
-
-class ConfigError(ValueError):
-    """The config cannot be used; the message names the file, the key path and the reason."""
 
 
 class _Model(BaseModel):
@@ -131,6 +92,9 @@ class ProjectKey(_Model):
 class Project(_Model):
     name: str
     keys: tuple[ProjectKey, ...] = ()
+    # New billable work of this project gets 402 once its spend this UTC month (recorded, plus
+    # what is admitted and not billed yet) reaches this. None: no cap of its own.
+    monthly_spend_cap_usd: float | None = Field(None, ge=0)
 
     @field_validator("name")
     @classmethod
@@ -208,68 +172,6 @@ class RedisSettings(_Model):
         return v
 
 
-class Window(_Model):
-    limit: int = Field(gt=0)
-    window_s: float = Field(gt=0)
-    guard_ms: int | None = Field(None, ge=0)  # per-limit override of limits.guard_ms
-    # Shadow mode for this limit alone (limits.shadow: for every limit).
-    shadow: bool = False
-
-
-class ModelWindow(_Model):
-    limit: int = Field(gt=0)
-    window_s: float | None = Field(None, gt=0)
-
-
-class LlmRequests(Window):
-    models: dict[str, ModelWindow] = Field(default_factory=dict)
-    # /v1/understanding has no model in its body: it counts against its own bucket.
-    understanding: Window = Window(limit=30, window_s=60)
-
-
-class Requests(Window):
-    # Which route groups take a token from the account window (default: all that reach upstream).
-    route_groups: tuple[str, ...] = ("rest", "llm", "token")
-    # Whether GET/HEAD count: upstream's docs disagree, so counting is the safe default.
-    count_reads: bool = True
-
-    @field_validator("route_groups")
-    @classmethod
-    def _groups(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        for g in v:
-            if g not in ROUTE_GROUPS:
-                raise ValueError(f"unknown route group {g!r} (known: {', '.join(ROUTE_GROUPS)})")
-        return v
-
-
-class Limits(_Model):
-    plan: Literal["free", "paid"] = "paid"
-    guard_ms: int = Field(100, ge=0)
-    # Shadow mode: every limit is decided and recorded (what would have waited or been
-    # refused: metrics aai_gateway_shadow_*, a log line each) but requests are forwarded at
-    # once. For rolling the gateway out in front of a live account.
-    shadow: bool = False
-    async_concurrency: int = Field(gt=0)
-    streaming_sessions: Window
-    llm_requests: LlmRequests
-    requests: Requests
-
-    @model_validator(mode="before")
-    @classmethod
-    def _preset(cls, data: Any) -> Any:
-        if not isinstance(data, Mapping):
-            return data
-        plan = data.get("plan") or "paid"
-        # An unknown plan is reported once, by the Literal check; fill the rest from "paid"
-        # so it does not also show up as four "required" errors.
-        preset = PRESETS.get(plan, PRESETS["paid"]) if isinstance(plan, str) else PRESETS["paid"]
-        return _merge(preset, {k: v for k, v in data.items() if v is not None})
-
-    @property
-    def llm_available(self) -> bool:
-        return self.plan == "paid"
-
-
 class Queue(_Model):
     max_wait_s: float = Field(25.0, gt=0)
     # LLM chat waits less: the SDK's 30 s timeout covers the wait AND the generation.
@@ -313,6 +215,9 @@ class Transcripts(_Model):
     data_dir: str = "./aai-gateway-data"
     # Job records and id maps are kept this long after a job ends (upstream lists 90 days).
     retention_days: float = Field(90, gt=0)
+    # Spend caps: a transcript's duration is known only once it completes, so until then it
+    # holds this much audio at its model's (and add-ons') price against its project's cap.
+    hold_audio_s: float = Field(3600, ge=0)
     # A queued or processing job is refreshed from upstream at most this often, whatever
     # its clients poll; the SDK polls every 3 s.
     poll_refresh_s: float = Field(10.0, gt=0)
@@ -390,156 +295,3 @@ class Log(_Model):
     @classmethod
     def _lower(cls, v: Any) -> Any:
         return v.lower() if isinstance(v, str) else v
-
-
-class Config(_Model):
-    listen: Listen = Listen()
-    upstream: Upstream = Upstream()
-    redis: RedisSettings = RedisSettings()
-    limits: Limits = Field(default_factory=lambda: Limits.model_validate({}))
-    queue: Queue = Queue()
-    proxy: Proxy = Proxy()
-    transcripts: Transcripts = Transcripts()
-    streaming: Streaming = Streaming()
-    log: Log = Log()
-    # The gateway's own address as clients reach it, e.g. https://aai-gw.example.com.
-    public_url: str | None = None
-    # One deployment serves one AssemblyAI account; its name tags every store key.
-    account: str = "default"
-    # SIGTERM: requests already admitted may finish within this; then the rest is ended.
-    shutdown_grace_s: float = Field(20.0, gt=0)
-    # Managed mode when any project is listed: clients send gateway keys, the account's key
-    # stays here (upstream.api_key_env). None/empty: pass-through (clients send real keys).
-    projects: tuple[Project, ...] = ()
-    admin: Admin = Admin()
-
-    @field_validator("projects", mode="before")
-    @classmethod
-    def _none_is_empty(cls, v: Any) -> Any:
-        return () if v is None else v
-
-    @property
-    def managed(self) -> bool:
-        return bool(self.projects)
-
-    @model_validator(mode="after")
-    def _unique_projects(self) -> Config:
-        names = [p.name for p in self.projects]
-        if len(set(names)) != len(names):
-            raise ValueError(f"project names must be unique: {names}")
-        digests = [k.sha256 for p in self.projects for k in p.keys]
-        if len(set(digests)) != len(digests):
-            raise ValueError("the same key (sha256) is listed twice")
-        return self
-
-    @field_validator("public_url")
-    @classmethod
-    def _public(cls, v: str | None) -> str | None:
-        if v is not None and not v.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
-        return v.rstrip("/") if v else v
-
-    def warnings(self) -> list[str]:
-        """Values that are valid but probably not what the operator wants (logged at start)."""
-        out = []
-        sdk_timeout_s = 30.0  # the Python SDK's http_timeout
-        for name, value in (("queue.max_wait_s", self.queue.max_wait_s),
-                            ("queue.llm_max_wait_s", self.queue.llm_max_wait_s)):  # fmt: skip
-            if value >= sdk_timeout_s:
-                out.append(
-                    f"{name} is {value:g}s: the AssemblyAI SDK gives up on a request after "
-                    f"{sdk_timeout_s:g}s, so its clients time out before the gateway answers"
-                )
-        return out
-
-    @field_validator("account")
-    @classmethod
-    def _account(cls, v: str) -> str:
-        if not v or any(c in v for c in "{}: \n"):
-            raise ValueError("must be non-empty, without braces, colons or spaces")
-        return v
-
-
-def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
-def _describe(err: Mapping[str, Any]) -> str:
-    kind, ctx = err["type"], err.get("ctx") or {}
-    if kind == "extra_forbidden":
-        return "unknown key"
-    if kind == "missing":
-        return "required"
-    for bound, op in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
-        if bound in ctx and kind.endswith(
-            ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
-        ):
-            value = ctx[bound]
-            return f"must be {op} {value:g}" if isinstance(value, float) else f"must be {op} {value}"
-    if kind == "value_error":
-        return str(ctx.get("error", err["msg"]))
-    if kind == "literal_error":
-        return f"must be one of {ctx.get('expected')}"
-    msg = str(err["msg"])
-    return msg[:1].lower() + msg[1:]
-
-
-def _format(source: str, exc: ValidationError, environ: Mapping[str, str]) -> str:
-    from_env = {".".join(path): var for var, path in ENV_OVERRIDES.items() if environ.get(var)}
-    lines = []
-    for err in exc.errors():
-        path = ".".join(str(p) for p in err["loc"] if p != "function-after")
-        origin = f" (from ${from_env[path]})" if path in from_env else ""
-        lines.append(f"{source}: {path}: {_describe(err)}{origin}")
-    return "\n".join(lines)
-
-
-def apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
-    out = _merge({}, raw)
-    for var, path in ENV_OVERRIDES.items():
-        value = environ.get(var)
-        if value is None or value == "":
-            continue
-        node = out
-        for part in path[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = {}
-            if not isinstance(child, Mapping):
-                break  # a bad section stays as it is, for validation to report it
-            node[part] = dict(child)
-            node = node[part]
-        else:
-            node[path[-1]] = value
-    return out
-
-
-def load_config(
-    path: str | os.PathLike[str] | None = None, *, environ: Mapping[str, str] | None = None
-) -> Config:
-    """Read, override from the environment, and validate. Raises ``ConfigError``."""
-    environ = os.environ if environ is None else environ
-    source = str(path) if path is not None else "<defaults>"
-    raw: Any = {}
-    if path is not None:
-        try:
-            text = Path(path).read_text()
-        except OSError as exc:
-            raise ConfigError(f"{source}: cannot read: {exc.strerror}") from exc
-        try:
-            raw = yaml.safe_load(text) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{source}: the top level must be a mapping of keys")
-    raw = apply_env(raw, environ)
-    try:
-        return Config.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(_format(source, exc, environ)) from None

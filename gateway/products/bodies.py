@@ -1,43 +1,18 @@
-"""What a request needs: which upstream, which limits, how long it may wait, its body."""
+"""Reading the bodies a product must hold to classify a request (the ``Plan`` itself, what
+the proxy forwards, lives with the proxy: gateway/proxy/plan.py)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 from aiohttp import web
 
-from ..admission.limits import Limit
 from ..errors import BadRequest
 from ..proxy.body import codings, inflate, read_whole
 
 JSON_TYPES = ("application/json",)
-
-
-class Plan(NamedTuple):
-    """The classification of one request, made before admission.
-
-    ``body`` is the request body when the gateway had to hold it (a JSON body: it can be
-    forwarded again after an upstream 429), as the client sent it (compressed, if it was);
-    ``None`` means stream it from the client (an upload), in which case an upstream 429 is
-    passed back, not retried.
-    """
-
-    group: str  # route group: rest | llm | token (metrics label, requests.route_groups)
-    base_url: str  # upstream base URL; the request's raw path and query are appended
-    limits: Sequence[Limit] = ()
-    max_wait_s: float = 25.0
-    body: bytes | None = None
-    rewrite_urls: bool = False  # JSON responses may carry absolute URLs back to the API
-    path: str | None = None  # the upstream path and query, when not the client's own
-    rewrite: Callable[[Any], Any] | None = None  # applied to a JSON response document
-    own_body: bool = False  # ``body`` is the gateway's own JSON, not the client's bytes: no Content-Encoding
-
-    @property
-    def retryable(self) -> bool:
-        return self.body is not None
 
 
 @dataclass(frozen=True, slots=True)
