@@ -20,7 +20,7 @@ from aiohttp import hdrs, web
 
 from .admission.engine import AdmissionEngine
 from .admission.fallback import FallbackStore
-from .admission.health import supervise
+from .admission.health import stop_tasks, supervise
 from .admission.store import Store
 from .backends import redis_client
 from .config import Config
@@ -87,12 +87,8 @@ def lifecycle_ctx(
                 await auth.ring.refresh()
             tasks.append(supervise("keys", auth.ring.run))
         yield
-        for task in tasks:
-            # Again until it ends: a store call in progress can swallow one cancellation (the
-            # reply arrived as it came), and a loop that then sleeps would hold up shutdown.
-            while not task.done():
-                task.cancel()
-                await asyncio.wait([task], timeout=0.5)
+        # Again until each ends: a store call in progress can swallow one cancellation.
+        await stop_tasks(*tasks)
         for task in ending:
             await _bounded("streaming sessions", task, config.streaming.terminate_wait_s + 3)
         # Each step is bounded: a connection stuck in a dead peer must not hold up shutdown.

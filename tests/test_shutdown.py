@@ -325,5 +325,5 @@ async def test_a_request_outlasting_the_grace_is_cut_and_the_process_still_exits
             took = await stop_gracefully(gw)
             with pytest.raises(aiohttp.ServerDisconnectedError):
                 await stuck
-        assert 1.0 <= took < 1.0 + MARGIN_S, took
+        assert 1.0 <= took < 1.0 + MARGIN_S, (took, gw.output()[-4000:])  # the log says which step
         assert "1 requests still in progress after shutdown_grace_s (1s): cut" in gw.output()

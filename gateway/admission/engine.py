@@ -12,7 +12,6 @@ A request that is refused, still waiting, or abandoned holds nothing: its ticket
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import itertools
 import logging
@@ -24,7 +23,7 @@ from typing import Any, NamedTuple
 
 from ..clock import Clock
 from ..errors import GatewayError, QueueFull, RateLimited, StoreUnavailable, WaitTimeout
-from .health import supervise
+from .health import stop_tasks, supervise
 from .keys import owner_id
 from .limits import Limit, ordered
 from .store import AcquireRequest, AcquireResult, LimitState, Status, Store
@@ -87,11 +86,7 @@ class AdmissionEngine(Waking):
         tasks = [
             t for t in (self._maintenance, *self._timers.values(), *self._drains.values(), *self._tasks) if t
         ]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await stop_tasks(*tasks)
         self._maintenance = None
 
     # -- the one entry point ---------------------------------------------------------------

@@ -70,7 +70,7 @@ from typing import Any
 from ..clock import Clock
 from ..errors import Fenced, StoreUnavailable
 from .fence import BEAT_S, FENCE_MS
-from .health import supervise
+from .health import stop_tasks, supervise
 from .limits import Kind, Limit
 from .memory import MemoryStore
 from .store import RESYNC, AcquireRequest, AcquireResult, Status, Store, WakeCallback
@@ -215,10 +215,7 @@ class FallbackStore:
         await self.primary.ping()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        await stop_tasks(self._task)  # a heartbeat every 50 ms: a cancel may race a reply
         await self.primary.close()
 
     # -- what this instance holds ------------------------------------------------------------

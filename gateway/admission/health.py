@@ -47,6 +47,19 @@ def supervise(
     return asyncio.create_task(_run(name, factory, backoff_s, sleep), name=name)
 
 
+async def stop_tasks(*tasks: asyncio.Task[Any] | None, every_s: float = 0.5) -> None:
+    """Cancel ``tasks`` and wait until every one has ended, cancelling again every ``every_s``:
+    Python 3.11's ``wait_for`` (asyncio's and the libraries') can swallow a cancellation that
+    races its result, and a loop that then goes on would hold up shutdown for ever. What a
+    task ended with is not raised here."""
+    for task in tasks:
+        while task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=every_s)
+        if task is not None and not task.cancelled():
+            task.exception()  # retrieved: never "exception was never retrieved"
+
+
 async def keep_reading(what: str, read: Callable[[], Coroutine[Any, Any, None]], every_s: float) -> None:
     """Call ``read()`` every ``every_s``, for good. While the store is away (StoreUnavailable)
     the last view it made stays in force: said once when it starts failing, once when it

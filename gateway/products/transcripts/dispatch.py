@@ -40,7 +40,7 @@ from aiohttp import hdrs
 from yarl import URL
 
 from ...admission.engine import AdmissionEngine, Grant
-from ...admission.health import supervise
+from ...admission.health import stop_tasks, supervise
 from ...admission.limits import Limit
 from ...clock import Clock
 from ...config import Config
@@ -158,12 +158,7 @@ class Dispatcher:
                 task.cancel()
 
     async def close(self) -> None:
-        tasks = [t for t in (self._loop_task, *self._waiting.values()) if t is not None]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await stop_tasks(self._loop_task, *self._waiting.values())
 
     async def _restore_leases(self) -> None:
         """The embedded store forgets leases on restart; jobs still running upstream keep theirs."""
