@@ -23,7 +23,6 @@ The last resort is the lease's own expiry (``lease_ttl_s``): a lease never leaks
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import json
 import logging
@@ -33,7 +32,7 @@ from typing import Any
 
 from aiohttp import hdrs
 
-from ...admission.health import supervise
+from ...admission.health import stop_tasks, supervise
 from ...config import Config
 from ...errors import GatewayError, StoreUnavailable
 from ...metrics import Metrics
@@ -110,12 +109,7 @@ class Reconciler:
         self._task = supervise("transcript-reconciler", self._run)
 
     async def close(self) -> None:
-        tasks = [t for t in (self._task, *self._settling.values()) if t is not None]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await stop_tasks(self._task, *self._settling.values())
 
     def settle(self, job: Job) -> None:
         """A claimed job's POST may or may not have created it upstream: search for it as

@@ -18,7 +18,6 @@ list_route.py's. This module holds the jobs' own routes and the parts wired toge
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -27,7 +26,7 @@ from typing import Any
 from aiohttp import hdrs, web
 
 from ...admission.engine import AdmissionEngine
-from ...admission.health import supervise
+from ...admission.health import stop_tasks, supervise
 from ...clock import Clock
 from ...config import Config
 from ...errors import BadRequest, Conflict, GatewayError, NotFound, StoreUnavailable
@@ -137,10 +136,7 @@ class Transcripts:
             self._journal_task = supervise("transcript-journal", self._move_journal)
 
     async def close(self) -> None:
-        if self._journal_task is not None:
-            self._journal_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._journal_task
+        await stop_tasks(self._journal_task)
         await self.reconciler.close()
         await self.dispatcher.close()
         await self.relay.close()

@@ -24,7 +24,6 @@ gateway relays when polls or the reconciler learn that the job ended.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import Any
 
@@ -32,6 +31,7 @@ import aiohttp
 from aiohttp.abc import AbstractResolver
 from yarl import URL
 
+from ...admission.health import stop_tasks
 from ...config import Config
 from ...errors import BadRequest
 from ...logs import RECEIVER_PATH as RECEIVER_PATH  # the receiver's path (served here)
@@ -136,11 +136,7 @@ class Relay:
         )
 
     async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await stop_tasks(*self._tasks)
         if self._session is not None:
             await self._session.close()
 
